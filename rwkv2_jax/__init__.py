@@ -1,0 +1,29 @@
+"""rwkv2_jax: RWKV-v2 ("RWKV-v2-RNN", BlinkDL 2022) in JAX/Flax.
+
+The package reads like the model: config -> wkv -> model (time-mix, channel-mix,
+block, RNN state) -> checkpoint formats -> api (the notebook handle).
+Importing it runs nothing.
+"""
+
+from rwkv2_jax.api import (
+    Model,
+    check_tokens,
+    from_release_arrays,
+    init,
+    load,
+    load_any,
+    load_torch,
+    save,
+    save_torch,
+)
+from rwkv2_jax.checkpoint import CheckpointError
+from rwkv2_jax.config import K_CLAMP, K_EPS, PRESETS, RELEASE_K_EPS, RWKVConfig
+from rwkv2_jax.model import RWKV, State, init_state
+from rwkv2_jax.wkv import WKVState, wkv_reference, wkv_with_state
+
+__all__ = [
+    "CheckpointError", "K_CLAMP", "K_EPS", "Model", "PRESETS", "RELEASE_K_EPS", "RWKV",
+    "RWKVConfig", "State", "WKVState", "check_tokens", "from_release_arrays", "init",
+    "init_state", "load", "load_any", "load_torch", "save", "save_torch", "wkv_reference",
+    "wkv_with_state",
+]

@@ -1,0 +1,219 @@
+"""The notebook API: a `Model` handle and the functions that load and save it.
+
+    import rwkv2_jax as rw
+    model = rw.load_torch("20220615-10803.pth")
+    logits = model(tokens)                          # GPT mode: [B, T] -> [B, T, V]
+    logits, state = model.rnn(tokens)               # RNN mode via lax.scan
+    logits, state = model.prefill(tokens)           # GPT mode + the RNN state after the last token
+    rw.save_torch(model, "out.pth")
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rwkv2_jax import checkpoint as ckpt
+from rwkv2_jax.config import K_CLAMP, K_EPS, RWKVConfig, release_k_eps
+from rwkv2_jax.model import RWKV, WKV_IMPLS, State, init_state, rnn_scan
+
+_UNSET = object()
+
+
+def check_tokens(tokens, vocab_size: int) -> Tuple[np.ndarray, bool]:
+    """Validate token ids on the host: -> (int32 array [B, T], whether the input was 1-D).
+
+    Raises ValueError naming the first bad id and its position; ids are never clamped.
+    """
+    if isinstance(tokens, jax.core.Tracer):
+        raise TypeError("Model methods take concrete tokens; inside jax.jit use model.module.apply")
+    arr = np.asarray(tokens)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise ValueError(f"tokens must be integer ids, got dtype {arr.dtype}")
+    one_d = arr.ndim == 1
+    if one_d:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise ValueError(f"tokens must be [B, T] (or [T]), got shape {list(arr.shape)}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"tokens is empty: shape {list(arr.shape)}")
+    bad = (arr < 0) | (arr >= vocab_size)
+    if bad.any():
+        pos = tuple(int(i) for i in np.argwhere(bad)[0])
+        where = f"position {pos[1]}" if one_d else f"position [{pos[0]}, {pos[1]}]"
+        raise ValueError(f"token id {int(arr[pos])} at {where} is outside [0, {vocab_size})")
+    return arr.astype(np.int32), one_d
+
+
+class Model:
+    """A loaded RWKV-v2: `config`, `params` (a Flax params tree) and jitted modes.
+
+    Args:
+      config: the model's RWKVConfig.
+      params: Flax params of `RWKV(config)` (any float dtype; kept as given).
+      dtype: matmul compute dtype (float32 default; bfloat16 for speed). LayerNorm,
+        the WKV and the RNN state are float32 always.
+      wkv_impl: "auto" (Pallas kernel on GPU, plain-JAX scan elsewhere),
+        "reference", "pallas" or "pallas_interpret".
+    """
+
+    def __init__(self, config: RWKVConfig, params, *, dtype=jnp.float32, wkv_impl: str = "auto"):
+        if wkv_impl not in WKV_IMPLS:
+            raise ValueError(f"unknown wkv_impl={wkv_impl!r}; choose one of {WKV_IMPLS}")
+        self.config = config
+        self.params = jax.tree.map(jnp.asarray, params)
+        self.dtype = jnp.dtype(dtype)
+        self.wkv_impl = wkv_impl
+        self.module = RWKV(config, dtype=self.dtype, wkv_impl=wkv_impl)
+        self._forward = jax.jit(lambda p, tokens, state: self.module.apply({"params": p}, tokens, state))
+        self._rnn = jax.jit(lambda p, tokens, state: rnn_scan(self.module, p, tokens, state))
+
+    # -- modes ------------------------------------------------------------------------
+
+    def __call__(self, tokens) -> jax.Array:
+        """GPT mode: int [B, T] -> float32 logits [B, T, V] (a 1-D [T] gives [T, V])."""
+        logits, _ = self.prefill(tokens)
+        return logits
+
+    def prefill(self, tokens, state: Optional[State] = None) -> Tuple[jax.Array, State]:
+        """GPT mode over tokens, from `state` (None: start), -> (logits, state after the last token)."""
+        arr, one_d = check_tokens(tokens, self.config.vocab_size)
+        state = self._check_state(state, arr.shape[0])
+        logits, state = self._forward(self.params, arr, state)
+        return (logits[0] if one_d else logits), state
+
+    def rnn(self, tokens, state: Optional[State] = None) -> Tuple[jax.Array, State]:
+        """RNN mode, one token at a time under lax.scan -> (logits [B, T, V], final state)."""
+        arr, one_d = check_tokens(tokens, self.config.vocab_size)
+        state = self._check_state(state, arr.shape[0])
+        logits, state = self._rnn(self.params, arr, state)
+        return (logits[0] if one_d else logits), state
+
+    def init_state(self, batch_size: int = 1) -> State:
+        """The RNN state at the start of a sequence: State of [L, B, C] float32 arrays."""
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        return init_state(self.config, int(batch_size))
+
+    def _check_state(self, state: Optional[State], batch_size: int) -> State:
+        if state is None:
+            return self.init_state(batch_size)
+        if not isinstance(state, State):
+            raise TypeError(f"state must be a rwkv2_jax.State, got {type(state).__name__}")
+        want = (self.config.n_layer, batch_size, self.config.n_embd)
+        if tuple(state.x_att.shape) != want:
+            raise ValueError(f"state has shape {list(state.x_att.shape)} per field, expected {list(want)} [L, B, C]")
+        return state
+
+    # -- conveniences -----------------------------------------------------------------
+
+    def replace(self, **changes) -> "Model":
+        """A Model on the same params with config fields (k_eps=, k_clamp=, ...), dtype= or wkv_impl= changed."""
+        dtype = changes.pop("dtype", self.dtype)
+        wkv_impl = changes.pop("wkv_impl", self.wkv_impl)
+        return Model(self.config.replace(**changes), self.params, dtype=dtype, wkv_impl=wkv_impl)
+
+    @property
+    def n_params(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+
+    def __repr__(self) -> str:
+        c = self.config
+        pdt = sorted({str(x.dtype) for x in jax.tree.leaves(self.params)})
+        return (
+            f"Model(L{c.n_layer}-D{c.n_embd}, vocab_size={c.vocab_size}, "
+            f"params={self.n_params / 1e6:.1f}M {'/'.join(pdt)}, compute={self.dtype.name}, "
+            f"k_clamp={c.k_clamp}, k_eps={c.k_eps:g}, ffn_pre={c.ffn_pre}, wkv_impl={self.wkv_impl!r})"
+        )
+
+
+# --- constructors and savers ---------------------------------------------------------
+
+
+def init(config: RWKVConfig, seed: int = 0, **kwargs) -> Model:
+    """A fresh model with the original trainer's initialisation (spec)."""
+    module = RWKV(config)
+    params = module.init(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))["params"]
+    return Model(config, params, **kwargs)
+
+
+def from_release_arrays(arrays, *, source: str = "state dict", k_eps=None, k_clamp=_UNSET,
+                        dtype=None, wkv_impl: str = "auto", ctx_len: Optional[int] = None) -> Model:
+    """A Model from release-format arrays (numpy, by release key)."""
+    overrides = {"k_eps": K_EPS if k_eps is None else float(k_eps)}
+    if k_clamp is not _UNSET:
+        overrides["k_clamp"] = None if k_clamp is None else float(k_clamp)
+    if ctx_len is not None:
+        overrides["ctx_len"] = int(ctx_len)
+    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+    config = ckpt.config_from_shapes(shapes, **overrides)
+    ckpt.check_keys(shapes, config, source)
+    params = ckpt.release_to_params(arrays, config)
+    if dtype is not None:
+        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    return Model(config, params, dtype=jnp.float32 if dtype is None else dtype, wkv_impl=wkv_impl)
+
+
+def load_torch(path, *, k_eps: Optional[float] = None, k_clamp=_UNSET, dtype=None,
+               wkv_impl: str = "auto", ctx_len: Optional[int] = None, verbose: bool = True) -> Model:
+    """Load a release `.pth` checkpoint.
+
+    Args:
+      k_eps: the WKV denominator epsilon. None: looked up from the release name in
+        the file name (1e-8 for 20220615-10803, else 1e-9); the choice is printed.
+      k_clamp: 60.0 (default, as every release) or None.
+      dtype: cast the parameters to this dtype and compute matmuls in it (e.g.
+        jnp.bfloat16); None keeps the file's dtype and computes in float32.
+    """
+    path = Path(path)
+    arrays = ckpt.read_pth(path)
+    if k_eps is None:
+        k_eps = release_k_eps(path.name)
+        if verbose:
+            if k_eps is None:
+                print(f"rwkv2_jax: k_eps=1e-9 (default: {path.name!r} names no release in the "
+                      "spec's table; pass k_eps= to override)", file=sys.stderr)
+            else:
+                print(f"rwkv2_jax: k_eps={k_eps:g} (release table entry matched by "
+                      f"{path.name!r}; pass k_eps= to override)", file=sys.stderr)
+    return from_release_arrays(arrays, source=str(path), k_eps=k_eps, k_clamp=k_clamp,
+                               dtype=dtype, wkv_impl=wkv_impl, ctx_len=ctx_len)
+
+
+def save_torch(model: Model, path) -> Path:
+    """Write the model as a release `.pth` (release keys, shapes and the params' dtype)."""
+    return ckpt.write_pth(ckpt.params_to_release(jax.device_get(model.params), model.config), path)
+
+
+def save(model: Model, path) -> Path:
+    """Write the native checkpoint: one `.safetensors` file (release keys and shapes,
+    the config in its metadata). Needs no torch."""
+    return ckpt.write_native(ckpt.params_to_release(jax.device_get(model.params), model.config),
+                             model.config, path)
+
+
+def load(path, *, dtype=None, wkv_impl: str = "auto", **config_overrides) -> Model:
+    """Load a native checkpoint written by `save` (config overrides e.g. k_eps=)."""
+    arrays, config = ckpt.read_native(path)
+    config = config.replace(**config_overrides)
+    ckpt.check_keys({k: v.shape for k, v in arrays.items()}, config, str(path))
+    params = ckpt.release_to_params(arrays, config)
+    if dtype is not None:
+        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    return Model(config, params, dtype=jnp.float32 if dtype is None else dtype, wkv_impl=wkv_impl)
+
+
+def load_any(path, **kwargs) -> Model:
+    """A native `.safetensors` or a release `.pth`, told apart by content (load/load_torch kwargs)."""
+    if not ckpt.is_native(path):
+        return load_torch(path, **kwargs)
+    kwargs.pop("verbose", None)
+    for name, default in (("k_eps", None), ("ctx_len", None), ("k_clamp", _UNSET)):
+        if name in kwargs and kwargs[name] is default:  # "not given": keep the file's config
+            del kwargs[name]
+    return load(path, **kwargs)

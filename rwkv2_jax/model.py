@@ -1,0 +1,258 @@
+"""RWKV-v2 as Flax (linen) modules: time-mix, channel-mix, block, model.
+
+One code path serves both modes. Every module takes the sequence [B, T, C] and
+the state *before* it, and returns its output and the state *after* it:
+
+* GPT mode is a call over the whole sequence from the zero state;
+* prefill is the same call, keeping the returned state;
+* RNN mode is `lax.scan` over tokens of the same call with T = 1.
+
+The residual is taken around the *normalised* stream (spec, **v2**):
+    x = LN1(x); x = x + TimeMix(x); x = LN2(x); x = x + ChannelMix(x)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rwkv2_jax.config import LN_EPS, RWKVConfig
+from rwkv2_jax.wkv import EMPTY_EXP, WKVState, wkv_step, wkv_with_state
+
+WKV_IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
+
+
+class State(NamedTuple):
+    """RNN state of the whole model; every field is [L, B, C] float32.
+
+    x_att: the previous LN1 output (time-mix shift; the ffnPre mix in block 0 of
+      that variant). x_ffn: the previous LN2 output (channel-mix shift).
+    aa, bb, pp: the WKV sums, scaled by exp(-pp) (see `rwkv2_jax.wkv`).
+    """
+
+    x_att: jax.Array
+    x_ffn: jax.Array
+    aa: jax.Array
+    bb: jax.Array
+    pp: jax.Array
+
+    @property
+    def batch_size(self) -> int:
+        return self.x_att.shape[1]
+
+
+def init_state(config: RWKVConfig, batch_size: int) -> State:
+    """The state at the start of a sequence."""
+    shape = (config.n_layer, batch_size, config.n_embd)
+    zeros = jnp.zeros(shape, jnp.float32)
+    return State(zeros, zeros, zeros, zeros, jnp.full(shape, EMPTY_EXP, jnp.float32))
+
+
+# --- initialisation of the original trainer (spec, "Initialisation") ---------------
+
+
+def _time_decay_init(layer_id: int, n_layer: int):
+    """log(f1 * f2^(7c/(C-1))): f1, f2 interpolated over layers from layer 1 to the last."""
+
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        (C,) = shape
+        first = 1  # block 0 may be the ffnPre channel-mix, so curves start at layer 1
+        frac = (layer_id - first) / max(n_layer - 1 - first, 1)
+        f1 = 3.0 + frac * (1.2 - 3.0)
+        f2 = 0.65 + frac * (0.4 - 0.65)
+        if layer_id == first:
+            f1 += 0.5
+        if layer_id == n_layer - 2:
+            f2 = 0.4
+        if layer_id == n_layer - 1:
+            f2 = 0.37
+        c = np.arange(C) / max(C - 1, 1)
+        return jnp.asarray(np.log(f1 * np.power(f2, 7.0 * c)), dtype)
+
+    return init
+
+
+def _time_first_init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.full(shape, math.log(0.3), dtype)
+
+
+def _time_mix_init(key, shape, dtype=jnp.float32):
+    """0 for the first half of the channels (pure shift), 1 for the rest."""
+    del key
+    (C,) = shape
+    return jnp.asarray(np.arange(C) >= C // 2, dtype)
+
+
+_LINEAR_INIT = nn.initializers.normal(0.01)
+_ZERO_INIT = nn.initializers.zeros
+
+
+# --- pieces --------------------------------------------------------------------------
+
+
+def token_shift(x: jax.Array, prev: jax.Array) -> jax.Array:
+    """x_{t-1} for every t: x [B, T, C], prev [B, C] (the vector before x_0) -> [B, T, C]."""
+    return jnp.concatenate([prev[:, None, :].astype(x.dtype), x[:, :-1, :]], axis=1)
+
+
+def _mix(x, prev, time_mix):
+    """xx_t = x_t * mix + x_{t-1} * (1 - mix), one `time_mix` per mix (spec, **v2**)."""
+    time_mix = time_mix.astype(jnp.float32)
+    return x * time_mix + token_shift(x, prev) * (1.0 - time_mix)
+
+
+def _dense(features: int, name: str, init, dtype):
+    return nn.Dense(features, use_bias=False, kernel_init=init, dtype=dtype, name=name)
+
+
+def _layer_norm(name: str):
+    return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name=name)
+
+
+def default_wkv_impl() -> str:
+    """The Pallas kernel on GPU, the plain-JAX scan elsewhere."""
+    return "pallas" if jax.default_backend() == "gpu" else "reference"
+
+
+def wkv_dispatch(impl, k, v, time_decay, time_first, state, *, k_clamp, k_eps):
+    """Run the WKV with the chosen implementation; T = 1 is always a single plain step."""
+    if k.shape[1] == 1:
+        k1 = k[:, 0].astype(jnp.float32)
+        if k_clamp is not None:
+            k1 = jnp.minimum(k1, k_clamp)
+        log_eps = math.log(k_eps) if k_eps > 0 else None
+        w_log = -jnp.exp(time_decay.astype(jnp.float32))
+        state, out = wkv_step(
+            state, k1, v[:, 0].astype(jnp.float32), w_log, time_first.astype(jnp.float32), log_eps
+        )
+        return out[:, None], state
+    if impl == "auto":
+        impl = default_wkv_impl()
+    if impl == "reference":
+        return wkv_with_state(k, v, time_decay, time_first, state, k_clamp=k_clamp, k_eps=k_eps)
+    if impl in ("pallas", "pallas_interpret"):
+        import pallas_kernels  # imported on use: CPU-only users never load Pallas
+
+        return pallas_kernels.wkv_with_state(
+            k, v, time_decay, time_first, state,
+            k_clamp=k_clamp, k_eps=k_eps, interpret=impl == "pallas_interpret",
+        )
+    raise ValueError(f"unknown wkv_impl={impl!r}; choose one of {WKV_IMPLS}")
+
+
+class ChannelMix(nn.Module):
+    """k = relu(Wk xx)^2;  out = sigmoid(Wr xx) * (Wv k)."""
+
+    config: RWKVConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, prev):  # x [B, T, C] (LN output), prev [B, C]
+        C = self.config.n_embd
+        time_mix = self.param("time_mix", _time_mix_init, (C,))
+        xx = _mix(x, prev, time_mix)
+        k = _dense(4 * C, "key", _LINEAR_INIT, self.dtype)(xx)  # [B, T, 4C]
+        k = jnp.square(jax.nn.relu(k))
+        kv = _dense(C, "value", _ZERO_INIT, self.dtype)(k)  # [B, T, C]
+        r = _dense(C, "receptance", _ZERO_INIT, self.dtype)(xx)
+        out = jax.nn.sigmoid(r.astype(jnp.float32)) * kv.astype(jnp.float32)
+        return out, x[:, -1]
+
+
+class TimeMix(nn.Module):
+    """out = Wo( sigmoid(R) * WKV(K, V) )."""
+
+    config: RWKVConfig
+    layer_id: int
+    dtype: jnp.dtype = jnp.float32
+    wkv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, prev, wkv_state: WKVState):  # x [B, T, C], prev [B, C]
+        cfg = self.config
+        C = cfg.n_embd
+        time_decay = self.param("time_decay", _time_decay_init(self.layer_id, cfg.n_layer), (C,))
+        time_first = self.param("time_first", _time_first_init, (C,))
+        time_mix = self.param("time_mix", _time_mix_init, (C,))
+        xx = _mix(x, prev, time_mix)
+        k = _dense(C, "key", _ZERO_INIT, self.dtype)(xx)  # [B, T, C] K before exp
+        v = _dense(C, "value", _LINEAR_INIT, self.dtype)(xx)
+        r = _dense(C, "receptance", _ZERO_INIT, self.dtype)(xx)
+        wkv, wkv_state = wkv_dispatch(
+            self.wkv_impl, k, v, time_decay, time_first, wkv_state,
+            k_clamp=cfg.k_clamp, k_eps=cfg.k_eps,
+        )  # [B, T, C] float32
+        rwkv = jax.nn.sigmoid(r.astype(jnp.float32)) * wkv
+        out = _dense(C, "output", _ZERO_INIT, self.dtype)(rwkv)
+        return out.astype(jnp.float32), x[:, -1], wkv_state
+
+
+class Block(nn.Module):
+    config: RWKVConfig
+    layer_id: int
+    dtype: jnp.dtype = jnp.float32
+    wkv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, x_att, x_ffn, wkv_state: WKVState):
+        cfg = self.config
+        x = _layer_norm("ln1")(x)
+        if cfg.ffn_pre and self.layer_id == 0:
+            dx, x_att = ChannelMix(cfg, self.dtype, name="ffnPre")(x, x_att)
+        else:
+            dx, x_att, wkv_state = TimeMix(
+                cfg, self.layer_id, self.dtype, self.wkv_impl, name="att"
+            )(x, x_att, wkv_state)
+        x = x + dx
+        x = _layer_norm("ln2")(x)
+        dx, x_ffn = ChannelMix(cfg, self.dtype, name="ffn")(x, x_ffn)
+        return x + dx, x_att, x_ffn, wkv_state
+
+
+class RWKV(nn.Module):
+    """The language model: embedding -> L blocks -> ln_out -> head.
+
+    __call__(tokens [B, T] int, state) -> (logits [B, T, V] float32, state after T).
+    """
+
+    config: RWKVConfig
+    dtype: jnp.dtype = jnp.float32  # matmul compute dtype; LayerNorm and WKV stay float32
+    wkv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, state: Optional[State] = None) -> Tuple[jax.Array, State]:
+        cfg = self.config
+        B = tokens.shape[0]
+        if state is None:
+            state = init_state(cfg, B)
+        x = nn.Embed(
+            cfg.vocab_size, cfg.n_embd, embedding_init=nn.initializers.normal(1e-5), name="emb"
+        )(tokens).astype(jnp.float32)  # [B, T, C]
+        new = []
+        for i in range(cfg.n_layer):
+            x, x_att, x_ffn, wkv_state = Block(cfg, i, self.dtype, self.wkv_impl, name=f"blocks_{i}")(
+                x, state.x_att[i], state.x_ffn[i], WKVState(state.aa[i], state.bb[i], state.pp[i])
+            )
+            new.append((x_att, x_ffn, *wkv_state))
+        x = _layer_norm("ln_out")(x)
+        logits = _dense(cfg.vocab_size, "head", _LINEAR_INIT, self.dtype)(x)
+        new_state = State(*(jnp.stack(field).astype(jnp.float32) for field in zip(*new)))
+        return logits.astype(jnp.float32), new_state
+
+
+def rnn_scan(module: RWKV, params, tokens: jax.Array, state: State) -> Tuple[jax.Array, State]:
+    """RNN mode: `lax.scan` of the T = 1 step over tokens [B, T] -> (logits [B, T, V], state)."""
+
+    def step(state, token):  # token [B]
+        logits, state = module.apply({"params": params}, token[:, None], state)
+        return state, logits[:, 0]
+
+    state, logits = jax.lax.scan(step, state, tokens.swapaxes(0, 1))
+    return logits.swapaxes(0, 1), state
