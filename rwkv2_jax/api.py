@@ -176,7 +176,7 @@ def load_torch(path, *, k_eps: Optional[float] = None, k_clamp=_UNSET, dtype=Non
         k_eps = release_k_eps(path.name)
         if verbose:
             if k_eps is None:
-                print(f"rwkv2_jax: k_eps=1e-9 (default: {path.name!r} names no release in the "
+                print(f"rwkv2_jax: k_eps={K_EPS:g} (default: {path.name!r} names no release in the "
                       "spec's table; pass k_eps= to override)", file=sys.stderr)
             else:
                 print(f"rwkv2_jax: k_eps={k_eps:g} (release table entry matched by "

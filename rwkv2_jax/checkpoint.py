@@ -175,7 +175,7 @@ def _tensor_to_numpy(t, key: str, source: str) -> np.ndarray:
 
 def _numpy_to_tensor(a: np.ndarray):
     torch = _torch()
-    a = np.ascontiguousarray(a)
+    a = np.array(a, order="C")  # a writable copy: torch shares the memory
     if a.dtype.name == "bfloat16":
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)

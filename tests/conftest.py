@@ -1,0 +1,40 @@
+"""Shared fixtures: small random checkpoints in the exact release format."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TOKENIZER = REPO.parent / "shared" / "data" / "20B_tokenizer.json"
+
+# Small, but with everything that matters: several layers, C not a power of two.
+SMALL = dict(n_layer=3, n_embd=24, vocab_size=67)
+
+
+@pytest.fixture(scope="session")
+def release_files(tmp_path_factory):
+    """{variant: path} of release-format .pth files (variants "plain" and "ffn_pre")."""
+    from tests.release_checkpoint import make_release_state_dict, write_release_checkpoint
+
+    root = tmp_path_factory.mktemp("release")
+    return {
+        "plain": write_release_checkpoint(root / "plain.pth", make_release_state_dict(**SMALL, seed=1)),
+        "ffn_pre": write_release_checkpoint(
+            root / "ffnpre.pth", make_release_state_dict(**SMALL, seed=2, ffn_pre=True)
+        ),
+    }
+
+
+@pytest.fixture
+def rng():
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    print(f"seed={seed}")
+    return np.random.default_rng(seed)
+
+
+def real_tokenizer_path() -> Path:
+    """The real 20B tokenizer from ../shared, or skip (a user's clone has no ../shared)."""
+    if not SHARED_TOKENIZER.is_file():
+        pytest.skip(f"real tokenizer not available at {SHARED_TOKENIZER} (only in the dev checkout)")
+    return SHARED_TOKENIZER

@@ -1,0 +1,181 @@
+"""CLI smoke runs: python -m convert, sample.py, the demo; bad input gives one line, no traceback."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import rwkv2_jax as rw
+import sample
+from convert.cli import main as convert_main
+from rwkv2_jax.demo import DEMO_TEXT, char_tokenizer
+from tests.conftest import REPO, real_tokenizer_path
+from tests.release_checkpoint import make_release_state_dict, write_release_checkpoint
+
+
+@pytest.fixture(scope="module")
+def char_setup(tmp_path_factory):
+    """A random release checkpoint whose vocab fits a character tokenizer, plus that tokenizer."""
+    root = tmp_path_factory.mktemp("cli")
+    tok = char_tokenizer(DEMO_TEXT)
+    tok.save(str(root / "tokenizer.json"))
+    sd = make_release_state_dict(n_layer=2, n_embd=16, vocab_size=tok.get_vocab_size(), seed=3)
+    return write_release_checkpoint(root / "model.pth", sd), root / "tokenizer.json"
+
+
+def one_line_error(capsys, code, pattern):
+    """Exit status 2 and exactly one error line (notices such as the k_eps choice may precede it)."""
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1, err
+    assert all(line.startswith(("rwkv2_jax: k_eps=", "#")) for line in err.splitlines() if line not in lines), err
+    assert pattern in lines[0], lines[0]
+
+
+# --- convert --------------------------------------------------------------------------
+
+
+def test_convert_both_directions_bit_exact(tmp_path, release_files, capsys):
+    src = release_files["ffn_pre"]
+    assert convert_main([str(src), str(tmp_path / "m.safetensors")]) == 0
+    assert "verified bit-exact" in capsys.readouterr().out
+    assert convert_main([str(tmp_path / "m.safetensors"), str(tmp_path / "back.pth")]) == 0
+    a = torch.load(src, weights_only=True)
+    b = torch.load(tmp_path / "back.pth", weights_only=True)
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert rw.load(tmp_path / "m.safetensors").config.ffn_pre
+
+
+def test_convert_dtype_and_k_eps(tmp_path, release_files, capsys):
+    assert convert_main([str(release_files["plain"]), str(tmp_path / "h.safetensors"),
+                         "--dtype", "bfloat16", "--k-eps", "1e-8"]) == 0
+    m = rw.load(tmp_path / "h.safetensors")
+    assert m.config.k_eps == 1e-8
+    assert {str(x.dtype) for x in __import__("jax").tree.leaves(m.params)} == {"bfloat16"}
+
+
+def test_convert_errors(tmp_path, release_files, capsys):
+    one_line_error(capsys, convert_main([str(tmp_path / "none.pth"), str(tmp_path / "o")]), "none.pth")
+    out = tmp_path / "exists.safetensors"
+    out.write_text("x")
+    one_line_error(capsys, convert_main([str(release_files["plain"]), str(out)]), "--force")
+    sd = make_release_state_dict(n_layer=2, n_embd=8, vocab_size=11, seed=0)
+    sd["blocks.1.att.key.weight"] = torch.zeros(8, 9)
+    bad = write_release_checkpoint(tmp_path / "bad.pth", sd)
+    one_line_error(capsys, convert_main([str(bad), str(tmp_path / "o.safetensors")]),
+                   "'blocks.1.att.key.weight' has shape [8, 9], expected [8, 8]")
+
+
+def test_convert_help():
+    r = subprocess.run([sys.executable, "-m", "convert", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and "--to" in r.stdout
+
+
+# --- sample.py -------------------------------------------------------------------------
+
+
+def test_sample_streams_text_in_a_subprocess(char_setup):
+    ckpt, tok = char_setup
+    r = subprocess.run(
+        [sys.executable, "sample.py", "--checkpoint", str(ckpt), "--tokenizer", str(tok),
+         "--prompt", "The time", "--tokens", "30", "--seed", "1", "--num-samples", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("The time") == 2 and "sample 2/2" in r.stdout
+    assert "tokens/s" in r.stderr
+
+
+def test_sample_greedy_equals_gpt_argmax(char_setup, capsys):
+    ckpt, tok_path = char_setup
+    assert sample.main(["--checkpoint", str(ckpt), "--tokenizer", str(tok_path), "--prompt", "RWKV",
+                        "--tokens", "6", "--temperature", "0"]) == 0
+    text = capsys.readouterr().out.strip("\n")
+    tok = char_tokenizer(DEMO_TEXT)
+    model = rw.load_torch(ckpt, verbose=False)
+    ids = tok.encode("RWKV").ids
+    for _ in range(6):
+        logits = np.array(model([ids]))[0, -1]
+        logits[0] = -np.inf
+        ids.append(int(np.argmax(logits)))
+    assert text == tok.decode(ids)
+
+
+def test_sample_finds_tokenizer_next_to_checkpoint(char_setup, tmp_path, capsys):
+    ckpt, tok = char_setup
+    (tmp_path / "m.pth").write_bytes(ckpt.read_bytes())
+    (tmp_path / "20B_tokenizer.json").write_bytes(tok.read_bytes())
+    assert sample.main(["--checkpoint", str(tmp_path / "m.pth"), "--tokens", "3"]) == 0
+
+
+def test_sample_native_checkpoint(char_setup, tmp_path, capsys):
+    ckpt, tok = char_setup
+    rw.save(rw.load_torch(ckpt, verbose=False), tmp_path / "m.safetensors")
+    assert sample.main(["--checkpoint", str(tmp_path / "m.safetensors"), "--tokenizer", str(tok),
+                        "--tokens", "3", "--prompt-file", str(tok)]) == 0
+
+
+def test_sample_bad_inputs(char_setup, tmp_path, capsys):
+    ckpt, tok = char_setup
+    base = ["--tokenizer", str(tok), "--tokens", "2"]
+    one_line_error(capsys, sample.main(["--checkpoint", str(tmp_path / "no.pth")] + base), "no.pth")
+    trunc = tmp_path / "trunc.pth"
+    trunc.write_bytes(ckpt.read_bytes()[:1000])
+    one_line_error(capsys, sample.main(["--checkpoint", str(trunc)] + base), "trunc.pth")
+    sd = make_release_state_dict(n_layer=2, n_embd=16, vocab_size=60, seed=3)
+    del sd["ln_out.bias"]
+    missing = write_release_checkpoint(tmp_path / "missing.pth", sd)
+    one_line_error(capsys, sample.main(["--checkpoint", str(missing)] + base), "missing key 'ln_out.bias'")
+    sd = make_release_state_dict(n_layer=2, n_embd=16, vocab_size=60, seed=3)
+    sd["head.weight"] = torch.zeros(60, 15)
+    shape = write_release_checkpoint(tmp_path / "shape.pth", sd)
+    one_line_error(capsys, sample.main(["--checkpoint", str(shape)] + base), "'head.weight' has shape [60, 15]")
+    one_line_error(capsys, sample.main(["--checkpoint", str(ckpt), "--tokens", "2"]), "tokenizer not found")
+    one_line_error(capsys, sample.main(["--checkpoint", str(ckpt), "--tokenizer", str(tmp_path / "t.json")]),
+                   "t.json")
+    bad_tok = tmp_path / "bad.json"
+    bad_tok.write_text("{not json")
+    one_line_error(capsys, sample.main(["--checkpoint", str(ckpt), "--tokenizer", str(bad_tok)]), "bad.json")
+    one_line_error(capsys, sample.main(["--checkpoint", str(ckpt), "--prompt", "", *base]), "prompt is empty")
+    one_line_error(capsys, sample.main(["--checkpoint", str(ckpt), "--prompt-file", str(tmp_path / "p.txt"),
+                                        *base]), "p.txt")
+
+
+def test_sample_rejects_a_tokenizer_larger_than_the_vocab(tmp_path, capsys):
+    tok = real_tokenizer_path()
+    small = write_release_checkpoint(tmp_path / "s.pth", make_release_state_dict(n_layer=1, n_embd=8,
+                                                                                 vocab_size=100, seed=0))
+    one_line_error(capsys, sample.main(["--checkpoint", str(small), "--tokenizer", str(tok)]),
+                   "wrong tokenizer")
+
+
+def test_sample_with_the_real_20b_tokenizer(tmp_path, capsys):
+    tok = real_tokenizer_path()
+    sd = make_release_state_dict(n_layer=1, n_embd=8, vocab_size=50277, seed=0)
+    ckpt = write_release_checkpoint(tmp_path / "rwkv.pth", sd)
+    assert sample.main(["--checkpoint", str(ckpt), "--tokenizer", str(tok), "--prompt",
+                        "In a shocking finding, scientists", "--tokens", "12", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("In a shocking finding, scientists") and len(out) > 40
+
+
+def test_sample_help():
+    r = subprocess.run([sys.executable, "sample.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and "--top-p" in r.stdout and "--allow-end-of-text" in r.stdout
+
+
+# --- demo ----------------------------------------------------------------------------------
+
+
+def test_demo_trains_and_samples(tmp_path, capsys):
+    from rwkv2_jax import demo
+
+    assert demo.main(["--steps", "120", "--out", str(tmp_path), "--tokens", "40"]) == 0
+    out = capsys.readouterr().out
+    losses = [float(line.split()[3]) for line in out.splitlines() if line.startswith("step")]
+    assert losses[-1] < losses[0] / 3  # it learned
+    assert (tmp_path / "demo.pth").is_file() and "The time mix" in out
