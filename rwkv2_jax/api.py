@@ -70,7 +70,9 @@ class Model:
         self.dtype = jnp.dtype(dtype)
         self.wkv_impl = wkv_impl
         self.module = RWKV(config, dtype=self.dtype, wkv_impl=wkv_impl)
-        self._forward = jax.jit(lambda p, tokens, state: self.module.apply({"params": p}, tokens, state))
+        self._forward = jax.jit(
+            lambda p, tokens, state, lengths=None: self.module.apply({"params": p}, tokens, state, lengths)
+        )
         self._rnn = jax.jit(lambda p, tokens, state: rnn_scan(self.module, p, tokens, state))
 
     # -- modes ------------------------------------------------------------------------
@@ -80,11 +82,22 @@ class Model:
         logits, _ = self.prefill(tokens)
         return logits
 
-    def prefill(self, tokens, state: Optional[State] = None) -> Tuple[jax.Array, State]:
-        """GPT mode over tokens, from `state` (None: start), -> (logits, state after the last token)."""
+    def prefill(self, tokens, state: Optional[State] = None, lengths=None) -> Tuple[jax.Array, State]:
+        """GPT mode over tokens, from `state` (None: start), -> (logits, state after the last token).
+
+        `lengths` [B]: rows are right-padded; row b's state is taken after its token
+        lengths[b] - 1 (its logits past that are meaningless). Padding ids must be valid ids.
+        """
         arr, one_d = check_tokens(tokens, self.config.vocab_size)
         state = self._check_state(state, arr.shape[0])
-        logits, state = self._forward(self.params, arr, state)
+        if lengths is not None:
+            lengths = np.asarray(lengths)
+            if lengths.shape != (arr.shape[0],) or not np.issubdtype(lengths.dtype, np.integer):
+                raise ValueError(f"lengths must be {arr.shape[0]} ints (one per row), got {lengths!r}")
+            if lengths.min() < 1 or lengths.max() > arr.shape[1]:
+                raise ValueError(f"lengths must be in [1, T={arr.shape[1]}], got {lengths.tolist()}")
+            lengths = jnp.asarray(lengths, jnp.int32)
+        logits, state = self._forward(self.params, arr, state, lengths)
         return (logits[0] if one_d else logits), state
 
     def rnn(self, tokens, state: Optional[State] = None) -> Tuple[jax.Array, State]:

@@ -121,8 +121,21 @@ def default_wkv_impl() -> str:
     return "pallas" if jax.default_backend() == "gpu" else "reference"
 
 
-def wkv_dispatch(impl, k, v, time_decay, time_first, state, *, k_clamp, k_eps):
-    """Run the WKV with the chosen implementation; T = 1 is always a single plain step."""
+def last_valid(x: jax.Array, lengths: Optional[jax.Array]) -> jax.Array:
+    """x [B, T, C] -> the vector at each row's last real token [B, C] (the shift state)."""
+    if lengths is None:
+        return x[:, -1]
+    return jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+
+
+def wkv_dispatch(impl, k, v, time_decay, time_first, state, *, k_clamp, k_eps, lengths=None):
+    """Run the WKV with the chosen implementation; T = 1 is always a single plain step.
+
+    With `lengths` (right-padded rows) the plain-JAX scan runs, masking padded steps.
+    """
+    if lengths is not None:
+        return wkv_with_state(k, v, time_decay, time_first, state,
+                              k_clamp=k_clamp, k_eps=k_eps, lengths=lengths)
     if k.shape[1] == 1:
         k1 = k[:, 0].astype(jnp.float32)
         if k_clamp is not None:
@@ -154,7 +167,7 @@ class ChannelMix(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, prev):  # x [B, T, C] (LN output), prev [B, C]
+    def __call__(self, x, prev, lengths=None):  # x [B, T, C] (LN output), prev [B, C]
         C = self.config.n_embd
         time_mix = self.param("time_mix", _time_mix_init, (C,))
         xx = _mix(x, prev, time_mix)
@@ -163,7 +176,7 @@ class ChannelMix(nn.Module):
         kv = _dense(C, "value", _ZERO_INIT, self.dtype)(k)  # [B, T, C]
         r = _dense(C, "receptance", _ZERO_INIT, self.dtype)(xx)
         out = jax.nn.sigmoid(r.astype(jnp.float32)) * kv.astype(jnp.float32)
-        return out, x[:, -1]
+        return out, last_valid(x, lengths)
 
 
 class TimeMix(nn.Module):
@@ -175,7 +188,7 @@ class TimeMix(nn.Module):
     wkv_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, prev, wkv_state: WKVState):  # x [B, T, C], prev [B, C]
+    def __call__(self, x, prev, wkv_state: WKVState, lengths=None):  # x [B, T, C], prev [B, C]
         cfg = self.config
         C = cfg.n_embd
         time_decay = self.param("time_decay", _time_decay_init(self.layer_id, cfg.n_layer), (C,))
@@ -187,11 +200,11 @@ class TimeMix(nn.Module):
         r = _dense(C, "receptance", _ZERO_INIT, self.dtype)(xx)
         wkv, wkv_state = wkv_dispatch(
             self.wkv_impl, k, v, time_decay, time_first, wkv_state,
-            k_clamp=cfg.k_clamp, k_eps=cfg.k_eps,
+            k_clamp=cfg.k_clamp, k_eps=cfg.k_eps, lengths=lengths,
         )  # [B, T, C] float32
         rwkv = jax.nn.sigmoid(r.astype(jnp.float32)) * wkv
         out = _dense(C, "output", _ZERO_INIT, self.dtype)(rwkv)
-        return out.astype(jnp.float32), x[:, -1], wkv_state
+        return out.astype(jnp.float32), last_valid(x, lengths), wkv_state
 
 
 class Block(nn.Module):
@@ -201,18 +214,18 @@ class Block(nn.Module):
     wkv_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, x_att, x_ffn, wkv_state: WKVState):
+    def __call__(self, x, x_att, x_ffn, wkv_state: WKVState, lengths=None):
         cfg = self.config
         x = _layer_norm("ln1")(x)
         if cfg.ffn_pre and self.layer_id == 0:
-            dx, x_att = ChannelMix(cfg, self.dtype, name="ffnPre")(x, x_att)
+            dx, x_att = ChannelMix(cfg, self.dtype, name="ffnPre")(x, x_att, lengths)
         else:
             dx, x_att, wkv_state = TimeMix(
                 cfg, self.layer_id, self.dtype, self.wkv_impl, name="att"
-            )(x, x_att, wkv_state)
+            )(x, x_att, wkv_state, lengths)
         x = x + dx
         x = _layer_norm("ln2")(x)
-        dx, x_ffn = ChannelMix(cfg, self.dtype, name="ffn")(x, x_ffn)
+        dx, x_ffn = ChannelMix(cfg, self.dtype, name="ffn")(x, x_ffn, lengths)
         return x + dx, x_att, x_ffn, wkv_state
 
 
@@ -225,10 +238,15 @@ class RWKV(nn.Module):
     config: RWKVConfig
     dtype: jnp.dtype = jnp.float32  # matmul compute dtype; LayerNorm and WKV stay float32
     wkv_impl: str = "auto"
+    remat: bool = False  # recompute each block in the backward pass (training memory)
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, state: Optional[State] = None) -> Tuple[jax.Array, State]:
+    def __call__(
+        self, tokens: jax.Array, state: Optional[State] = None, lengths: Optional[jax.Array] = None
+    ) -> Tuple[jax.Array, State]:
+        """tokens [B, T]; `lengths` [B] for right-padded rows (state taken at each row's end)."""
         cfg = self.config
+        block = nn.remat(Block) if self.remat else Block
         B = tokens.shape[0]
         if state is None:
             state = init_state(cfg, B)
@@ -237,8 +255,9 @@ class RWKV(nn.Module):
         )(tokens).astype(jnp.float32)  # [B, T, C]
         new = []
         for i in range(cfg.n_layer):
-            x, x_att, x_ffn, wkv_state = Block(cfg, i, self.dtype, self.wkv_impl, name=f"blocks_{i}")(
-                x, state.x_att[i], state.x_ffn[i], WKVState(state.aa[i], state.bb[i], state.pp[i])
+            x, x_att, x_ffn, wkv_state = block(cfg, i, self.dtype, self.wkv_impl, name=f"blocks_{i}")(
+                x, state.x_att[i], state.x_ffn[i], WKVState(state.aa[i], state.bb[i], state.pp[i]),
+                lengths,
             )
             new.append((x_att, x_ffn, *wkv_state))
         x = _layer_norm("ln_out")(x)

@@ -100,11 +100,14 @@ def wkv_with_state(
     *,
     k_clamp: Optional[float] = 60.0,
     k_eps: float = 1e-9,
+    lengths: Optional[jax.Array] = None,
 ) -> Tuple[jax.Array, WKVState]:
     """WKV over a sequence, starting from `state` (None: start of sequence).
 
     Returns (out [B, T, C] float32, state after the last token). Differentiable
     (JAX autodiff through the scan); the gradient of K is zero where the clamp cuts.
+    `lengths` [B] (optional): row b is right-padded after lengths[b] tokens; its
+    state is the one after token lengths[b] - 1 (outputs at padded steps are junk).
     """
     B, T, C = k.shape
     if v.shape != k.shape:
@@ -127,8 +130,18 @@ def wkv_with_state(
     def body(carry, kv):
         return wkv_step(carry, kv[0], kv[1], w_log, u_log, log_eps)
 
+    def masked_body(carry, kvt):
+        k_t, v_t, t = kvt
+        new, out = wkv_step(carry, k_t, v_t, w_log, u_log, log_eps)
+        valid = (t < lengths)[:, None]  # [B, 1]: padded steps keep the state
+        return WKVState(*(jnp.where(valid, n, c) for n, c in zip(new, carry))), out
+
     # Scan over time: [B, T, C] -> [T, B, C].
-    state, out = jax.lax.scan(body, state, (k.swapaxes(0, 1), v.swapaxes(0, 1)))
+    xs = (k.swapaxes(0, 1), v.swapaxes(0, 1))
+    if lengths is None:
+        state, out = jax.lax.scan(body, state, xs)
+    else:
+        state, out = jax.lax.scan(masked_body, state, xs + (jnp.arange(T),))
     return out.swapaxes(0, 1), state
 
 

@@ -61,6 +61,25 @@ def test_gpt_rnn_prefill_agree_at_random_splits(model, rng):
         np.testing.assert_allclose(tail_gpt, gpt[:, split:], atol=1e-4, rtol=0)
 
 
+def test_padded_prefill_equals_row_by_row(model, rng):
+    V = model.config.vocab_size
+    lengths = [5, 12, 1]
+    rows = [rng.integers(0, V, n) for n in lengths]
+    padded = np.zeros((3, 12), np.int32)
+    for b, row in enumerate(rows):
+        padded[b, : len(row)] = row
+    logits, state = model.prefill(padded, lengths=lengths)
+    for b, row in enumerate(rows):
+        want_logits, want_state = model.prefill(row[None])
+        np.testing.assert_allclose(logits[b, : len(row)], want_logits[0], atol=1e-5, rtol=0)
+        for got, want in zip(state, want_state):
+            np.testing.assert_allclose(got[:, b], want[:, 0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="lengths must be in"):
+        model.prefill(padded, lengths=[0, 3, 3])
+    with pytest.raises(ValueError, match="one per row"):
+        model.prefill(padded, lengths=[3, 3])
+
+
 def test_batch_rows_are_independent(model, rng):
     tokens = rng.integers(0, model.config.vocab_size, (3, 12))
     full = model(tokens)
