@@ -60,16 +60,22 @@ class Model:
         the WKV and the RNN state are float32 always.
       wkv_impl: "auto" (Pallas kernel on GPU, plain-JAX scan elsewhere),
         "reference", "pallas" or "pallas_interpret".
+      precision: matmul precision; None means "highest" for float32 compute (exact
+        float32 on GPUs, where JAX's default may use TF32) and JAX's default otherwise.
     """
 
-    def __init__(self, config: RWKVConfig, params, *, dtype=jnp.float32, wkv_impl: str = "auto"):
+    def __init__(self, config: RWKVConfig, params, *, dtype=jnp.float32, wkv_impl: str = "auto",
+                 precision: Optional[str] = None):
         if wkv_impl not in WKV_IMPLS:
             raise ValueError(f"unknown wkv_impl={wkv_impl!r}; choose one of {WKV_IMPLS}")
         self.config = config
         self.params = jax.tree.map(jnp.asarray, params)
         self.dtype = jnp.dtype(dtype)
         self.wkv_impl = wkv_impl
-        self.module = RWKV(config, dtype=self.dtype, wkv_impl=wkv_impl)
+        if precision is None and self.dtype == jnp.float32:
+            precision = "highest"
+        self.precision = precision
+        self.module = RWKV(config, dtype=self.dtype, wkv_impl=wkv_impl, precision=precision)
         self._forward = jax.jit(
             lambda p, tokens, state, lengths=None: self.module.apply({"params": p}, tokens, state, lengths)
         )
@@ -129,7 +135,9 @@ class Model:
         """A Model on the same params with config fields (k_eps=, k_clamp=, ...), dtype= or wkv_impl= changed."""
         dtype = changes.pop("dtype", self.dtype)
         wkv_impl = changes.pop("wkv_impl", self.wkv_impl)
-        return Model(self.config.replace(**changes), self.params, dtype=dtype, wkv_impl=wkv_impl)
+        precision = changes.pop("precision", self.precision if dtype == self.dtype else None)
+        return Model(self.config.replace(**changes), self.params, dtype=dtype, wkv_impl=wkv_impl,
+                     precision=precision)
 
     @property
     def n_params(self) -> int:

@@ -108,8 +108,8 @@ def _mix(x, prev, time_mix):
     return x * time_mix + token_shift(x, prev) * (1.0 - time_mix)
 
 
-def _dense(features: int, name: str, init, dtype):
-    return nn.Dense(features, use_bias=False, kernel_init=init, dtype=dtype, name=name)
+def _dense(features: int, name: str, init, dtype, precision):
+    return nn.Dense(features, use_bias=False, kernel_init=init, dtype=dtype, precision=precision, name=name)
 
 
 def _layer_norm(name: str):
@@ -165,16 +165,17 @@ class ChannelMix(nn.Module):
 
     config: RWKVConfig
     dtype: jnp.dtype = jnp.float32
+    precision: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, prev, lengths=None):  # x [B, T, C] (LN output), prev [B, C]
         C = self.config.n_embd
         time_mix = self.param("time_mix", _time_mix_init, (C,))
         xx = _mix(x, prev, time_mix)
-        k = _dense(4 * C, "key", _LINEAR_INIT, self.dtype)(xx)  # [B, T, 4C]
+        k = _dense(4 * C, "key", _LINEAR_INIT, self.dtype, self.precision)(xx)  # [B, T, 4C]
         k = jnp.square(jax.nn.relu(k))
-        kv = _dense(C, "value", _ZERO_INIT, self.dtype)(k)  # [B, T, C]
-        r = _dense(C, "receptance", _ZERO_INIT, self.dtype)(xx)
+        kv = _dense(C, "value", _ZERO_INIT, self.dtype, self.precision)(k)  # [B, T, C]
+        r = _dense(C, "receptance", _ZERO_INIT, self.dtype, self.precision)(xx)
         out = jax.nn.sigmoid(r.astype(jnp.float32)) * kv.astype(jnp.float32)
         return out, last_valid(x, lengths)
 
@@ -186,6 +187,7 @@ class TimeMix(nn.Module):
     layer_id: int
     dtype: jnp.dtype = jnp.float32
     wkv_impl: str = "auto"
+    precision: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, prev, wkv_state: WKVState, lengths=None):  # x [B, T, C], prev [B, C]
@@ -195,15 +197,15 @@ class TimeMix(nn.Module):
         time_first = self.param("time_first", _time_first_init, (C,))
         time_mix = self.param("time_mix", _time_mix_init, (C,))
         xx = _mix(x, prev, time_mix)
-        k = _dense(C, "key", _ZERO_INIT, self.dtype)(xx)  # [B, T, C] K before exp
-        v = _dense(C, "value", _LINEAR_INIT, self.dtype)(xx)
-        r = _dense(C, "receptance", _ZERO_INIT, self.dtype)(xx)
+        k = _dense(C, "key", _ZERO_INIT, self.dtype, self.precision)(xx)  # [B, T, C] K before exp
+        v = _dense(C, "value", _LINEAR_INIT, self.dtype, self.precision)(xx)
+        r = _dense(C, "receptance", _ZERO_INIT, self.dtype, self.precision)(xx)
         wkv, wkv_state = wkv_dispatch(
             self.wkv_impl, k, v, time_decay, time_first, wkv_state,
             k_clamp=cfg.k_clamp, k_eps=cfg.k_eps, lengths=lengths,
         )  # [B, T, C] float32
         rwkv = jax.nn.sigmoid(r.astype(jnp.float32)) * wkv
-        out = _dense(C, "output", _ZERO_INIT, self.dtype)(rwkv)
+        out = _dense(C, "output", _ZERO_INIT, self.dtype, self.precision)(rwkv)
         return out.astype(jnp.float32), last_valid(x, lengths), wkv_state
 
 
@@ -212,20 +214,21 @@ class Block(nn.Module):
     layer_id: int
     dtype: jnp.dtype = jnp.float32
     wkv_impl: str = "auto"
+    precision: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, x_att, x_ffn, wkv_state: WKVState, lengths=None):
         cfg = self.config
         x = _layer_norm("ln1")(x)
         if cfg.ffn_pre and self.layer_id == 0:
-            dx, x_att = ChannelMix(cfg, self.dtype, name="ffnPre")(x, x_att, lengths)
+            dx, x_att = ChannelMix(cfg, self.dtype, self.precision, name="ffnPre")(x, x_att, lengths)
         else:
             dx, x_att, wkv_state = TimeMix(
-                cfg, self.layer_id, self.dtype, self.wkv_impl, name="att"
+                cfg, self.layer_id, self.dtype, self.wkv_impl, self.precision, name="att"
             )(x, x_att, wkv_state, lengths)
         x = x + dx
         x = _layer_norm("ln2")(x)
-        dx, x_ffn = ChannelMix(cfg, self.dtype, name="ffn")(x, x_ffn, lengths)
+        dx, x_ffn = ChannelMix(cfg, self.dtype, self.precision, name="ffn")(x, x_ffn, lengths)
         return x + dx, x_att, x_ffn, wkv_state
 
 
@@ -239,6 +242,9 @@ class RWKV(nn.Module):
     dtype: jnp.dtype = jnp.float32  # matmul compute dtype; LayerNorm and WKV stay float32
     wkv_impl: str = "auto"
     remat: bool = False  # recompute each block in the backward pass (training memory)
+    # Matmul precision ("highest", "float32", "tensorfloat32", "bfloat16", "default" or None
+    # = JAX's default, which may be TF32 on GPUs). Model() uses "highest" for float32 parity.
+    precision: Optional[str] = None
 
     @nn.compact
     def __call__(
@@ -255,13 +261,14 @@ class RWKV(nn.Module):
         )(tokens).astype(jnp.float32)  # [B, T, C]
         new = []
         for i in range(cfg.n_layer):
-            x, x_att, x_ffn, wkv_state = block(cfg, i, self.dtype, self.wkv_impl, name=f"blocks_{i}")(
+            layer = block(cfg, i, self.dtype, self.wkv_impl, self.precision, name=f"blocks_{i}")
+            x, x_att, x_ffn, wkv_state = layer(
                 x, state.x_att[i], state.x_ffn[i], WKVState(state.aa[i], state.bb[i], state.pp[i]),
                 lengths,
             )
             new.append((x_att, x_ffn, *wkv_state))
         x = _layer_norm("ln_out")(x)
-        logits = _dense(cfg.vocab_size, "head", _LINEAR_INIT, self.dtype)(x)
+        logits = _dense(cfg.vocab_size, "head", _LINEAR_INIT, self.dtype, self.precision)(x)
         new_state = State(*(jnp.stack(field).astype(jnp.float32) for field in zip(*new)))
         return logits.astype(jnp.float32), new_state
 
