@@ -17,6 +17,7 @@ from rwkv2_jax.api import (
     save_torch,
 )
 from rwkv2_jax.checkpoint import CheckpointError
+from rwkv2_jax.evaluation import loglikelihood
 from rwkv2_jax.config import K_CLAMP, K_EPS, PRESETS, RELEASE_K_EPS, RWKVConfig
 from rwkv2_jax.model import RWKV, State, init_state
 from rwkv2_jax.wkv import WKVState, wkv_reference, wkv_with_state
@@ -24,6 +25,6 @@ from rwkv2_jax.wkv import WKVState, wkv_reference, wkv_with_state
 __all__ = [
     "CheckpointError", "K_CLAMP", "K_EPS", "Model", "PRESETS", "RELEASE_K_EPS", "RWKV",
     "RWKVConfig", "State", "WKVState", "check_tokens", "from_release_arrays", "init",
-    "init_state", "load", "load_any", "load_torch", "save", "save_torch", "wkv_reference",
+    "init_state", "load", "loglikelihood", "load_any", "load_torch", "save", "save_torch", "wkv_reference",
     "wkv_with_state",
 ]

@@ -1,0 +1,440 @@
+"""Evaluate an RWKV-v2 checkpoint (release .pth or native .safetensors).
+
+    python -m rwkv2_jax.eval lambada lambada_test.jsonl --checkpoint 20220615-10803.pth
+    python -m rwkv2_jax.eval loss pile_val.npy --checkpoint 20220615-10803.pth
+    python -m rwkv2_jax.eval positional pile_val.npy --max-len 3072 --checkpoint a.pth --checkpoint b.pth
+    python -m rwkv2_jax.eval verify --checkpoint 20220615-10803.pth
+
+lambada     perplexity and last-word accuracy on {"text": ...} lines (lambada_openai),
+            as the release computed them: context prefixed with "\\n", no pad token,
+            continuation = " " + the last word (the text split at its last space).
+loss        mean per-token loss over windows of a token file (the "Pile loss"), with a
+            95% confidence interval over windows.
+positional  mean loss by position up to --max-len (any multiple of ctx_len), as a PNG
+            plot and a CSV; several --checkpoint give one curve each.
+verify      GPT mode vs RNN mode vs prefill-then-RNN on a prompt: the max difference
+            of the logits (the release's verify script).
+
+TOKENS.npy is a 1-D array of token ids (uint16 in the original trainer's files:
+the 20B tokenizer applied to a .txt), read memory-mapped. `--help` after a
+subcommand lists its flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+PROG = "python -m rwkv2_jax.eval"
+TOKENIZER_NAME = "20B_tokenizer.json"
+# The release's verify prompt.
+VERIFY_PROMPT = ("\nIn a shocking finding, scientist discovered a herd of dragons living in a remote, "
+                 "previously unexplored valley, in Tibet. Even more surprising to the researchers "
+                 "was the fact that the dragons spoke perfect Chinese.")
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+# --- argument parsing ----------------------------------------------------------------
+
+
+def _model_flags(p: argparse.ArgumentParser, *, several: bool = False) -> None:
+    if several:
+        p.add_argument("--checkpoint", action="append", required=True,
+                       help="release .pth or native .safetensors; repeat for one curve per checkpoint")
+    else:
+        p.add_argument("--checkpoint", required=True, help="release .pth or native .safetensors checkpoint")
+    p.add_argument("--k-eps", type=float, default=None,
+                   help="override the WKV epsilon (default: from the release name, else 1e-9)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="parameter/compute dtype (default: as stored, compute float32); "
+                        "the log-softmax is float32 always")
+    p.add_argument("--wkv-impl", choices=("auto", "reference", "pallas"), default="auto",
+                   help="WKV implementation (default auto: Pallas on GPU, plain JAX elsewhere)")
+
+
+def _tokenizer_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", default=None,
+                   help=f"tokenizer JSON (default: {TOKENIZER_NAME} next to the checkpoint)")
+
+
+def _batch_flag(p: argparse.ArgumentParser, default: int) -> None:
+    p.add_argument("--batch-size", type=positive_int, default=default,
+                   help=f"sequences per forward pass (default {default})")
+
+
+def _window_flags(p: argparse.ArgumentParser, *, mode: str, windows) -> None:
+    p.add_argument("--mode", choices=("sequential", "random"), default=mode,
+                   help="windows back to back from the start of the file, or at random "
+                        f"starts (default {mode})")
+    p.add_argument("--windows", type=positive_int, default=windows,
+                   help="number of windows (sequential: the first N; default "
+                        f"{'all' if windows is None else windows})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random window starts (default 0)")
+    p.add_argument("--chunk-len", type=positive_int, default=None,
+                   help="run each window in chunks of this many tokens, carrying the RNN state "
+                        "(bounds memory; default: the model's ctx_len)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+
+    s = sub.add_parser("lambada", help="LAMBADA perplexity and last-word accuracy",
+                       description="LAMBADA perplexity and accuracy as the release computed them "
+                                   "(lm-evaluation-harness lambada_openai with a \"\\n\" prefix, no pad "
+                                   "token): ppl = exp(-mean log p(last word)), acc = share of documents "
+                                   "whose every last-word token is the argmax.")
+    s.add_argument("file", help='JSON lines, one {"text": ...} document per line (blank lines skipped)')
+    _model_flags(s)
+    _tokenizer_flag(s)
+    _batch_flag(s, 8)
+    s.add_argument("--limit", type=positive_int, default=None, help="only the first N documents")
+    s.add_argument("--no-newline-prefix", action="store_true",
+                   help='do not prefix the context with "\\n" (the harness default instead of the release\'s)')
+    s.add_argument("--output", default=None, help="also write the numbers to this JSON file")
+    s.set_defaults(func=run_lambada)
+
+    s = sub.add_parser("loss", help="mean per-token loss over windows of a token file",
+                       description="Mean per-token loss (nats) over windows of ctx_len + 1 tokens, each "
+                                   "from the start state, with a 95%% confidence interval over windows "
+                                   "(normal approximation on per-window means).")
+    s.add_argument("tokens", help="1-D .npy of token ids")
+    _model_flags(s)
+    _batch_flag(s, 8)
+    s.add_argument("--ctx-len", type=positive_int, default=None,
+                   help="tokens predicted per window (default: the model's ctx_len, 768 for the releases)")
+    _window_flags(s, mode="sequential", windows=None)
+    s.add_argument("--output", default=None, help="also write the numbers to this JSON file")
+    s.set_defaults(func=run_loss)
+
+    s = sub.add_parser("positional", help="mean loss by position, as a PNG plot and a CSV",
+                       description="Mean loss at each position 0..max_len-1 of windows that start a "
+                                   "sequence (position t: predicting token t+1 from t+1 tokens).")
+    s.add_argument("tokens", help="1-D .npy of token ids")
+    s.add_argument("--max-len", type=positive_int, required=True, help="positions to measure (any length)")
+    _model_flags(s, several=True)
+    _batch_flag(s, 4)
+    _window_flags(s, mode="random", windows=64)
+    s.add_argument("--out", default="positional_loss",
+                   help="output path without suffix: writes OUT.png and OUT.csv (default positional_loss)")
+    s.add_argument("--smooth", type=positive_int, default=None,
+                   help="moving-average width of the plotted curves (default max_len/64; CSV is raw)")
+    s.set_defaults(func=run_positional)
+
+    s = sub.add_parser("verify", help="GPT mode vs RNN mode vs prefill-then-RNN",
+                       description="Run a prompt in GPT mode, in RNN mode, and as GPT-mode prefill of its "
+                                   "first part then RNN mode; print the max differences of the logits. "
+                                   "Exit status 1 when one exceeds --tol.")
+    _model_flags(s)
+    _tokenizer_flag(s)
+    s.add_argument("--prompt", default=VERIFY_PROMPT, help="prompt text (default: the release's verify prompt)")
+    s.add_argument("--split", type=positive_int, default=None,
+                   help="tokens to prefill before switching to RNN mode (default: half the prompt)")
+    s.add_argument("--tol", type=float, default=1e-3,
+                   help="largest acceptable max |difference| of logits (default 1e-3)")
+    s.set_defaults(func=run_verify)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+# --- inputs --------------------------------------------------------------------------
+
+
+def _require_file(path, what: str) -> None:
+    """Fail before loading a model when an input file is missing."""
+    if not Path(path).is_file():
+        raise UsageError(f"{what} not found: {path}")
+
+
+def load_model(args, checkpoint: str):
+    import jax.numpy as jnp
+
+    import rwkv2_jax as rw
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise UsageError(f"checkpoint not found: {path}")
+    kwargs = {"k_eps": args.k_eps, "wkv_impl": args.wkv_impl}
+    if args.dtype:
+        kwargs["dtype"] = jnp.dtype(args.dtype)
+    return rw.load_any(path, **kwargs)
+
+
+def load_tokenizer(path_arg, checkpoint, vocab_size: int):
+    """A `tokenizers.Tokenizer` from --tokenizer or next to the checkpoint, checked against V."""
+    from tokenizers import Tokenizer
+
+    path = Path(path_arg) if path_arg else Path(checkpoint).parent / TOKENIZER_NAME
+    if not path.is_file():
+        where = f"--tokenizer {path}" if path_arg else f"no --tokenizer given and none at {path}"
+        raise UsageError(f"tokenizer not found ({where}); pass --tokenizer PATH/{TOKENIZER_NAME}")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as err:
+        raise UsageError(f"cannot read tokenizer {path}: {str(err).splitlines()[0]}") from None
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise UsageError(f"tokenizer {path} has {tokenizer.get_vocab_size()} tokens but the model only "
+                         f"{vocab_size}: wrong tokenizer for {checkpoint}?")
+    return tokenizer
+
+
+def encode(tokenizer, text: str) -> list:
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def read_lambada(path, tokenizer, *, limit=None, newline_prefix: bool = True):
+    """{"text": ...} JSON lines -> [(context ids, continuation ids)], as the release built them.
+
+    Context and continuation are tokenized separately (as the 2022 harness did):
+    context = ids("\\n") + ids(text before the last space), continuation = ids(" " + last word).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"file not found: {path}")
+    prefix = encode(tokenizer, "\n") if newline_prefix else []
+    requests = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if limit is not None and len(requests) >= limit:
+                break
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UsageError(f"{where}: not UTF-8 ({err.reason} at byte {err.start} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UsageError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                raise UsageError(f'{where}: expected an object with a string "text" field, '
+                                 f"got {line.strip()[:60]!r}")
+            context, space, word = doc["text"].rpartition(" ")
+            if not space or not word:
+                raise UsageError(f"{where}: the text has no last word after a space: {doc['text'][:60]!r}")
+            continuation = encode(tokenizer, " " + word)
+            if not continuation:
+                raise UsageError(f"{where}: the last word {word!r} tokenizes to nothing")
+            requests.append((prefix + encode(tokenizer, context), continuation))
+    if not requests:
+        raise UsageError(f"{path}: no documents (the file is empty or has only blank lines)")
+    return requests
+
+
+def load_tokens(path, vocab_size: int) -> np.ndarray:
+    """A 1-D integer .npy, memory-mapped, with every id checked against V."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"token file not found: {path}")
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise UsageError(f"cannot read {path} as a .npy array: {str(err).splitlines()[0]}") from None
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise UsageError(f"{path}: expected a 1-D array of integer token ids, got {tokens.dtype} "
+                         f"of shape {list(tokens.shape)}")
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        i = int(np.flatnonzero((tokens < 0) | (tokens >= vocab_size))[0])
+        raise UsageError(f"{path}: token id {int(tokens[i])} at index {i} is outside [0, {vocab_size})")
+    return tokens
+
+
+def write_json(path, record: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        print(f"# wrote {path}", file=sys.stderr)
+
+
+# --- subcommands ---------------------------------------------------------------------
+
+
+def run_lambada(args) -> int:
+    from rwkv2_jax.evaluation import loglikelihood
+
+    _require_file(args.file, "file")
+    model = load_model(args, args.checkpoint)
+    tokenizer = load_tokenizer(args.tokenizer, args.checkpoint, model.config.vocab_size)
+    requests = read_lambada(args.file, tokenizer, limit=args.limit,
+                            newline_prefix=not args.no_newline_prefix)
+    print(f"# {model}", file=sys.stderr)
+    results = loglikelihood(model, requests, batch_size=args.batch_size, progress=True)
+    logprobs = np.array([lp for lp, _ in results], np.float64)
+    greedy = np.array([g for _, g in results], np.float64)
+    n = len(results)
+    ppl = math.exp(-logprobs.mean())
+    acc = greedy.mean()
+    acc_stderr = greedy.std(ddof=1) / math.sqrt(n) if n > 1 else math.nan  # as the harness reports
+    print(f"lambada: n={n}  ppl={ppl:.4f}  acc={100 * acc:.2f}% (stderr {100 * acc_stderr:.2f}%)")
+    write_json(args.output, {"task": "lambada", "file": str(args.file), "checkpoint": str(args.checkpoint),
+                             "n": n, "ppl": ppl, "acc": acc, "acc_stderr": acc_stderr,
+                             "newline_prefix": not args.no_newline_prefix})
+    return 0
+
+
+def run_loss(args) -> int:
+    from rwkv2_jax.evaluation import gather_windows, mean_with_ci, token_losses, window_starts
+
+    _require_file(args.tokens, "token file")
+    if args.mode == "random" and args.windows is None:
+        raise UsageError("--mode random needs --windows N")
+    model = load_model(args, args.checkpoint)
+    tokens = load_tokens(args.tokens, model.config.vocab_size)
+    T = args.ctx_len or model.config.ctx_len
+    try:
+        starts = window_starts(len(tokens), T, mode=args.mode, count=args.windows, seed=args.seed)
+    except ValueError as err:
+        raise UsageError(f"{args.tokens}: {err}") from None
+    print(f"# {model}", file=sys.stderr)
+    print(f"# {len(starts)} {args.mode} windows of {T} + 1 tokens from {args.tokens}", file=sys.stderr)
+    losses = token_losses(model, gather_windows(tokens, starts, T), batch_size=args.batch_size,
+                          chunk_len=args.chunk_len, progress=True, desc="loss")  # [N, T]
+    mean, ci = mean_with_ci(losses.mean(axis=1))
+    print(f"loss: {mean:.4f} ± {ci:.4f} nats/token (95% CI over {len(starts)} windows of {T} tokens; "
+          f"ppl {math.exp(mean):.3f})")
+    write_json(args.output, {"task": "loss", "file": str(args.tokens), "checkpoint": str(args.checkpoint),
+                             "mode": args.mode, "windows": int(len(starts)), "ctx_len": T,
+                             "loss": mean, "ci95": ci})
+    return 0
+
+
+def _labels(paths) -> list:
+    """Curve labels: file stems, made unique."""
+    stems = [Path(p).stem for p in paths]
+    return [s if stems.count(s) == 1 else f"{s}#{i}" for i, s in enumerate(stems)]
+
+
+def run_positional(args) -> int:
+    from rwkv2_jax.evaluation import positional_loss
+
+    _require_file(args.tokens, "token file")
+    for checkpoint in args.checkpoint:
+        _require_file(checkpoint, "checkpoint")
+    N = args.max_len
+    curves = []  # (label, ctx_len, mean [N], stderr [N])
+    for label, checkpoint in zip(_labels(args.checkpoint), args.checkpoint):
+        model = load_model(args, checkpoint)
+        tokens = load_tokens(args.tokens, model.config.vocab_size)
+        print(f"# {label}: {model}", file=sys.stderr)
+        try:
+            mean, stderr = positional_loss(model, tokens, N, count=args.windows, mode=args.mode,
+                                           seed=args.seed, batch_size=args.batch_size,
+                                           chunk_len=args.chunk_len, progress=True)
+        except ValueError as err:
+            raise UsageError(f"{args.tokens}: {err}") from None
+        curves.append((label, model.config.ctx_len, mean, stderr))
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = out.with_name(out.name + ".csv"), out.with_name(out.name + ".png")
+    with csv_path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["position"] + [f"{label}_{k}" for label, *_ in curves for k in ("loss", "stderr")])
+        for t in range(N):
+            writer.writerow([t] + [f"{x:.6f}" for _, _, mean, se in curves for x in (mean[t], se[t])])
+    plot_positional(png_path, curves, smooth=args.smooth or max(1, N // 64),
+                    title=f"loss by position, {args.windows} {args.mode} windows of {Path(args.tokens).name}")
+    for label, _, mean, _ in curves:
+        print(f"positional: {label}: mean loss {mean.mean():.4f} over positions 0..{N - 1}, "
+              f"{mean[-min(N, 64):].mean():.4f} over the last {min(N, 64)}")
+    print(f"# wrote {png_path} and {csv_path}", file=sys.stderr)
+    return 0
+
+
+def plot_positional(path, curves, *, smooth: int, title: str) -> None:
+    """curves [(label, ctx_len, mean [N], stderr [N])] -> a PNG (matplotlib, no display needed)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), dpi=120)
+    ax = fig.add_subplot()
+    ctx_lens = set()
+    for label, ctx_len, mean, _ in curves:
+        width = min(smooth, len(mean))
+        y = np.convolve(mean, np.ones(width) / width, mode="valid")  # moving average
+        x = np.arange(len(y)) + (width - 1) / 2
+        ax.plot(x, y, label=label, linewidth=1.2)
+        ctx_lens.add(ctx_len)
+    for ctx_len in sorted(ctx_lens):
+        if ctx_len < len(curves[0][2]):
+            ax.axvline(ctx_len, color="gray", linestyle="--", linewidth=0.8)
+            ax.annotate(f"ctx_len {ctx_len}", (ctx_len, 1.0), xycoords=("data", "axes fraction"),
+                        xytext=(3, -12), textcoords="offset points", fontsize=8, color="gray")
+    ax.set_xlabel("position in the context (tokens)")
+    ax.set_ylabel(f"mean loss (nats){'' if smooth <= 1 else f', moving average over {smooth}'}")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def run_verify(args) -> int:
+    import jax.numpy as jnp
+
+    model = load_model(args, args.checkpoint)
+    tokenizer = load_tokenizer(args.tokenizer, args.checkpoint, model.config.vocab_size)
+    ids = np.asarray(encode(tokenizer, args.prompt), np.int32)
+    T = len(ids)
+    if T < 2:
+        raise UsageError(f"the prompt has {T} token(s) after tokenization; verify needs at least 2")
+    k = args.split if args.split is not None else T // 2
+    if not 1 <= k < T:
+        raise UsageError(f"--split {k} must be in [1, {T - 1}] for a prompt of {T} tokens")
+    print(f"# {model}", file=sys.stderr)
+    gpt = model(ids)  # [T, V]
+    rnn, _ = model.rnn(ids)  # [T, V]
+    head, state = model.prefill(ids[:k])  # GPT mode over the first k tokens, keeping the state
+    tail, _ = model.rnn(ids[k:], state)
+    mixed = jnp.concatenate([head, tail])  # [T, V]
+    checks = [
+        ("GPT vs RNN", float(jnp.abs(gpt - rnn).max())),
+        (f"GPT vs prefill({k})+RNN({T - k})", float(jnp.abs(gpt - mixed).max())),
+    ]
+    print(f"verify: {T} tokens, logits max |value| {float(jnp.abs(gpt).max()):.3f}")
+    for name, diff in checks:
+        print(f"  {name:<36s} max |diff| = {diff:.3e}")
+    failed = [name for name, diff in checks if not diff <= args.tol]
+    if failed:
+        print(f"verify: FAILED: {', '.join(failed)} above --tol {args.tol:g}")
+        return 1
+    print(f"verify: OK (all <= {args.tol:g})")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, ValueError) as err:  # CheckpointError is a ValueError
+        print(f"{PROG}: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,489 @@
+"""Evaluation: loglikelihood and per-token losses vs the PyTorch reference, the
+`python -m rwkv2_jax.eval` subcommands end to end, and the lm-evaluation-harness adapter."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import rwkv2_jax as rw
+from rwkv2_jax import eval as ev_cli
+from rwkv2_jax import evaluation as ev
+from rwkv2_jax.demo import DEMO_TEXT, char_tokenizer
+from tests.conftest import REPO, real_tokenizer_path
+from tests.release_checkpoint import make_release_state_dict, write_release_checkpoint
+from tests.torch_reference import TorchRWKV2
+
+# --- independent expectations from the PyTorch reference --------------------------------
+
+
+def torch_logprobs(ref: TorchRWKV2, inputs) -> torch.Tensor:
+    """log_softmax of the reference's GPT-mode logits, in float64: [T] ids -> [T, V]."""
+    return torch.log_softmax(ref.forward(np.asarray([inputs]))[0].double(), dim=-1)
+
+
+def torch_loglikelihood(ref, context, continuation):
+    """(summed log p(continuation | context), every continuation token is the argmax)."""
+    context = list(context) or [0]  # the documented empty-context convention
+    full = context + list(continuation)
+    logp = torch_logprobs(ref, full[:-1])[len(context) - 1:]  # rows predicting the continuation
+    target = torch.tensor(continuation)
+    return float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())
+
+
+def torch_greedy(ref, ids, n):
+    ids = list(ids)
+    for _ in range(n):
+        ids.append(int(ref.forward(np.asarray([ids]))[0, -1].argmax()))
+    return ids
+
+
+def torch_window_losses(ref, windows):
+    """-log p(next token) for windows [N, T + 1] -> [N, T] (float64)."""
+    logp = torch.log_softmax(ref.forward(np.asarray(windows)[:, :-1]).double(), dim=-1)
+    return -logp.gather(2, torch.as_tensor(np.asarray(windows)[:, 1:], dtype=torch.long)[..., None])[..., 0].numpy()
+
+
+def one_line_error(capsys, code, pattern):
+    """Exit status 2, exactly one error line naming `pattern`, no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1, err
+    assert pattern in lines[0], lines[0]
+
+
+# --- fixtures ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def char_setup(tmp_path_factory):
+    """A random release checkpoint over a character vocabulary, the tokenizer saved next to
+    it under the default name, and the PyTorch reference of the same weights."""
+    root = tmp_path_factory.mktemp("eval")
+    tok = char_tokenizer(DEMO_TEXT)
+    tok.save(str(root / ev_cli.TOKENIZER_NAME))
+    # seed 8: the random model's greedy text has spaces, so greedy LAMBADA documents exist
+    sd = make_release_state_dict(n_layer=2, n_embd=16, vocab_size=tok.get_vocab_size(), seed=8)
+    ckpt = write_release_checkpoint(root / "model.pth", sd)
+    return {"root": root, "ckpt": ckpt, "tok": tok, "ref": TorchRWKV2(sd, k_eps=1e-9),
+            "model": rw.load_torch(ckpt, verbose=False)}
+
+
+# Short documents (compiles are shared: every test here pads rows to 16..48 tokens, batch 4).
+SENTENCES = ["RWKV is a recurrent network", "Both modes give the same answer",
+             "The channel mix is a small layer", "Each new token adds its key", "It reads one token at a time"]
+BATCH = "4"
+
+
+@pytest.fixture(scope="module")
+def lambada_docs(char_setup):
+    """Documents whose last word is the model's greedy continuation (found by the reference)
+    and ordinary sentences, so both accuracy outcomes occur."""
+    tok, ref = char_setup["tok"], char_setup["ref"]
+    docs = []
+    for prompt in ("The time", "A model", "RWKV is", "The channel", "Both modes", "Each new",
+                   "That is", "In GPT mode"):
+        gen = tok.decode(torch_greedy(ref, tok.encode("\n" + prompt).ids, 16))[1 + len(prompt):]
+        j = gen.find(" ")  # a space the model generates, then the start of a word
+        if j >= 0 and gen[j + 1:j + 2].strip():
+            docs.append(prompt + gen[:j] + " " + gen[j + 1:].split()[0])
+    assert len(docs) >= 2, f"the reference generated too few spaces to build greedy documents: {docs}"
+    return docs + SENTENCES
+
+
+# --- library: loglikelihood ------------------------------------------------------------
+
+
+def test_loglikelihood_matches_torch_reference(char_setup):
+    model, ref = char_setup["model"], char_setup["ref"]
+    V = model.config.vocab_size
+    rng = np.random.default_rng(0)
+    requests = [(rng.integers(0, V, n).tolist(), rng.integers(0, V, m).tolist())
+                for n, m in ((3, 2), (40, 5), (17, 1), (8, 8), (1, 1), (30, 3), (12, 4))]
+    for n_ctx, n_cont in ((5, 3), (19, 1), (1, 6)):  # continuations the model itself predicts
+        greedy = torch_greedy(ref, rng.integers(0, V, n_ctx).tolist(), n_cont)
+        requests.append((greedy[:n_ctx], greedy[n_ctx:]))
+    # Rows are sorted by length, padded to 16/24/48 and run 4 at a time; results come back in order.
+    got = ev.loglikelihood(model, requests, batch_size=4)
+    want = [torch_loglikelihood(ref, c, k) for c, k in requests]
+    np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-5, atol=1e-4)
+    assert [g[1] for g in got] == [w[1] for w in want]
+    assert {g[1] for g in got} == {True, False}
+    # The documented conventions: an empty context is [EOT_ID]; an empty continuation is (0.0, True).
+    empty, explicit, nothing = ev.loglikelihood(model, [([], [5, 6]), ([ev.EOT_ID], [5, 6]), ([1, 2], [])],
+                                                batch_size=4)
+    assert empty == explicit and empty[0] == pytest.approx(torch_loglikelihood(ref, [0], [5, 6])[0], rel=1e-5)
+    assert nothing == (0.0, True)
+
+
+def test_loglikelihood_bad_requests_name_the_request(char_setup):
+    model = char_setup["model"]
+    V = model.config.vocab_size
+    with pytest.raises(ValueError, match=rf"request 1 continuation: token id {V} at position 1 is outside"):
+        ev.loglikelihood(model, [([1], [2]), ([1], [2, V])])
+    with pytest.raises(ValueError, match="request 0 context: token id -3 at position 0"):
+        ev.loglikelihood(model, [([-3], [2])])
+    with pytest.raises(ValueError, match="request 0 must be a pair"):
+        ev.loglikelihood(model, [[1, 2, 3]])
+    with pytest.raises(ValueError, match="integer token ids"):
+        ev.loglikelihood(model, [([1.5], [2])])
+
+
+def test_bucket_lengths():
+    assert [ev.bucket_length(n) for n in (1, 16, 17, 24, 25, 33, 49, 96, 97, 1000)] == \
+        [16, 16, 24, 24, 32, 48, 64, 96, 128, 1024]
+    for n in range(1, 3000, 7):
+        assert n <= ev.bucket_length(n) < max(17, 1.5 * n)  # under a third of a row is padding
+
+
+# --- library: per-token losses over windows ------------------------------------------------
+
+
+def test_token_losses_match_torch_across_chunks_and_batches(char_setup):
+    model, ref = char_setup["model"], char_setup["ref"]
+    windows = np.random.default_rng(2).integers(0, model.config.vocab_size, (5, 41))
+    # chunk_len 16 does not divide T = 40 and batch 4 does not divide N = 5.
+    got = ev.token_losses(model, windows, batch_size=4, chunk_len=16)
+    assert got.shape == (5, 40) and got.dtype == np.float32
+    np.testing.assert_allclose(got, torch_window_losses(ref, windows), rtol=1e-5, atol=1e-5)
+
+
+def test_window_starts():
+    np.testing.assert_array_equal(ev.window_starts(100, 24), [0, 24, 48, 72])  # windows of 25 tokens
+    np.testing.assert_array_equal(ev.window_starts(100, 24, count=2), [0, 24])
+    np.testing.assert_array_equal(ev.window_starts(97, 24), [0, 24, 48, 72])
+    np.testing.assert_array_equal(ev.window_starts(96, 24), [0, 24, 48])
+    r = ev.window_starts(100, 24, mode="random", count=50, seed=3)
+    assert r.min() >= 0 and r.max() <= 100 - 25 and len(set(r.tolist())) > 10
+    np.testing.assert_array_equal(r, ev.window_starts(100, 24, mode="random", count=50, seed=3))
+    with pytest.raises(ValueError, match="has 10 tokens; a window needs 25"):
+        ev.window_starts(10, 24)
+
+
+# --- python -m rwkv2_jax.eval lambada ------------------------------------------------------
+
+
+def write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def test_lambada_end_to_end_matches_torch(char_setup, lambada_docs, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "lambada.jsonl", lambada_docs)
+    out = tmp_path / "result.json"
+    # The tokenizer is found next to the checkpoint (20B_tokenizer.json).
+    assert ev_cli.main(["lambada", str(data), "--checkpoint", str(char_setup["ckpt"]),
+                        "--batch-size", BATCH, "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    tok, ref = char_setup["tok"], char_setup["ref"]
+    want = []
+    for text in lambada_docs:  # the release's recipe, written out independently
+        context, word = text.rsplit(" ", 1)
+        want.append(torch_loglikelihood(ref, tok.encode("\n").ids + tok.encode(context).ids,
+                                        tok.encode(" " + word).ids))
+    assert result["n"] == len(lambada_docs)
+    assert result["ppl"] == pytest.approx(math.exp(-np.mean([w[0] for w in want])), rel=1e-4)
+    assert result["acc"] == pytest.approx(np.mean([w[1] for w in want]))
+    assert 0 < result["acc"] < 1
+    printed = capsys.readouterr().out
+    assert f"n={len(lambada_docs)}" in printed and f"acc={100 * result['acc']:.2f}%" in printed
+
+    assert ev_cli.main(["lambada", str(data), "--checkpoint", str(char_setup["ckpt"]), "--limit", "2",
+                        "--batch-size", BATCH, "--no-newline-prefix", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 2 and not result["newline_prefix"]
+    lls = [torch_loglikelihood(ref, tok.encode(c).ids, tok.encode(" " + w).ids)[0]
+           for c, w in (d.rsplit(" ", 1) for d in lambada_docs[:2])]  # no "\n" before the context
+    assert result["ppl"] == pytest.approx(math.exp(-np.mean(lls)), rel=1e-4)
+
+
+def test_lambada_requests_use_the_real_tokenizer_as_the_release_did(tmp_path):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(real_tokenizer_path()))
+    text = "In my palm is a clue, she said. He looked at the small brass key"
+    requests = ev_cli.read_lambada(write_jsonl(tmp_path / "one.jsonl", [text]), tok)
+    (context, continuation), = requests
+    assert context[0] == 187  # "\n"
+    assert context == tok.encode("\n" + text.rsplit(" ", 1)[0]).ids
+    assert continuation == tok.encode(" key").ids and len(continuation) == 1
+
+
+@pytest.mark.parametrize("content, pattern", [
+    (None, "file not found"),
+    ("", "no documents (the file is empty"),
+    ("\n  \n", "no documents"),
+    ('{"text": "a b c"}\n{"text": "a b\n', "data.jsonl:2: malformed JSON"),
+    ('{"text": "a b c"}\n["a b"]\n', 'data.jsonl:2: expected an object with a string "text" field'),
+    ('{"text": "a b c"}\n{"txt": "a b"}\n', 'data.jsonl:2: expected an object with a string "text" field'),
+    ('{"text": "a b c"}\n\n{"text": "nospace"}\n', "data.jsonl:3: the text has no last word"),
+    ('{"text": "ends with a space "}\n', "data.jsonl:1: the text has no last word"),
+    (b'{"text": "a b"}\n{"text": "caf\xe9 x"}\n', "data.jsonl:2: not UTF-8"),
+    ('{"text": "a b"}\n{"text": "known \\u00c6\\u00d8\\u00c5"}\n',
+     "data.jsonl:2: the last word 'ÆØÅ' tokenizes to nothing"),
+])
+def test_lambada_bad_input_is_one_line_naming_the_line(char_setup, tmp_path, capsys, content, pattern):
+    from tokenizers import Tokenizer, models
+
+    # A tokenizer without an unknown token and without " ": unknown characters vanish.
+    vocab = {ch: i for ch, i in char_setup["tok"].get_vocab().items() if ch != " "}
+    dropping = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    dropping.save(str(tmp_path / "dropping.json"))
+    data = tmp_path / "data.jsonl"
+    if isinstance(content, bytes):
+        data.write_bytes(content)
+    elif content is not None:
+        data.write_text(content, encoding="utf-8")
+    code = ev_cli.main(["lambada", str(data), "--checkpoint", str(char_setup["ckpt"]),
+                        "--tokenizer", str(tmp_path / "dropping.json")])
+    one_line_error(capsys, code, pattern)
+
+
+def test_lambada_missing_tokenizer_and_checkpoint(char_setup, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", ["a b"])
+    lone = tmp_path / "m.pth"
+    lone.write_bytes(char_setup["ckpt"].read_bytes())
+    one_line_error(capsys, ev_cli.main(["lambada", str(data), "--checkpoint", str(lone)]), "tokenizer not found")
+    one_line_error(capsys, ev_cli.main(["lambada", str(data), "--checkpoint", str(tmp_path / "x.pth")]),
+                   "checkpoint not found")
+
+
+# --- loss and positional -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def token_file(char_setup):
+    tokens = np.asarray(char_setup["tok"].encode(DEMO_TEXT).ids, np.uint16)  # like the trainer's files
+    path = char_setup["root"] / "tokens.npy"
+    np.save(path, tokens)
+    return path, tokens
+
+
+def test_loss_sequential_windows_match_torch(char_setup, token_file, tmp_path, capsys):
+    path, tokens = token_file
+    out = tmp_path / "loss.json"
+    assert ev_cli.main(["loss", str(path), "--checkpoint", str(char_setup["ckpt"]), "--ctx-len", "40",
+                        "--windows", "7", "--chunk-len", "16", "--batch-size", BATCH, "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    windows = np.stack([tokens[s:s + 41] for s in range(0, 7 * 40, 40)]).astype(np.int64)
+    per_window = torch_window_losses(char_setup["ref"], windows).mean(axis=1)  # [7]
+    assert result["windows"] == 7 and result["ctx_len"] == 40
+    assert result["loss"] == pytest.approx(per_window.mean(), rel=1e-5)
+    assert result["ci95"] == pytest.approx(1.96 * per_window.std(ddof=1) / math.sqrt(7), rel=1e-3)
+    assert f"loss: {result['loss']:.4f} ± {result['ci95']:.4f}" in capsys.readouterr().out
+
+
+def test_loss_random_windows_and_bad_token_files(char_setup, token_file, tmp_path, capsys):
+    path, tokens = token_file
+    ckpt = ["--checkpoint", str(char_setup["ckpt"])]
+    assert ev_cli.main(["loss", str(path), *ckpt, "--ctx-len", "40", "--mode", "random", "--windows", "5",
+                        "--chunk-len", "16", "--batch-size", BATCH]) == 0
+    assert "95% CI over 5 windows of 40 tokens" in capsys.readouterr().out
+    one_line_error(capsys, ev_cli.main(["loss", str(path), *ckpt, "--mode", "random"]), "--windows")
+    one_line_error(capsys, ev_cli.main(["loss", str(tmp_path / "none.npy"), *ckpt]), "none.npy")
+    one_line_error(capsys, ev_cli.main(["loss", str(path), *ckpt, "--ctx-len", "100000"]),
+                   f"has {len(tokens)} tokens; a window needs 100001")
+    bad = tokens.astype(np.int64)
+    bad[123] = 999
+    np.save(tmp_path / "bad.npy", bad)
+    one_line_error(capsys, ev_cli.main(["loss", str(tmp_path / "bad.npy"), *ckpt]),
+                   "token id 999 at index 123 is outside")
+    np.save(tmp_path / "2d.npy", tokens.reshape(-1, 1))
+    one_line_error(capsys, ev_cli.main(["loss", str(tmp_path / "2d.npy"), *ckpt]), "expected a 1-D array")
+    (tmp_path / "junk.npy").write_bytes(b"not an npy file")
+    one_line_error(capsys, ev_cli.main(["loss", str(tmp_path / "junk.npy"), *ckpt]), "cannot read")
+
+
+def test_positional_writes_csv_and_png(char_setup, token_file, tmp_path, capsys):
+    path, tokens = token_file
+    # A second curve from a native checkpoint that says ctx_len=32, so the plot marks it.
+    other_pth = write_release_checkpoint(
+        tmp_path / "other.pth",
+        make_release_state_dict(n_layer=2, n_embd=16, vocab_size=char_setup["tok"].get_vocab_size(), seed=6))
+    other = rw.save(rw.load_torch(other_pth, verbose=False).replace(ctx_len=32), tmp_path / "other.safetensors")
+    out = tmp_path / "plots" / "pos"
+    max_len = 56  # chunk 16 does not divide it
+    assert ev_cli.main(["positional", str(path), "--max-len", str(max_len), "--checkpoint", str(char_setup["ckpt"]),
+                        "--checkpoint", str(other), "--windows", "5", "--chunk-len", "16", "--seed", "4",
+                        "--batch-size", BATCH, "--out", str(out)]) == 0
+    rows = list(csv.reader((tmp_path / "plots" / "pos.csv").read_text().splitlines()))
+    assert rows[0] == ["position", "model_loss", "model_stderr", "other_loss", "other_stderr"]
+    assert len(rows) == 1 + max_len and [int(r[0]) for r in rows[1:]] == list(range(max_len))
+    starts = ev.window_starts(len(tokens), max_len, mode="random", count=5, seed=4)
+    windows = np.stack([tokens[s:s + max_len + 1] for s in starts]).astype(np.int64)
+    want = torch_window_losses(char_setup["ref"], windows)  # [5, max_len]
+    np.testing.assert_allclose([float(r[1]) for r in rows[1:]], want.mean(axis=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose([float(r[2]) for r in rows[1:]], want.std(axis=0, ddof=1) / math.sqrt(5),
+                               rtol=1e-3, atol=1e-5)
+    assert [float(r[3]) for r in rows[1:]] != [float(r[1]) for r in rows[1:]]
+    import matplotlib.image
+
+    image = matplotlib.image.imread(tmp_path / "plots" / "pos.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
+    one_line_error(capsys, ev_cli.main(["positional", str(path), "--max-len", "100000",
+                                        "--checkpoint", str(char_setup["ckpt"])]), "a window needs 100001")
+
+
+# --- verify ----------------------------------------------------------------------------------
+
+
+def test_verify_gpt_rnn_prefill_agree(char_setup, capsys):
+    ckpt = ["--checkpoint", str(char_setup["ckpt"])]
+    assert ev_cli.main(["verify", *ckpt, "--prompt", "The time mix keeps two running sums", "--split", "11"]) == 0
+    out = capsys.readouterr().out
+    diffs = [float(line.rsplit("=", 1)[1]) for line in out.splitlines() if "max |diff|" in line]
+    assert len(diffs) == 2 and max(diffs) < 1e-4 and "prefill(11)+RNN(24)" in out and "verify: OK" in out
+    one_line_error(capsys, ev_cli.main(["verify", *ckpt, "--prompt", "T"]), "at least 2")
+    one_line_error(capsys, ev_cli.main(["verify", *ckpt, "--prompt", "The time", "--split", "8"]),
+                   "--split 8 must be in [1, 7]")
+
+
+def test_eval_help_lists_subcommands():
+    r = subprocess.run([sys.executable, "-m", "rwkv2_jax.eval", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0
+    assert all(name in r.stdout for name in ("lambada", "loss", "positional", "verify"))
+
+
+# --- lm-evaluation-harness adapter ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def harness():
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:  # installed but broken fails below, loudly
+        pytest.skip("lm_eval not installed (pip install -e '.[eval]')")
+    import lm_eval
+
+    from rwkv2_jax import lm_eval_adapter
+
+    return lm_eval, lm_eval_adapter
+
+
+def instances(kind, args):
+    from lm_eval.api.instance import Instance
+
+    return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+
+
+def test_harness_registers_the_model(harness):
+    lm_eval, adapter = harness
+    from lm_eval.api.registry import get_model, model_registry
+
+    assert get_model("rwkv2_jax") is adapter.RWKV2LM
+    assert "hf" in model_registry  # the harness's own models are still there
+
+
+@pytest.mark.parametrize("newline_prefix", [True, False])
+def test_harness_loglikelihood_equals_library(harness, char_setup, newline_prefix):
+    _, adapter = harness
+    lm = adapter.RWKV2LM(checkpoint=str(char_setup["ckpt"]), newline_prefix=newline_prefix, batch_size=4)
+    tok, model = char_setup["tok"], char_setup["model"]
+    pairs = [("The time mix", " keeps"), ("RWKV is a", " recurrent network"), ("", "The"), ("A model ", "with"),
+             ("x", " y")]
+    got = lm.loglikelihood(instances("loglikelihood", pairs), disable_tqdm=True)
+    prefix = tok.encode("\n").ids if newline_prefix else []
+    requests = []
+    for context, continuation in pairs:
+        if context.endswith(" "):  # the harness moves trailing spaces into the continuation
+            context, continuation = context.rstrip(" "), " " + continuation
+        context_ids = tok.encode(context).ids
+        requests.append(((prefix + context_ids) if context or prefix else [], tok.encode(continuation).ids))
+    assert got == ev.loglikelihood(model, requests, batch_size=4)  # same batches, so bit for bit
+    # The same from an already loaded model and tokenizer (Python use).
+    in_memory = adapter.RWKV2LM(model=model, tokenizer=tok, newline_prefix=newline_prefix, batch_size=4)
+    assert in_memory.loglikelihood(instances("loglikelihood", pairs), disable_tqdm=True) == got
+
+
+def test_harness_rejects_unknown_model_args(harness, char_setup):
+    _, adapter = harness
+    from rwkv2_jax.eval import UsageError
+
+    with pytest.raises(UsageError, match=r"unknown model_args \['checkpont'\]"):
+        adapter.RWKV2LM.create_from_arg_string(f"checkpont={char_setup['ckpt']}")
+    with pytest.raises(UsageError, match="batch_size must be a positive int, got 0"):
+        adapter.RWKV2LM.create_from_arg_string(f"checkpoint={char_setup['ckpt']}", {"batch_size": 0})
+
+
+def test_harness_rolling_and_generation(harness, char_setup):
+    _, adapter = harness
+    tok, ref = char_setup["tok"], char_setup["ref"]
+    text = "The time mix keeps two sums."
+    ids = tok.encode(text).ids
+    whole = adapter.RWKV2LM(checkpoint=str(char_setup["ckpt"]), max_length=len(ids) + 1)
+    rolling = whole.loglikelihood_rolling(instances("loglikelihood_rolling", [(text,)]), disable_tqdm=True)
+    assert rolling[0] == pytest.approx(torch_loglikelihood(ref, [0], ids)[0], rel=1e-5)
+    windowed = adapter.RWKV2LM(checkpoint=str(char_setup["ckpt"]), max_length=16)
+    short = windowed.loglikelihood_rolling(instances("loglikelihood_rolling", [(text,)]), disable_tqdm=True)[0]
+    assert math.isfinite(short) and short != pytest.approx(rolling[0], rel=1e-3)  # less context per token
+
+    # Greedy generation after the "\n" prefix equals the reference's argmax decoding, ended by
+    # token 0 and cut at the first `until` string; prompts of different lengths share a batch.
+    def reference(prompt, n=12):
+        ids = torch_greedy(ref, tok.encode("\n" + prompt).ids, n)[len(prompt) + 1:]
+        return tok.decode(ids[:ids.index(0)] if 0 in ids else ids)
+
+    a_model, rwkv_is, the_time = reference("A model"), reference("RWKV is"), reference("The time")
+    assert len(a_model) == len(rwkv_is) == 12  # (the_time may well end at once with token 0)
+    out = whole.generate_until(instances("generate_until", [
+        ("A model", {"until": [a_model[5]], "max_gen_toks": 12}),
+        ("RWKV is", {"until": ["@@"], "max_gen_toks": 12, "do_sample": False}),
+        ("The time", {"until": "@@", "max_gen_toks": 12}),
+    ]), disable_tqdm=True)
+    assert out == [a_model[:a_model.index(a_model[5])], rwkv_is, the_time]
+
+
+def test_harness_simple_evaluate_on_a_local_task(harness, char_setup, lambada_docs, tmp_path, capsys):
+    lm_eval, _ = harness
+    from lm_eval.tasks import TaskManager
+
+    data = write_jsonl(tmp_path / "local.jsonl", lambada_docs)
+    (tmp_path / "tasks").mkdir()
+    # lambada_openai's definition, reading a local file instead of the hub's dataset.
+    (tmp_path / "tasks" / "lambada_local.yaml").write_text(f"""
+task: lambada_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {tmp_path / "hf_cache"}
+output_type: loglikelihood
+test_split: test
+doc_to_text: "{{{{text.split(' ')[:-1]|join(' ')}}}}"
+doc_to_target: "{{{{' '+text.split(' ')[-1]}}}}"
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""")
+    results = lm_eval.simple_evaluate(
+        model="rwkv2_jax", model_args=f"checkpoint={char_setup['ckpt']}", batch_size=4,
+        tasks=["lambada_local"], task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
+        bootstrap_iters=0,
+    )["results"]["lambada_local"]
+    out = tmp_path / "cli.json"
+    assert ev_cli.main(["lambada", str(data), "--checkpoint", str(char_setup["ckpt"]), "--batch-size", BATCH,
+                        "--output", str(out)]) == 0
+    cli = json.loads(out.read_text())
+    assert results["perplexity,none"] == pytest.approx(cli["ppl"], rel=1e-6)
+    assert results["acc,none"] == cli["acc"] and 0 < cli["acc"] < 1
+
+
+def test_harness_command_line_finds_the_model(harness, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "rwkv2_jax.lm_eval_adapter", "--model", "rwkv2_jax",
+                        "--model_args", f"checkpoint={tmp_path / 'none.pth'}", "--tasks", "lambada_openai"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"python -m rwkv2_jax.lm_eval_adapter: error: checkpoint not found: {tmp_path / 'none.pth'}")
