@@ -2,8 +2,9 @@
 
     python sample.py --checkpoint 20220615-10803.pth --prompt "In a shocking finding," --tokens 100
 
-The prompt goes in through GPT mode (prefill), then the model runs in RNN mode,
-one jitted step per token; text streams as it is generated.
+The prompt goes in through GPT mode (prefill, in chunks), then the model runs in RNN mode,
+one jitted step per token (rwkv2_jax.generate.stream, the same tokens as rw.generate);
+text streams as it is generated. Sampling follows ChatRWKV's pipeline: see docs/generation.md.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top-p", type=float, default=0.7, help="nucleus cut on probabilities (default 0.7, 1 = off)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most probable tokens (default 0 = off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtracted from the logit of every token already generated (default 0 = off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="times a token's occurrence count, also subtracted (default 0 = off)")
+    p.add_argument("--penalty-decay", type=float, default=1.0,
+                   help="occurrence counts are multiplied by this every token (default 1 = no decay)")
     p.add_argument("--seed", type=int, default=0, help="random seed (sample i uses seed + i)")
     p.add_argument("--num-samples", type=int, default=1, help="samples drawn from one prefill (default 1)")
     p.add_argument("--allow-end-of-text", action="store_true",
@@ -35,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k-eps", type=float, default=None,
                    help="override the WKV epsilon (default: from the release name, else 1e-9)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="parameter/compute dtype (default: as stored, compute float32)")
+                   help="weight/compute dtype (default: as stored, compute float32); bfloat16 stores and "
+                        "multiplies the matrices in bfloat16, keeps vectors, state and WKV float32")
     args = p.parse_args(argv)
     if args.tokens < 0:
         p.error(f"--tokens must be >= 0, got {args.tokens}")
@@ -47,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k < 0:
         p.error(f"--top-k must be >= 0, got {args.top_k}")
+    if not 0 <= args.penalty_decay <= 1:
+        p.error(f"--penalty-decay must be in [0, 1], got {args.penalty_decay}")
     return args
 
 
@@ -86,7 +96,7 @@ def run(args) -> int:
     import jax.numpy as jnp
 
     import rwkv2_jax as rw
-    from rwkv2_jax.generate import prefill_last, stream
+    from rwkv2_jax.generate import prefill_last, stream, with_weight_dtype
 
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
@@ -99,10 +109,9 @@ def run(args) -> int:
             raise UsageError(f"cannot read --prompt-file {args.prompt_file}: {err}") from None
     else:
         prompt = args.prompt
-    kwargs = {"k_eps": args.k_eps}
+    model = rw.load_any(checkpoint, k_eps=args.k_eps)
     if args.dtype:
-        kwargs["dtype"] = jnp.dtype(args.dtype)
-    model = rw.load_any(checkpoint, **kwargs)
+        model = with_weight_dtype(model, jnp.dtype(args.dtype))
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise UsageError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
                          f"{model.config.vocab_size}: wrong tokenizer for {checkpoint}?")
@@ -124,7 +133,9 @@ def run(args) -> int:
         sys.stdout.write(prompt)
         detok = Detokenizer(tokenizer)
         gen = stream(model, ids, args.tokens, temperature=args.temperature, top_p=args.top_p,
-                     top_k=args.top_k, ban_tokens=ban, seed=args.seed + i, prefill=first)
+                     top_k=args.top_k, presence_penalty=args.presence_penalty,
+                     frequency_penalty=args.frequency_penalty, penalty_decay=args.penalty_decay,
+                     ban_tokens=ban, seed=args.seed + i, prefill=first)
         t0 = time.perf_counter()
         for j, token in enumerate(gen):
             if j == 0 and i == 0:  # the first step compiles; time the rest

@@ -18,13 +18,18 @@ from rwkv2_jax.api import (
 )
 from rwkv2_jax.checkpoint import CheckpointError
 from rwkv2_jax.evaluation import loglikelihood
+from rwkv2_jax.generate import generate, stream, stream_batch, with_weight_dtype
+from rwkv2_jax.generate import prefill as prefill_prompts
 from rwkv2_jax.config import K_CLAMP, K_EPS, PRESETS, RELEASE_K_EPS, RWKVConfig
 from rwkv2_jax.model import RWKV, State, init_state
+from rwkv2_jax.sampling import SamplingParams
+from rwkv2_jax.state_io import load_state, save_state
 from rwkv2_jax.wkv import WKVState, wkv_reference, wkv_with_state
 
 __all__ = [
     "CheckpointError", "K_CLAMP", "K_EPS", "Model", "PRESETS", "RELEASE_K_EPS", "RWKV",
-    "RWKVConfig", "State", "WKVState", "check_tokens", "from_release_arrays", "init",
-    "init_state", "load", "loglikelihood", "load_any", "load_torch", "save", "save_torch", "wkv_reference",
-    "wkv_with_state",
+    "RWKVConfig", "SamplingParams", "State", "WKVState", "check_tokens", "from_release_arrays",
+    "generate", "init", "init_state", "load", "load_any", "load_state", "load_torch", "loglikelihood",
+    "prefill_prompts", "save", "save_state", "save_torch", "stream", "stream_batch",
+    "with_weight_dtype", "wkv_reference", "wkv_with_state",
 ]

@@ -105,6 +105,21 @@ def test_sample_greedy_equals_gpt_argmax(char_setup, capsys):
     assert text == tok.decode(ids)
 
 
+def test_sample_presence_penalty_and_bfloat16(char_setup, capsys):
+    ckpt, tok_path = char_setup
+    args = ["--checkpoint", str(ckpt), "--tokenizer", str(tok_path), "--prompt", "RWKV", "--tokens", "12",
+            "--temperature", "0"]
+    assert sample.main(args + ["--presence-penalty", "1e6"]) == 0
+    new = capsys.readouterr().out.strip("\n")[len("RWKV"):]
+    assert len(new) == 12 and len(set(new)) == 12  # no character twice: each is one token here
+    assert sample.main(args + ["--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out.startswith("RWKV")
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage, then one error line
+        sample.main(args + ["--penalty-decay", "2"])
+    assert exit_info.value.code == 2
+    assert "--penalty-decay must be in [0, 1], got 2.0" in capsys.readouterr().err.splitlines()[-1]
+
+
 def test_sample_finds_tokenizer_next_to_checkpoint(char_setup, tmp_path, capsys):
     ckpt, tok = char_setup
     (tmp_path / "m.pth").write_bytes(ckpt.read_bytes())

@@ -1,0 +1,295 @@
+"""Generation throughput: rw.generate's decode loop and its prefill, float32 and bfloat16.
+
+    python bench/decode.py                 # on a GPU: L24-D1024, random weights (V=50277)
+    python bench/decode.py --cpu           # CPU: a small model, ours vs the PyTorch reference's RNN loop
+
+GPU rows (per weight dtype; bfloat16 = matrices in bf16, vectors, state and WKV float32):
+* decode, B=1 and B=64: `generate(model, prompts, N, temperature=0)` with 1-token prompts,
+  timed end to end (one RNN step of prefill, N steps in one jitted lax.while_loop, the
+  copy of the ids to the host); tokens/s = B * N / seconds;
+* decode with the loop on the host (a Python loop of jitted steps) instead of one
+  lax.while_loop, and decode with sampling (top_p=0.7, temperature=1, as sample.py's
+  defaults), bf16 only;
+* prefill: `prefill(model, [prompt])` of T + 1 tokens (T in GPT mode, in chunks of 1024
+  carrying the state, then one RNN step for the last token's logits): the state after the
+  prompt; tokens/s = (T + 1) / seconds.
+First a correctness check on a small model (batched == one by one; chunked prefill ==
+one-shot GPT mode). The "ms" column is per decode step, or per prefill call. Every timing
+is the median of --repeats runs after a warm-up (compile) run, each blocked on once at its end.
+
+CPU rows (--cpu): batch-1 greedy decode of the same random release-format weights by
+`generate` and by tests/torch_reference.py (TorchRWKV2.rnn one token at a time + argmax,
+a user of the original code's RNN loop), in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up: compile / allocate
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def random_params(config, seed: int):
+    """Random float32 params of RWKV(config), made on the device, with the scales of a trained
+    model (not zeros: zeros can time faster than real data)."""
+    import jax
+    import jax.numpy as jnp
+
+    from rwkv2_jax.model import RWKV
+
+    shapes = jax.eval_shape(lambda: RWKV(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    base = jax.random.key(seed)
+    out = []
+    for i, (path, leaf) in enumerate(leaves):
+        name = str(getattr(path[-1], "key", path[-1]))
+        key = jax.random.fold_in(base, i)
+        shape = leaf.shape
+        if len(shape) == 2:  # embedding, linear kernels [in, out], head
+            x = jax.random.normal(key, shape) * (0.5 if name == "embedding" else 1.0 / math.sqrt(shape[0]))
+        elif name == "time_decay":
+            x = jax.random.uniform(key, shape, minval=-3.0, maxval=1.5)
+        elif name == "time_first":
+            x = math.log(0.3) + 0.1 * jax.random.normal(key, shape)
+        elif name == "time_mix":
+            x = jax.random.uniform(key, shape)
+        elif name == "scale":
+            x = 1.0 + 0.1 * jax.random.normal(key, shape)
+        else:  # LayerNorm bias
+            x = 0.1 * jax.random.normal(key, shape)
+        out.append(x.astype(jnp.float32))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+WIDTHS = (9, 3, 44, 10, 9)
+
+
+def row(cols):
+    return "| " + " | ".join(f"{c:>{w}}" if i in (1, 3, 4) else f"{c:<{w}}"
+                             for i, (c, w) in enumerate(zip(cols, WIDTHS))) + " |"
+
+
+def parse_size(name: str):
+    """A preset name, or "L<layers>-D<width>" (vocab 50277)."""
+    import re
+
+    import rwkv2_jax as rw
+
+    if name in rw.PRESETS:
+        return rw.PRESETS[name]
+    m = re.fullmatch(r"L(\d+)-D(\d+)", name)
+    if not m:
+        raise SystemExit(f"decode.py: error: --preset must be one of {sorted(rw.PRESETS)} or L<n>-D<c>, got {name!r}")
+    return rw.RWKVConfig(n_layer=int(m.group(1)), n_embd=int(m.group(2)))
+
+
+def gpu_checks(log):
+    """Small model: the properties the tests check on CPU, here on the accelerator."""
+    import numpy as np
+
+    import rwkv2_jax as rw
+    from rwkv2_jax.generate import generate, prefill
+    from tests.release_checkpoint import make_release_state_dict
+
+    sd = make_release_state_dict(n_layer=3, n_embd=64, vocab_size=97, seed=1)
+    model = rw.from_release_arrays({k: v.numpy() for k, v in sd.items()})
+    ref = model.replace(wkv_impl="reference")
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, 97, n).tolist() for n in (1, 6, 40, 300)]
+    batch = generate(model, prompts, 12, temperature=0, chunk_size=64)
+    alone = [generate(model, [p], 12, temperature=0, chunk_size=64)[0] for p in prompts]
+    log(f"# check: batched greedy == one by one: {batch == alone}")
+    logits, state = prefill(model, [prompts[3]], chunk_size=64)  # 4 full chunks (default WKV) + a padded one
+    one_logits, one_state = ref.prefill([prompts[3]])
+    err = float(np.max(np.abs(np.asarray(logits[0]) - np.asarray(one_logits[0, -1]))))
+    serr = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)) / (1e-3 + np.abs(np.asarray(b)))))
+               for a, b in zip(state, one_state))
+    log(f"# check: chunked prefill ({model.wkv_impl}) vs one-shot (reference WKV): max |dlogit| {err:.2e}, "
+        f"max state rel err {serr:.2e}")
+    return batch == alone and err < 1e-3
+
+
+def run_prefill(model, prompt):
+    from rwkv2_jax.generate import prefill
+
+    prefill(model, [prompt])[0].block_until_ready()
+
+
+def run_decode(model, prompts, n, kw):
+    from rwkv2_jax.generate import generate
+
+    out = generate(model, prompts, n, seed=1, **{"decode_loop": "device", **kw})
+    assert all(len(r) == n for r in out)
+
+
+def gpu_main(args, log) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import rwkv2_jax as rw
+    from rwkv2_jax.generate import prefill, with_weight_dtype
+
+    t_start = time.perf_counter()
+    dev = jax.devices()[0]
+    log(f"# {time.strftime('%Y-%m-%d %H:%M')}  device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}")
+    log(f"# command: python {' '.join(sys.argv)}")
+    try:
+        ok = gpu_checks(log)
+    except Exception as err:  # the Pallas kernel may not be usable yet
+        log(f"# check with wkv_impl=auto failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        ok = False
+    wkv_impl = args.wkv_impl
+    config = parse_size(args.preset)
+    f32 = rw.Model(config, random_params(config, seed=0), wkv_impl=wkv_impl)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(1, config.vocab_size, args.prefill_len + 1).tolist()
+
+    # Is the default WKV (Pallas on GPU) usable for GPT-mode prefill? Otherwise the plain scan.
+    try:
+        prefill(f32, [prompt[:1025]])[0].block_until_ready()
+    except Exception as err:
+        log(f"# wkv_impl={wkv_impl!r} failed in prefill ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            "using wkv_impl='reference' (plain-JAX scan) for prefill")
+        wkv_impl = "reference"
+        f32 = f32.replace(wkv_impl=wkv_impl)
+    log(f"# model {args.preset} random weights, V={config.vocab_size}, wkv_impl={wkv_impl!r}, "
+        f"checks {'passed' if ok else 'FAILED'}")
+    log(row(("weights", "B", "what", "tokens/s", "ms")))
+    log("|" + "|".join("-" * (w + 2) for w in WIDTHS) + "|")
+
+    models = {"float32": f32, "bfloat16": with_weight_dtype(f32, jnp.bfloat16)}
+    jobs = []
+    for name in args.dtypes.split(","):
+        for B in (int(b) for b in args.batches.split(",")):
+            jobs.append((name, B, "decode, greedy, one lax.while_loop", dict(temperature=0)))
+        jobs.append((name, 1, f"prefill T={args.prefill_len} (+1 RNN step), with state", None))
+    for B in (int(b) for b in args.batches.split(",")):
+        jobs.append(("bfloat16", B, "decode, greedy, host loop of jitted steps",
+                     dict(temperature=0, decode_loop="host")))
+    for B in (int(b) for b in args.batches.split(",")):
+        jobs.append(("bfloat16", B, "decode, top_p=0.7 temperature=1", dict(top_p=0.7)))
+
+    for name, B, what, kw in jobs:
+        if time.perf_counter() - t_start > args.budget_s:
+            log(row((name, B, what, "skipped", "(budget)")))
+            continue
+        model = models[name]
+        try:
+            if kw is None:
+                sec = median_time(functools.partial(run_prefill, model, prompt), args.repeats)
+                log(row((name, B, what, f"{(args.prefill_len + 1) / sec:,.0f}", f"{1e3 * sec:.2f}")))
+            else:
+                n = args.steps if B > 1 else args.steps_b1
+                prompts = rng.integers(1, config.vocab_size, (B, 1)).tolist()
+                sec = median_time(functools.partial(run_decode, model, prompts, n, kw), args.repeats)
+                log(row((name, B, what, f"{B * n / sec:,.0f}", f"{1e3 * sec / n:.3f}")))
+        except Exception as err:
+            log(row((name, B, what, "error", "")) + f"  {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+    log(f"# total {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+def cpu_main(args, log) -> int:
+    import jax
+    import numpy as np
+    import torch
+
+    import rwkv2_jax as rw
+    from rwkv2_jax.generate import generate
+    from tests.release_checkpoint import make_release_state_dict
+    from tests.torch_reference import TorchRWKV2
+
+    L, C, V, n = args.cpu_layers, args.cpu_width, args.cpu_vocab, args.cpu_steps
+    sd = make_release_state_dict(L, C, V, seed=0)
+    model = rw.from_release_arrays({k: v.numpy() for k, v in sd.items()}, wkv_impl="reference")
+    ref = TorchRWKV2(sd, k_eps=model.config.k_eps)
+    prompt = [int(t) for t in np.random.default_rng(0).integers(1, V, 8)]
+
+    def ours(B=1):
+        return generate(model, [prompt] * B, n, temperature=0)
+
+    def reference():
+        logits, state = ref.rnn(torch.tensor([prompt]))
+        out = []
+        for _ in range(n):
+            x = logits[0, -1]
+            x[0] = -float("inf")
+            token = int(torch.argmax(x))
+            out.append(token)
+            logits, state = ref.rnn(torch.tensor([[token]]), state)
+        return out
+
+    same = ours()[0] == reference()
+    log(f"# {time.strftime('%Y-%m-%d %H:%M')}  CPU: {os.cpu_count()} cores, jax {jax.__version__} "
+        f"({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    log(f"# command: python {' '.join(sys.argv)}")
+    log(f"# model L{L}-D{C}, V={V}, float32 random release-format weights; greedy, {n} new tokens after an "
+        f"8-token prompt; ours == reference tokens: {same}")
+    log(f"| {'what':52s} | {'tokens/s':>9s} |")
+    log(f"|{'-' * 54}|{'-' * 11}|")
+    t_ref = median_time(reference, args.repeats)
+    t_ours = median_time(ours, args.repeats)
+    t_ours8 = median_time(lambda: ours(8), args.repeats)
+    log(f"| {'PyTorch reference, RNN loop + argmax (B=1)':52s} | {n / t_ref:9.1f} |")
+    log(f"| {'ours, generate() incl. prefill (B=1)':52s} | {n / t_ours:9.1f} |")
+    log(f"| {'ours, generate() incl. prefill (B=8)':52s} | {8 * n / t_ours8:9.1f} |")
+    log(f"# batch-1 speed-up over the reference: {t_ref / t_ours:.1f}x")
+    return 0 if same else 1
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu", action="store_true", help="the CPU comparison with the PyTorch reference "
+                   "(the default when JAX has no accelerator)")
+    p.add_argument("--gpu-rows", action="store_true", help="the accelerator rows even on CPU (to try the script)")
+    p.add_argument("--preset", default="L24-D1024", help="model size for the GPU rows: a preset or "
+                   "L<layers>-D<width> (default L24-D1024)")
+    p.add_argument("--dtypes", default="bfloat16,float32", help="weight dtypes, in order (default bfloat16,float32)")
+    p.add_argument("--batches", default="1,64", help="decode batch sizes (default 1,64)")
+    p.add_argument("--steps-b1", type=int, default=512, help="decode steps timed at B=1 (default 512)")
+    p.add_argument("--steps", type=int, default=256, help="decode steps timed at B>1 (default 256)")
+    p.add_argument("--prefill-len", type=int, default=2048, help="prefill tokens (default 2048)")
+    p.add_argument("--wkv-impl", default="auto", help="WKV for GPT mode (default auto: Pallas on GPU)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row; the median is shown (default 3)")
+    p.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining rows after this many seconds")
+    p.add_argument("--cpu-layers", type=int, default=6)
+    p.add_argument("--cpu-width", type=int, default=512)
+    p.add_argument("--cpu-vocab", type=int, default=50277)
+    p.add_argument("--cpu-steps", type=int, default=32, help="tokens decoded in the CPU rows (default 32)")
+    p.add_argument("--log", default=None, help="also append the output to this file")
+    args = p.parse_args(argv)
+
+    def log(line):
+        print(line, flush=True)
+        if args.log:
+            with open(args.log, "a") as f:
+                f.write(line + "\n")
+
+    import jax
+
+    if args.cpu or (jax.default_backend() == "cpu" and not args.gpu_rows):
+        return cpu_main(args, log)
+    return gpu_main(args, log)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

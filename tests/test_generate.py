@@ -1,0 +1,278 @@
+"""rw.generate: greedy ≡ the PyTorch reference, batched ≡ one by one, chunked prefill ≡ one shot,
+sampling semantics (top-p/top-k/temperature, penalties, bans, stops), streaming, state files."""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import rwkv2_jax as rw
+from rwkv2_jax.checkpoint import CheckpointError
+from rwkv2_jax.generate import generate, prefill, stream, stream_batch, with_weight_dtype
+from rwkv2_jax.sampling import SamplingParams, draw, largest_threshold
+from rwkv2_jax.state_io import load_state, save_state
+from tests.conftest import SMALL
+from tests.release_checkpoint import make_release_state_dict
+from tests.torch_reference import TorchRWKV2
+
+V = SMALL["vocab_size"]
+# Prompts of different lengths: 1 (no GPT-mode part), a chunk boundary, several chunks.
+PROMPTS = [[5], [3, 14, 15, 9, 2, 6], list(range(1, 18)), [(7 * i) % (V - 1) + 1 for i in range(41)]]
+
+
+@pytest.fixture(scope="module", params=["plain", "ffn_pre"])
+def pair(request, release_files):
+    """(our Model, the PyTorch reference) on the same release checkpoint."""
+    path = release_files[request.param]
+    sd = torch.load(path, weights_only=True)
+    return rw.load_torch(path, verbose=False), TorchRWKV2(sd, k_eps=1e-9)
+
+
+@pytest.fixture(scope="module")
+def model(release_files):
+    return rw.load_torch(release_files["plain"], verbose=False)
+
+
+def reference_chain(ref, prompt, n, *, presence=0.0, frequency=0.0, decay=1.0, ban=(0,), stop=()):
+    """ChatRWKV's PIPELINE.generate with a greedy sampler, on the PyTorch reference (RNN mode)."""
+    logits, state = ref.rnn(torch.tensor([prompt]))
+    out, occurrence = [], {}
+    for _ in range(n):
+        x = logits[0, -1].clone()
+        for t in ban:
+            x[t] = -float("inf")
+        for t, c in occurrence.items():
+            x[t] -= presence + c * frequency
+        token = int(torch.argmax(x))
+        if token in stop:
+            break
+        out.append(token)
+        for t in occurrence:
+            occurrence[t] *= decay
+        occurrence[token] = occurrence.get(token, 0.0) + 1.0
+        logits, state = ref.rnn(torch.tensor([[token]]), state)
+    return out
+
+
+# --- greedy against the reference -------------------------------------------------------
+
+
+def test_greedy_equals_the_pytorch_reference_chain(pair):
+    model, ref = pair
+    out = generate(model, PROMPTS, 12, temperature=0)
+    assert out == [reference_chain(ref, p, 12) for p in PROMPTS]
+
+
+def test_penalties_equal_chatrwkv_semantics(pair):
+    model, ref = pair
+    kw = dict(presence=0.4, frequency=0.6, decay=0.8)
+    out = generate(model, PROMPTS[1:3], 16, temperature=0, presence_penalty=0.4, frequency_penalty=0.6,
+                   penalty_decay=0.8)
+    want = [reference_chain(ref, p, 16, **kw) for p in PROMPTS[1:3]]
+    assert out == want
+    assert out != generate(model, PROMPTS[1:3], 16, temperature=0)  # the penalties changed the chain
+
+
+# --- batching, chunking, streaming ----------------------------------------------------------
+
+
+def test_batched_equals_one_by_one_greedy_and_sampled(model):
+    """The batch runs the accelerators' loop (one lax.while_loop), rows alone the CPU's (host loop)."""
+    kw = dict(chunk_size=16)  # several chunks, padded ones included
+    greedy = generate(model, PROMPTS, 10, temperature=0, decode_loop="device", **kw)
+    assert greedy == [generate(model, [p], 10, temperature=0, decode_loop="host", **kw)[0] for p in PROMPTS]
+    sampled = dict(temperature=0.9, top_p=0.8, top_k=20, presence_penalty=0.3, frequency_penalty=0.2,
+                   penalty_decay=0.9, chunk_size=16)
+    batch = generate(model, PROMPTS, 10, seed=7, decode_loop="device", **sampled)
+    # row b uses seed + b: its tokens do not depend on the other rows
+    assert batch == [generate(model, [p], 10, seed=7 + b, **sampled)[0] for b, p in enumerate(PROMPTS)]
+    assert generate(model, PROMPTS[::-1], 10, seed=[7 + b for b in range(4)][::-1], **sampled) == batch[::-1]
+
+
+def test_chunked_prefill_equals_one_shot(model, rng):
+    prompts = [rng.integers(0, V, n).tolist() for n in (300, 77, 1, 129)]
+    logits, state = prefill(model, prompts, chunk_size=32)  # 32-token chunks, ragged ends
+    for b, p in enumerate(prompts):
+        one_logits, one_state = model.prefill([p])
+        np.testing.assert_allclose(logits[b], one_logits[0, -1], rtol=1e-4, atol=1e-4)
+        for got, want in zip(state, one_state):
+            np.testing.assert_allclose(got[:, b], want[:, 0], rtol=1e-4, atol=1e-4)
+    # carrying a state: prefill(a + b) == prefill(b) from the state after a
+    _, after_a = prefill(model, [prompts[0][:200]])
+    cont_logits, cont_state = prefill(model, [prompts[0][200:]], state=after_a, chunk_size=32)
+    np.testing.assert_allclose(cont_logits[0], logits[0], rtol=1e-4, atol=1e-4)
+    for got, want in zip(cont_state, state):
+        np.testing.assert_allclose(got[:, 0], want[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_stream_equals_generate_and_stops(model):
+    kw = dict(temperature=0.8, top_p=0.9, seed=3, stop_tokens=(7,))
+    full = generate(model, PROMPTS, 20, **kw)
+    steps = list(stream_batch(model, PROMPTS, 20, **kw))
+    for b, row in enumerate(full):
+        got = [int(s[b]) for s in steps]
+        assert got[: len(row)] == row and all(t == -1 for t in got[len(row):])
+    assert list(stream(model, PROMPTS[1], 20, **{**kw, "seed": 4})) == full[1]
+    # a shared prefill is copied, not consumed: two draws from it
+    first = prefill(model, [PROMPTS[2]])
+    a = list(stream(model, PROMPTS[2], 8, prefill=first, seed=1))
+    b = list(stream(model, PROMPTS[2], 8, prefill=first, seed=1))
+    assert a == b == generate(model, [PROMPTS[2]], 8, seed=1)[0]
+
+
+# --- sampling semantics -----------------------------------------------------------------------
+
+
+def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(model):
+    a = generate(model, PROMPTS, 15, seed=11)
+    assert a == generate(model, PROMPTS, 15, seed=11)
+    assert a != generate(model, PROMPTS, 15, seed=12)
+    assert all(0 not in row and len(row) == 15 for row in a)  # token 0 banned by default
+    greedy = generate(model, PROMPTS, 15, temperature=0)
+    assert generate(model, PROMPTS, 15, top_k=1, seed=5) == greedy
+    assert generate(model, PROMPTS, 15, top_p=1e-6, temperature=2.0, seed=5) == greedy
+
+
+def test_draw_matches_top_p_top_k_temperature():
+    """Many draws from one distribution: the support is ChatRWKV's nucleus, frequencies follow p^(1/T)."""
+    probs = np.array([0.02, 0.30, 0.05, 0.25, 0.18, 0.20])
+    logits = jnp.log(jnp.asarray(probs, jnp.float32))
+    N = 20000
+    keys = jax.random.split(jax.random.key(0), N)
+
+    def freq(**kw):
+        p = SamplingParams(ban_tokens=(), **kw)
+        tokens = draw(jnp.broadcast_to(logits, (N, probs.size)), keys, p.knobs(), p.static())
+        return np.bincount(np.asarray(tokens), minlength=probs.size) / N
+
+    # top_p=0.7: sorted 0.30, 0.25, 0.20 (cumsum 0.75 >= 0.7) -> keep {1, 3, 5}
+    f = freq(top_p=0.7)
+    assert set(np.flatnonzero(f)) == {1, 3, 5}
+    np.testing.assert_allclose(f[[1, 3, 5]], probs[[1, 3, 5]] / 0.75, atol=0.015)
+    f = freq(top_k=2, temperature=0.5)
+    want = probs[[1, 3]] ** 2 / (probs[[1, 3]] ** 2).sum()
+    assert set(np.flatnonzero(f)) == {1, 3}
+    np.testing.assert_allclose(f[[1, 3]], want, atol=0.015)
+    f = freq(temperature=2.0)
+    np.testing.assert_allclose(f, probs**0.5 / (probs**0.5).sum(), atol=0.015)
+
+
+def test_cutoffs_equal_chatrwkvs_sorted_cumsum(rng):
+    """The sort-free cutoff search gives ChatRWKV's top-p cutoff and the k-th largest probability."""
+    B, V = 64, 150
+    logits = rng.normal(size=(B, V)) * rng.uniform(0.1, 8, size=(B, 1))
+    logits[::3] = np.round(logits[::3])  # ties
+    logits[1::2, : V // 4] = -np.inf  # banned tokens
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p = (p / p.sum(1, keepdims=True)).astype(np.float32)
+    top_p = rng.uniform(0.01, 0.99, B).astype(np.float32)
+    k = rng.integers(1, V + 1, B)
+    for radix_bits in (1, 4):  # CPU's and accelerators' search
+        search = jax.jit(functools.partial(largest_threshold, radix_bits=radix_bits))
+        cut_p = np.asarray(search(p, p, top_p))[:, 0]
+        cut_k = np.asarray(search(p, np.ones_like(p), k.astype(np.float32)))[:, 0]
+        for b in range(B):
+            desc = np.sort(p[b])[::-1]
+            cumulative = np.cumsum(desc)
+            first = np.argmax(cumulative >= top_p[b])
+            assert cut_k[b] == desc[k[b] - 1]
+            if abs(cumulative[first] - top_p[b]) > 1e-6:  # away from float-rounding ties of the sum
+                assert cut_p[b] == desc[first], (radix_bits, b)
+
+
+def test_huge_presence_penalty_forbids_repeats(model):
+    out = generate(model, PROMPTS, 40, presence_penalty=1e6, seed=2)
+    assert all(len(set(row)) == len(row) == 40 for row in out)
+    out = generate(model, PROMPTS, 40, temperature=0, presence_penalty=1e6)
+    assert all(len(set(row)) == len(row) for row in out)
+    # fully decayed counts still mark a token as present (ChatRWKV keeps it in its dict)
+    out = generate(model, PROMPTS, 40, temperature=0, presence_penalty=1e6, penalty_decay=0.0)
+    assert all(len(set(row)) == len(row) for row in out)
+
+
+def test_stop_tokens_end_their_row_only(model):
+    greedy = generate(model, PROMPTS, 12, temperature=0)
+    stop = greedy[1][3]
+    out = generate(model, PROMPTS, 12, temperature=0, stop_tokens=(stop,))
+    for row, full in zip(out, greedy):
+        cut = full.index(stop) if stop in full else len(full)
+        assert row == full[:cut]  # the stop token is not returned
+    assert len(out[1]) == 3
+    assert generate(model, PROMPTS, 12, temperature=0, stop_tokens=(stop,), decode_loop="device") == out
+    # a batch whose every row stops returns the same, on both loops
+    for loop in ("host", "device"):
+        assert generate(model, PROMPTS[1:2], 100, temperature=0, stop_tokens=(stop,), decode_loop=loop) == [out[1]]
+
+
+def test_bad_arguments_give_one_line_errors(model):
+    cases = [
+        (dict(ban_tokens=range(V)), "every token id"),
+        (dict(ban_tokens=(V,)), f"banned token id {V} is outside"),
+        (dict(stop_tokens=(-1,)), "stop token id -1 is outside"),
+        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(top_p=0.0), "top_p must be in (0, 1]"),
+        (dict(top_k=-2), "top_k must be an int >= 0"),
+        (dict(penalty_decay=1.5), "penalty_decay must be in [0, 1]"),
+        (dict(seed=[1, 2]), "seed must be an int or 4 ints"),
+        (dict(decode_loop="gpu"), "decode_loop must be 'device', 'host' or None"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            generate(model, PROMPTS, 3, **kw)
+    with pytest.raises(ValueError, match=r"prompt 1 is empty"):
+        generate(model, [[1], []], 3)
+    with pytest.raises(ValueError, match=rf"prompt 1: token id {V} at position 2 is outside"):
+        generate(model, [[1], [1, 2, V]], 3)
+    with pytest.raises(ValueError, match=r"for one prompt pass \[prompt\]"):
+        generate(model, [1, 2, 3], 3)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0"):
+        generate(model, PROMPTS, -1)
+    assert generate(model, PROMPTS, 0) == [[], [], [], []]
+
+
+# --- state, conversation, dtype -------------------------------------------------------------------
+
+
+def test_state_round_trip_and_continuing_a_conversation(model, tmp_path):
+    first, question = PROMPTS[2], [4, 8, 15, 16]
+    reply, state = generate(model, [first], 6, temperature=0, return_state=True)
+    path = save_state(tmp_path / "chat.safetensors", state, model)
+    loaded = load_state(path, model)
+    for a, b in zip(loaded, state):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # continuing from the saved state == generating after the whole history at once
+    assert (generate(model, [question], 8, temperature=0, state=loaded)
+            == generate(model, [first + reply[0] + question], 8, temperature=0))
+
+
+def test_state_file_errors(model, tmp_path):
+    state = prefill(model, PROMPTS)[1]
+    path = save_state(tmp_path / "s.safetensors", state, model)
+    other = rw.from_release_arrays({k: v.numpy() for k, v in
+                                    make_release_state_dict(n_layer=2, n_embd=24, vocab_size=V, seed=0).items()})
+    with pytest.raises(CheckpointError, match=r"state saved for a L3-D24 .* cannot load it into this L2-D24"):
+        load_state(path, other)
+    with pytest.raises(CheckpointError, match="state file not found"):
+        load_state(tmp_path / "none.safetensors", model)
+    rw.save(model, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="not a rwkv2_jax.state file"):
+        load_state(tmp_path / "model.safetensors", model)
+    with pytest.raises(ValueError, match=r"state has shape \[3, 4, 24\] per field, expected \[3, 1, 24\]"):
+        generate(model, [[1]], 2, state=state)
+
+
+def test_bfloat16_weights_keep_vectors_float32(model):
+    half = with_weight_dtype(model, jnp.bfloat16)
+    dtypes = {"/".join(str(getattr(k, "key", k)) for k in path): x.dtype
+              for path, x in jax.tree_util.tree_leaves_with_path(half.params)}
+    assert dtypes["blocks_1/att/key/kernel"] == jnp.bfloat16 and dtypes["head/kernel"] == jnp.bfloat16
+    assert dtypes["blocks_1/att/time_decay"] == jnp.float32 and dtypes["ln_out/scale"] == jnp.float32
+    logits, state = prefill(half, PROMPTS)
+    want, _ = prefill(model, PROMPTS)
+    assert all(x.dtype == jnp.float32 for x in state)
+    np.testing.assert_allclose(logits, want, atol=0.1 * float(jnp.std(want)))
+    assert all(len(row) == 5 for row in generate(half, PROMPTS, 5, seed=0))
