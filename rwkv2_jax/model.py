@@ -131,6 +131,9 @@ def last_valid(x: jax.Array, lengths: Optional[jax.Array]) -> jax.Array:
 def wkv_dispatch(impl, k, v, time_decay, time_first, state, *, k_clamp, k_eps, lengths=None):
     """Run the WKV with the chosen implementation; T = 1 is always a single plain step.
 
+    `impl` is one of WKV_IMPLS or a callable with the signature of
+    `wkv_with_state(k, v, time_decay, time_first, state, *, k_clamp, k_eps) -> (out, state)`.
+
     With `lengths` (right-padded rows) the plain-JAX scan runs, masking padded steps.
     """
     if lengths is not None:
@@ -146,6 +149,8 @@ def wkv_dispatch(impl, k, v, time_decay, time_first, state, *, k_clamp, k_eps, l
             state, k1, v[:, 0].astype(jnp.float32), w_log, time_first.astype(jnp.float32), log_eps
         )
         return out[:, None], state
+    if callable(impl):  # a custom WKV, e.g. the kernel under shard_map (rwkv2_jax.sharding)
+        return impl(k, v, time_decay, time_first, state, k_clamp=k_clamp, k_eps=k_eps)
     if impl == "auto":
         impl = default_wkv_impl()
     if impl == "reference":

@@ -1,0 +1,224 @@
+"""Training throughput and peak GPU memory: the train step of train.py on random tokens.
+
+    python3 bench/train.py                       # L24-D1024, V=50277, B=8, T=768: bf16 and fp32, one GPU
+    python3 bench/train.py --scaling             # bf16 on 1 GPU, then data-parallel on every GPU (B=8 per GPU)
+    python3 bench/train.py --smoke               # a tiny model on CPU (checks the script)
+
+Each configuration runs in its own subprocess, so its peak memory (the device's
+`peak_bytes_in_use`) is its own and compiles do not add up. A configuration: the jitted
+step of `rwkv2_jax.training.setup` (Adam, clipping, float32 parameters and optimizer
+state, the given compute dtype, the chosen WKV), `--warmup` steps (compile), then
+`--steps` timed steps ended by one block; tokens/s = steps x B x T / seconds.
+Before timing, a check on a small model: the step with the chosen WKV against the step
+with the plain-JAX WKV (loss and gradient norm, float32 with exact matmuls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=50277)
+    p.add_argument("--batch", type=int, default=8, help="rows per GPU (default 8)")
+    p.add_argument("--ctx", type=int, default=768)
+    p.add_argument("--dtypes", default="bfloat16,float32", help="compute dtypes to time (default both)")
+    p.add_argument("--wkv-impl", default="auto", help="auto (Pallas on GPU) | pallas | reference")
+    p.add_argument("--precision", default="default", help="matmul precision (default: JAX's, TF32 for float32)")
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--scaling", action="store_true", help="bf16 on 1 GPU and on all GPUs (data parallel)")
+    p.add_argument("--no-check", action="store_true")
+    p.add_argument("--determinism", action="store_true",
+                   help="also repeat a small step from one state, without and with --xla_gpu_deterministic_ops")
+    p.add_argument("--smoke", action="store_true", help="tiny model on CPU")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one config, print JSON
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.layers, args.width, args.vocab, args.batch, args.ctx = 2, 64, 97, 2, 32
+        args.warmup, args.steps = 1, 2
+    return args
+
+
+def check(args) -> str:  # runs in a subprocess (--one check)
+    """The training step with args.wkv_impl vs with the plain-JAX WKV, on a small model."""
+    import jax
+    import numpy as np
+
+    import rwkv2_jax as rw
+    from rwkv2_jax import training as tr
+    from rwkv2_jax.sharding import make_mesh
+
+    config = rw.RWKVConfig(n_layer=2, n_embd=128, vocab_size=97)
+    model = rw.init(config, seed=0, wkv_impl="reference")
+    # Random weights everywhere (the original init zeroes several), so every path is exercised.
+    leaves, treedef = jax.tree.flatten(jax.device_get(model.params))
+    r = np.random.default_rng(0)
+    params = jax.tree.unflatten(treedef, [x + 0.1 * r.standard_normal(x.shape).astype(np.float32) for x in leaves])
+    windows = r.integers(0, 97, (1, 8, 129)).astype(np.int32)
+    out = {}
+    for impl in ("reference", args.wkv_impl):
+        cfg = tr.TrainConfig(ctx_len=128, batch_size=8, epochs=1, epoch_steps=2, dtype="float32",
+                             precision="highest", wkv_impl=impl)
+        s = tr.setup(config, cfg, make_mesh(1, 1))
+        _, m = s.train_step(s.init_state(params), s.put_batch(windows))
+        out[impl] = (float(m["loss"]), float(m["grad_norm"]))
+    (l0, g0), (l1, g1) = out["reference"], out[args.wkv_impl]
+    dl, dg = abs(l1 - l0) / abs(l0), abs(g1 - g0) / abs(g0)
+    ok = dl < 1e-5 and dg < 1e-4
+    return (f"check {args.wkv_impl} vs reference (L2-D128, B=8, T=128, float32): loss {l1:.6f} vs {l0:.6f} "
+            f"(rel {dl:.1e}), grad norm rel {dg:.1e}: {'OK' if ok else 'MISMATCH'}")
+
+
+def determinism(args) -> str:  # runs in a subprocess (--one determinism)
+    """Repeat one train step from the same state: bit-identical parameters every time?
+    (A resumed run is bit-exact only if every step is.)"""
+    import jax
+    import numpy as np
+
+    import rwkv2_jax as rw
+    from rwkv2_jax import training as tr
+    from rwkv2_jax.sharding import make_mesh
+
+    config = rw.RWKVConfig(n_layer=2, n_embd=128, vocab_size=97)
+    params = jax.device_get(rw.init(config, seed=0, wkv_impl="reference").params)
+    cfg = tr.TrainConfig(ctx_len=128, batch_size=8, epochs=1, epoch_steps=2, wkv_impl=args.wkv_impl)
+    s = tr.setup(config, cfg, make_mesh(1, 1))
+    windows = s.put_batch(np.random.default_rng(0).integers(0, 97, (1, 8, 129)).astype(np.int32))
+    runs = [jax.tree.leaves(jax.device_get(s.train_step(s.init_state(params), windows)[0].params))
+            for _ in range(4)]
+    differ = sum(any(not np.array_equal(a, b) for a, b in zip(runs[0], r)) for r in runs[1:])
+    flags = os.environ.get("XLA_FLAGS", "") or "none"
+    return f"determinism (XLA_FLAGS={flags}): {3 - differ}/3 repeats of a step bit-identical to the first"
+
+
+def one(args, dtype: str, n_devices: int) -> dict:
+    """Time one configuration in this process."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rwkv2_jax import training as tr
+    from rwkv2_jax.config import RWKVConfig
+    from rwkv2_jax.model import RWKV
+    from rwkv2_jax.sharding import make_mesh
+
+    config = RWKVConfig(n_layer=args.layers, n_embd=args.width, vocab_size=args.vocab, ctx_len=args.ctx)
+    B = args.batch * n_devices
+    cfg = tr.TrainConfig(ctx_len=args.ctx, batch_size=B, epochs=1, epoch_steps=args.warmup + args.steps + 1,
+                         lr_init=1e-4, lr_final=1e-5, dtype=dtype,
+                         precision=None if args.precision == "default" else args.precision,
+                         wkv_impl=args.wkv_impl, remat=args.remat)
+    mesh = make_mesh(n_devices, 1, jax.devices()[:n_devices])
+    s = tr.setup(config, cfg, mesh)
+    t0 = time.perf_counter()
+    init = jax.jit(lambda key: tr.init_train_state(
+        RWKV(config).init(key, jnp.zeros((1, 1), jnp.int32))["params"], s.optimizer),
+        out_shardings=s.state_shardings)
+    state = init(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    batches = [s.put_batch(rng.integers(0, args.vocab, (1, B, args.ctx + 1)).astype(np.int32)) for _ in range(3)]
+    for i in range(args.warmup):
+        state, m = s.train_step(state, batches[i % 3])
+    jax.block_until_ready(m)
+    t_compile = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        state, m = s.train_step(state, batches[i % 3])
+    loss = float(m["loss"])  # blocks on the last step
+    dt = time.perf_counter() - t0
+    stats = jax.devices()[0].memory_stats() or {}
+    return {
+        "dtype": dtype, "devices": n_devices, "batch": B, "ctx": args.ctx,
+        "wkv_impl": tr.resolve_wkv_impl(args.wkv_impl), "precision": args.precision,
+        "tokens_per_s": args.steps * B * args.ctx / dt, "step_ms": 1000 * dt / args.steps,
+        "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30, "warmup_s": t_compile,
+        "loss": loss, "card": jax.devices()[0].device_kind,
+    }
+
+
+def spawn(args, what: str) -> dict:
+    """Run `--one what` in a fresh process (the parent never touches the GPU)."""
+    argv = [sys.executable, __file__, "--one", what, "--layers", str(args.layers),
+            "--width", str(args.width), "--vocab", str(args.vocab), "--batch", str(args.batch), "--ctx", str(args.ctx),
+            "--wkv-impl", args.wkv_impl, "--precision", args.precision, "--warmup", str(args.warmup),
+            "--steps", str(args.steps)] + (["--remat"] if args.remat else [])
+    r = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    if r.returncode != 0 or not lines:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-8:]
+        return {"what": what, "error": " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.one == "check":
+        import jax
+
+        print(json.dumps({"check": check(args), "n_devices": len(jax.devices()), "jax": jax.__version__,
+                          "card": jax.devices()[0].device_kind}), flush=True)
+        return 0
+    if args.one == "determinism":
+        print(json.dumps({"determinism": determinism(args)}), flush=True)
+        return 0
+    if args.one:
+        dtype, n = args.one.split(":")
+        print(json.dumps(one(args, dtype, int(n))), flush=True)
+        return 0
+
+    info = spawn(args, "check")
+    if "error" in info:
+        print(f"# check failed: {info['error']}")
+        return 1
+    n_gpu = info["n_devices"]
+    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}  jax {info['jax']}  {n_gpu} x {info['card']}")
+    print(f"# model L{args.layers}-D{args.width} V={args.vocab}, B={args.batch} per device, T={args.ctx}, "
+          f"wkv_impl={args.wkv_impl}, precision={args.precision}, remat={args.remat}")
+    if not args.no_check:
+        print("# " + info["check"], flush=True)
+    if args.determinism:
+        saved = os.environ.get("XLA_FLAGS", "")
+        for flags in (saved, f"{saved} --xla_gpu_deterministic_ops=true".strip()):
+            os.environ["XLA_FLAGS"] = flags
+            r = spawn(args, "determinism")
+            print("# " + r.get("determinism", f"determinism check failed: {r.get('error')}"), flush=True)
+        os.environ["XLA_FLAGS"] = saved
+    if args.scaling:
+        runs = [("bfloat16", 1), ("bfloat16", n_gpu)]
+    else:
+        runs = [(d, 1) for d in args.dtypes.split(",")]
+    results = []
+    for d, n in runs:
+        results.append(spawn(args, f"{d}:{n}"))
+        print(f"# {json.dumps(results[-1])}", flush=True)
+    print("\n| compute dtype | GPUs | global batch | WKV | tokens/s | ms/step | peak GiB (GPU 0) | warm-up s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (d, n), r in zip(runs, results):
+        if "error" in r:
+            print(f"| {d} | {n} | – | – | failed: {r['error'][:300]} | | | |")
+            continue
+        print(f"| {r['dtype']} | {r['devices']} | {r['batch']} | {r['wkv_impl']} | {r['tokens_per_s']:,.0f} | "
+              f"{r['step_ms']:.1f} | {r['peak_gib']:.1f} | {r['warmup_s']:.0f} |")
+    ok = [r for r in results if "error" not in r]
+    if args.scaling and len(ok) == 2 and ok[1]["devices"] > 1:
+        eff = ok[1]["tokens_per_s"] / (ok[1]["devices"] * ok[0]["tokens_per_s"])
+        print(f"\nscaling 1 -> {ok[1]['devices']} GPUs (B={args.batch} per GPU): {eff:.1%} efficiency")
+    return 0 if len(ok) == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
