@@ -1,0 +1,5 @@
+"""Pallas GPU kernels (Triton lowering) for rwkv2_jax; each runs on CPU with interpret=True."""
+
+from pallas_kernels.wkv import WKVBlockSizes, wkv, wkv_with_state
+
+__all__ = ["WKVBlockSizes", "wkv", "wkv_with_state"]

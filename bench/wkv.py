@@ -1,0 +1,314 @@
+"""WKV on one GPU: correctness of the Pallas kernel first, then a timing table.
+
+    python3 bench/wkv.py                  # checks, copy bandwidth, the table (markdown)
+    python3 bench/wkv.py --sweep          # also time block-size variants of the kernel
+    python3 bench/wkv.py --smoke          # tiny shapes in interpret mode (CPU, checks the script)
+
+Times are medians over repeats of N back-to-back calls followed by one block (per-call time
+= repeat time / N), after a compile-and-warm-up call, rotating over three input sets where
+they fit so the L2 cache does not hold the inputs. "GB/s" is the fewest bytes the operation
+must move (inputs read once, outputs written once: forward k, v, out; backward k, v, g, dk,
+dv) over the time, and "%copy" compares it with this card's measured device-to-device copy.
+Implementations: the Pallas kernel (pallas_kernels.wkv), the plain-JAX O(T) scan
+(rwkv2_jax.wkv.wkv_reference) and the original O(T^2) convolution
+(rwkv2_jax.wkv.wkv_convolution, skipped where its [T, T, C] weights would not fit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels import WKVBlockSizes, wkv, wkv_with_state  # noqa: E402
+from pallas_kernels.wkv import _make_plan  # noqa: E402
+from rwkv2_jax.wkv import WKVState, wkv_convolution, wkv_reference  # noqa: E402
+from rwkv2_jax.wkv import wkv_with_state as reference_with_state  # noqa: E402
+
+SIZES = [(8, 1024, 768), (8, 1024, 1024), (8, 2048, 1024), (1, 1024, 16384), (1, 1024, 65536)]
+CONV_MAX_BYTES = 10e9  # the convolution's [T, T, C] float32 weights must stay under this
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default=None,
+                   help="B,C,T triples separated by ';' (default: the five of issue 3)")
+    p.add_argument("--reps", type=int, default=7, help="timed repeats per measurement (median)")
+    p.add_argument("--min-time", type=float, default=0.15,
+                   help="seconds of back-to-back calls per repeat (sets N)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="k and v dtype")
+    p.add_argument("--sweep", action="store_true", help="also time block-size variants")
+    p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
+    p.add_argument("--no-baselines", action="store_true", help="time only the Pallas kernel")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+    return p.parse_args()
+
+
+def rel_err(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    if not np.all(np.isfinite(x)):
+        return float("inf")
+    floor = 1e-2 * np.sqrt(ref.size)  # see tests/test_wkv_kernel.py
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), floor))
+
+
+def make_inputs(seed, B, T, C, k_kind="normal", dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    k = {"normal": lambda: rng.normal(0, 3, (B, T, C)),
+         "far_above_clamp": lambda: rng.normal(30, 80, (B, T, C)),
+         "pm200": lambda: rng.uniform(-200, 200, (B, T, C))}[k_kind]()
+    v = rng.normal(0, 1, (B, T, C))
+    td = rng.uniform(-3, 1.5, C)
+    tf = rng.normal(np.log(0.3), 1, C)
+    g = rng.normal(0, 1, (B, T, C))
+    return (jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(td, jnp.float32),
+            jnp.asarray(tf, jnp.float32)), jnp.asarray(g, jnp.float32)
+
+
+def vjp_fn(fn):
+    def run(k, v, td, tf, g):
+        out, pullback = jax.vjp(fn, k, v, td, tf)
+        return out, pullback(g)
+    return jax.jit(run)
+
+
+# ---------------------------------------------------------------------------------------
+# Correctness on the device.
+
+
+def check(args) -> bool:
+    interpret = args.smoke
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    print(f"## Correctness (kernel vs rwkv2_jax.wkv reference, outputs and 4 gradients), seed={seed}")
+    big = [] if args.smoke else [(8, 1024, 1024, "normal", 60.0, jnp.float32),
+                                 (8, 1024, 1024, "normal", None, jnp.float32)]
+    cases = big + [
+        (3, 777 if not args.smoke else 77, 100, "normal", 60.0, jnp.float32),
+        (3, 777 if not args.smoke else 77, 100, "normal", None, jnp.float32),
+        (1, 5000 if not args.smoke else 300, 96, "far_above_clamp", 60.0, jnp.float32),
+        (1, 5000 if not args.smoke else 300, 96, "pm200", None, jnp.float32),
+        (2, 301, 256, "normal", 60.0, jnp.bfloat16),
+        (1, 1, 7, "normal", 60.0, jnp.float32),
+    ]
+    ok = True
+    for i, (B, T, C, k_kind, k_clamp, dtype) in enumerate(cases):
+        (k, v, td, tf), g = make_inputs(seed + i, B, T, C, k_kind, dtype)
+        kern = vjp_fn(lambda *a: wkv(*a, k_clamp=k_clamp, interpret=interpret))
+        ref = vjp_fn(lambda *a: wkv_reference(*a, k_clamp=k_clamp))
+        (o, gr), (o_r, gr_r) = kern(k, v, td, tf, g), ref(k, v, td, tf, g)
+        errs = [rel_err(o, o_r)] + [rel_err(a, b) for a, b in zip(gr, gr_r)]
+        tol = 2e-2 if dtype == jnp.bfloat16 else (1e-3 if k_kind == "pm200" else 1e-4)
+        good = all(e < tol for e in errs)
+        ok &= good
+        print(f"{'PASS' if good else 'FAIL'} B={B} T={T} C={C} K={k_kind} k_clamp={k_clamp} "
+              f"{jnp.dtype(dtype).name}: rel err out/dk/dv/dtd/dtf = "
+              + " ".join(f"{e:.1e}" for e in errs) + f" (tol {tol:g})")
+
+    # State variant: a real mid-sequence state in, final state out, gradients through both.
+    for k_clamp in (60.0, None):
+        B, T, C = 2, 600 if not args.smoke else 60, 128
+        (k, v, td, tf), g = make_inputs(seed + 100, B, T, C)
+        prev, _ = make_inputs(seed + 101, B, 50, C)
+        _, s0 = reference_with_state(*prev, k_clamp=k_clamp)
+        rng = np.random.default_rng(seed + 102)
+        cts = (g, WKVState(*(jnp.asarray(rng.normal(size=(B, C)), jnp.float32) for _ in range(3))))
+
+        def run(fn):
+            def f(k, v, td, tf, s):
+                (o, s1), pullback = jax.vjp(fn, k, v, td, tf, s)
+                return o, s1, pullback(cts)
+            return jax.jit(f)
+
+        kern = run(lambda k, v, td, tf, s: wkv_with_state(k, v, td, tf, s, k_clamp=k_clamp, interpret=interpret))
+        ref = run(lambda k, v, td, tf, s: reference_with_state(k, v, td, tf, s, k_clamp=k_clamp))
+        (o, s1, gr), (o_r, s1_r, gr_r) = kern(k, v, td, tf, s0), ref(k, v, td, tf, s0)
+        errs = [rel_err(o, o_r)] + [rel_err(a, b) for a, b in zip(s1, s1_r)]
+        errs += [rel_err(a, b) for a, b in zip(jax.tree_util.tree_leaves(gr), jax.tree_util.tree_leaves(gr_r))]
+        # Two chunks with the state carried equal one pass.
+        cut = T // 3
+        f = jax.jit(lambda k, v, s: wkv_with_state(k, v, td, tf, s, k_clamp=k_clamp, interpret=interpret))
+        o1, sa = f(k[:, :cut], v[:, :cut], s0)
+        o2, sb = f(k[:, cut:], v[:, cut:], sa)
+        errs += [rel_err(jnp.concatenate([o1, o2], 1), o)] + [rel_err(a, b) for a, b in zip(sb, s1)]
+        good = all(e < 1e-4 for e in errs)
+        ok &= good
+        print(f"{'PASS' if good else 'FAIL'} state B={B} T={T} C={C} k_clamp={k_clamp}: rel err "
+              "out/aa/bb/pp/dk/dv/dtd/dtf/daa0/dbb0/dpp0/2-chunk out,aa,bb,pp = "
+              + " ".join(f"{e:.1e}" for e in errs))
+    print(f"CORRECTNESS: {'PASS' if ok else 'FAIL'}")
+    return ok
+
+
+# ---------------------------------------------------------------------------------------
+# Timing.
+
+
+def time_fn(fn, arg_sets, reps, min_time):
+    """Median seconds per call: reps x (N back-to-back calls, then one block)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*arg_sets[0]))  # compile + warm up
+    time_fn.first_call = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*arg_sets[1 % len(arg_sets)]))
+    one = time.perf_counter() - t0
+    if one > 3.0:  # too slow to repeat within one device lease: one timed call
+        return one
+    n = int(min(1000, max(1, min_time / max(one, 1e-6))))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = None
+        for i in range(n):
+            out = fn(*arg_sets[i % len(arg_sets)])
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / n)
+    return statistics.median(times)
+
+
+def copy_bandwidth(smoke):
+    """Bytes read + written per second by a device-to-device copy of 1 GiB (best of two forms)."""
+    n = (1 << 20) if smoke else (1 << 28)
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
+    best = 0.0
+    for name, f in [("copy", jax.jit(lambda x: jnp.array(x, copy=True))), ("x+1", jax.jit(lambda x: x + 1.0))]:
+        t = time_fn(f, [(x,)], 5, 0.2)
+        bw = 2 * x.nbytes / t
+        print(f"device-to-device {name} of {x.nbytes / 2**30:.3g} GiB: {t * 1e3:.3f} ms, {bw / 1e9:.0f} GB/s")
+        best = max(best, bw)
+    return best
+
+
+def floor_bytes(B, T, C, itemsize):
+    n = B * T * C
+    fwd = n * (2 * itemsize + 4)  # read k, v; write out (float32)
+    bwd = n * (2 * itemsize + 4 + 2 * itemsize)  # read k, v, g; write dk, dv
+    return fwd, fwd + bwd
+
+
+def bench_row(name, fwd, fb, B, C, T, dtype, copy_bw, args, n_sets):
+    itemsize = jnp.dtype(dtype).itemsize
+    sets = [make_inputs(s, B, T, C, "normal", dtype) for s in range(n_sets)]
+    fwd_args = [a for a, _ in sets]
+    fb_args = [(*a, g) for a, g in sets]
+    b_fwd, b_fb = floor_bytes(B, T, C, itemsize)
+    cells, compile_s = [], []
+    for fn, fa, nbytes in ((fwd, fwd_args, b_fwd), (fb, fb_args, b_fb)):
+        try:
+            t = time_fn(fn, fa, args.reps, args.min_time)
+            compile_s.append(f"{time_fn.first_call:.0f}s")
+            gbs = nbytes / t / 1e9
+            cells.append(f"{t * 1e6:,.1f} | {gbs:,.0f} ({100 * gbs * 1e9 / copy_bw:.0f}%)")
+        except Exception as e:  # noqa: BLE001 - one failure must not end the run
+            print(f"  {name} B={B} C={C} T={T}: {type(e).__name__}: {str(e)[:300]}")
+            cells.append("failed | -")
+    del sets, fwd_args, fb_args
+    row = f"| {name} | {B} | {C} | {T} | {cells[0]} | {cells[1]} |"
+    print(row + f" compile+first call: {'/'.join(compile_s)}", flush=True)
+    return row
+
+
+TABLE_HEAD = ("| impl | B | C | T | fwd µs | fwd GB/s (%copy) | fwd+bwd µs | fwd+bwd GB/s (%copy) |\n"
+              "|---|---|---|---|---|---|---|---|")
+
+
+def table(args, copy_bw):
+    dtype = jnp.dtype(args.dtype)
+    sizes = SIZES
+    if args.sizes:
+        sizes = [tuple(int(x) for x in s.split(",")) for s in args.sizes.split(";")]
+    if args.smoke:
+        sizes = [(2, 40, 64), (1, 24, 300)]
+    interp = args.smoke
+    print(f"\n## Timing ({dtype.name} k, v; k_clamp=60 unless said; median of {args.reps})")
+    print(TABLE_HEAD)
+    rows = []
+    for B, C, T in sizes:
+        plan = _make_plan(B, T, C, k_clamp=60.0, k_eps=1e-9, linear=True, blocks=WKVBlockSizes(),
+                          interpret=False)
+        n_sets = 3 if B * T * C * 4 * 6 < 4e9 else 1
+        impls = [("pallas", dict(k_clamp=60.0)), ("pallas k_clamp=None", dict(k_clamp=None))]
+        for name, kw in impls:
+            fwd = jax.jit(lambda k, v, td, tf, kw=kw: wkv(k, v, td, tf, interpret=interp, **kw))
+            fb = vjp_fn(lambda k, v, td, tf, kw=kw: wkv(k, v, td, tf, interpret=interp, **kw))
+            rows.append(bench_row(f"{name} ({plan.n_chunks} chunk{'s' * (plan.n_chunks > 1)})",
+                                  fwd, fb, B, C, T, dtype, copy_bw, args, n_sets))
+        if args.no_baselines:
+            continue
+        rows.append(bench_row("plain-JAX scan", jax.jit(wkv_reference), vjp_fn(wkv_reference),
+                              B, C, T, dtype, copy_bw, args, 1))
+        if T * T * C * 4 <= CONV_MAX_BYTES:
+            rows.append(bench_row("O(T²) convolution", jax.jit(wkv_convolution),
+                                  vjp_fn(wkv_convolution), B, C, T, dtype, copy_bw, args, 1))
+        else:
+            print(f"| O(T²) convolution | {B} | {C} | {T} | skipped: [T,T,C] weights "
+                  f"{T * T * C * 4 / 1e9:.0f} GB | - | - | - |")
+    return rows
+
+
+def sweep(args, copy_bw):
+    """Block-size variants of the kernel at the two shapes that matter most."""
+    print("\n## Sweep (pallas, k_clamp=60, float32): block sizes vs time")
+    variants = [
+        WKVBlockSizes(),
+        WKVBlockSizes(unroll=32),
+        WKVBlockSizes(unroll=64, unroll_train=8),
+        WKVBlockSizes(unroll_train=32),
+        WKVBlockSizes(num_stages=3),
+        WKVBlockSizes(block_c=64, num_warps=2),
+        WKVBlockSizes(block_c=64, num_warps=1),
+        WKVBlockSizes(min_programs=1024, chunk_to=1024),
+        WKVBlockSizes(chunk_to=2048),
+    ]
+    shapes = [(8, 1024, 1024), (1, 1024, 65536)] if not args.smoke else [(2, 40, 64)]
+    print(TABLE_HEAD.replace("impl", "block sizes [chunks]"))
+    shape_seen = {}
+    for B, C, T in shapes:
+        for bs in variants:
+            plan = _make_plan(B, T, C, k_clamp=60.0, k_eps=1e-9, linear=True, blocks=bs, interpret=False)
+            diff = {f.name: getattr(bs, f.name) for f in dataclasses.fields(bs)
+                    if getattr(bs, f.name) != getattr(WKVBlockSizes(), f.name)}
+            fwd = jax.jit(lambda k, v, td, tf, bs=bs: wkv(k, v, td, tf, block_sizes=bs, interpret=args.smoke))
+            fb = vjp_fn(lambda k, v, td, tf, bs=bs: wkv(k, v, td, tf, block_sizes=bs, interpret=args.smoke))
+            if shape_seen.get((B, C, T, plan)) is not None:
+                continue  # same plan as an earlier variant
+            shape_seen[(B, C, T, plan)] = True
+            bench_row(f"{diff or 'default'} [{plan.n_chunks} chunks]", fwd, fb, B, C, T,
+                      jnp.float32, copy_bw, args, 3 if B * T * C < (1 << 24) else 1)
+
+
+def main():
+    args = parse_args()
+    if args.smoke:
+        args.reps, args.min_time = 2, 0.01
+    dev = jax.devices()[0]
+    print(f"# WKV benchmark: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, "
+          f"jaxlib {jax.lib.__version__ if hasattr(jax.lib, '__version__') else '?'}, "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    print("command: python3 " + " ".join(sys.argv))
+    if dev.platform != "gpu" and not args.smoke:
+        print("No GPU: the Pallas Triton kernels need one (use --smoke for interpret mode on CPU).")
+        return 1
+    ok = None if args.no_check else check(args)
+    copy_bw = copy_bandwidth(args.smoke)
+    print(f"copy bandwidth (read + write): {copy_bw / 1e9:.0f} GB/s")
+    rows = table(args, copy_bw)
+    if args.sweep:
+        sweep(args, copy_bw)
+    verdict = "not run (--no-check)" if ok is None else ("PASS" if ok else "FAIL")
+    print(f"\n## Summary: {dev.device_kind}, copy {copy_bw / 1e9:.0f} GB/s, correctness {verdict}")
+    print(TABLE_HEAD)
+    print("\n".join(rows))
+    return 1 if ok is False else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

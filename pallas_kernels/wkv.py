@@ -1,0 +1,840 @@
+"""Pallas GPU kernels for the WKV operator of RWKV-v2: forward and backward, O(T), any shape.
+
+Computes exactly the function of the plain-JAX reference `rwkv2_jax.wkv` (spec, "The network"):
+
+    k_t = exp(min(K_t, k_clamp)),  u = exp(time_first),  d = exp(-exp(time_decay))
+    out_t = (u*k_t*v_t + sum_{i<t} d^(t-1-i) k_i v_i) / (u*k_t + sum_{i<t} d^(t-1-i) k_i + k_eps)
+
+with the same state convention (`WKVState(aa, bb, pp)`, true sums aa*exp(pp), bb*exp(pp)).
+
+Lowering: **Pallas Triton** (`jax.experimental.pallas.triton`, selected by passing
+`plgpu.CompilerParams`). Why not Mosaic GPU: the WKV is an elementwise recurrence over time
+with no matrix products, so Mosaic GPU's strengths (wgmma, TMA, warp specialisation) buy
+nothing here, while its Pallas API (`pl.pallas_call` with Mosaic GPU params is deprecated in
+favour of `plgpu.kernel`, and the warpgroup-level programming model) changed between jax
+0.10 and 0.11. The Triton lowering has had the same small API (`CompilerParams(num_warps,
+num_stages)`, `pallas_call`, ref indexing, `fori_loop`) in both versions, and works on any
+CUDA GPU from Ampere on, not only on Hopper. Its limits shape the code: every loaded block
+is a power of two (we load one row of `block_c` channels per time step and pad C inside),
+a grid has at most three axes (we use two, so `vmap` can add one), and there is no reverse
+scan (the backward indexes `end - 1 - i`).
+
+Known lowering pitfall (see _NO_SCALAR_SELECT below): never `jnp.where` between scalar
+Python literals inside these kernels; the Triton lowering miscompiles it and interpret
+mode cannot see it. tests/test_wkv_kernel.py reads the lowered Triton IR for this.
+
+Algorithm. One program owns `block_c` channels of one batch row and walks its time range
+with a sequential loop; each loop iteration handles `unroll` time steps whose rows were
+loaded one iteration earlier (prefetch in the loop carry), which keeps about `2*unroll`
+row loads in flight per program, so that the loop waits on bandwidth rather than on load
+latency (docs/PERF.md: 43-72% of the copy bandwidth on an H100 so far). When B*C/block_c programs would not fill the GPU, time is split into
+chunks: a first kernel computes each chunk's local end state (from a zero state), and the
+main kernel folds the local states of the earlier chunks (decay d^L per chunk) into its
+starting state before its own pass (the backward does the same in reverse).
+
+Two numeric modes, both exact implementations of the same function:
+* "linear" (the default of `wkv` when `k_clamp` is set, <= 64): plain float32 sums of
+  exp(K) with the clamp keeping them finite, as the original kernel did; one exp per step.
+  Needs time_first + k_clamp < ~88 (true of every release) and k_eps > 0.
+* "log": the running-max exponent of the reference (sums scaled by exp(-pp)); finite for any
+  K and any T. Used by `wkv` when `k_clamp` is None (or `mode="log"`), and always by
+  `wkv_with_state`, whose returned state must match the reference's (aa, bb, pp).
+
+Backward. The forward that feeds a gradient also saves its state every `unroll_train` steps
+(2 or 3 floats per channel per block: 1/8 of an array at the default). The backward walks
+time in reverse, one block at a time: it reloads the block's k, v, g rows and checkpoint,
+recomputes the forward over the block in registers (out and den never touch memory), then
+runs the block's steps in reverse, carrying the adjoints of the two sums (GA, GB) and their
+derivatives with respect to log d (GA', GB'). So forward+backward moves k, v, out, k, v, g,
+dk, dv (8 arrays), close to the floor. With den_t and out_t of step t:
+
+    GA_{t-1} = d*GA_t + g_t/den_t,   GB_{t-1} = d*GB_t - g_t*out_t/den_t
+    GA'_{t-1} = d*(GA_t + GA'_t),    GB'_{t-1} = d*(GB_t + GB'_t)
+    dv_t = k_t*GA_t + u*k_t*g_t/den_t
+    dK_t = k_t*(v_t*GA_t + GB_t) + u*k_t*g_t*(v_t - out_t)/den_t      (0 where the clamp cuts)
+    d(log d) += k_t*(v_t*GA'_t + GB'_t),  d(time_first) += u*k_t*g_t*(v_t - out_t)/den_t
+
+(log mode keeps GA, GB, GA', GB' scaled by exp(-q) with a running-max q, so every exp() is
+of a non-positive number). The final state's cotangent enters as the initial (GA, GB);
+the initial state's gradient is the final (GA, GB, GA', GB'). The final `pp` is a max over
+time; its own gradient is taken in plain JAX from `max(pp0 + T*w, max_t(K_t + (T-1-t)*w))`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from rwkv2_jax import wkv as reference  # the plain-JAX reference this kernel must match
+from rwkv2_jax.wkv import EMPTY_EXP, WKVState
+
+__all__ = ["WKVBlockSizes", "wkv", "wkv_with_state", "WKVState", "reference"]
+
+# Largest clamp for which the linear mode's plain float32 sums stay finite:
+# u * e^64 * T / (1 - d) stays far below float32's 3.4e38 ≈ e^88 for realistic time_first.
+LINEAR_MAX_CLAMP = 64.0
+# Smallest k_eps for the linear mode: den >= k_eps keeps 1/den finite.
+LINEAR_MIN_EPS = 1e-30
+
+
+@dataclasses.dataclass(frozen=True)
+class WKVBlockSizes:
+    """Launch parameters of the WKV kernels (all static; none needs to divide the shape).
+
+    block_c:      channels per program, a power of two (C is padded up inside).
+    unroll:       time steps per loop iteration of the forward without gradient; their rows
+                  are loaded one iteration ahead.
+    unroll_train: the same for the forward that saves for the backward, and for the
+                  backward: also the interval of the saved state checkpoints, and the block
+                  the backward recomputes the forward over in registers.
+    num_warps:    Triton warps per program (block_c / (32 * num_warps) channels per thread).
+    num_stages:   Triton software-pipelining depth of the time loops.
+    min_programs: split time into chunks while B * C / block_c programs are fewer than this...
+    chunk_to:     ...aiming at this many programs in all,
+    min_chunk:    but never with chunks shorter than this many steps.
+    """
+
+    block_c: int = 32
+    unroll: int = 16
+    unroll_train: int = 16
+    num_warps: int = 1
+    num_stages: int = 1
+    min_programs: int = 256
+    chunk_to: int = 512
+    min_chunk: int = 512
+
+    def __post_init__(self):
+        if self.block_c < 1 or self.block_c & (self.block_c - 1):
+            raise ValueError(f"WKVBlockSizes: {self.block_c=} must be a power of two")
+        if min(self.unroll, self.unroll_train, self.min_chunk, self.min_programs, self.chunk_to) < 1:
+            raise ValueError(f"WKVBlockSizes: positive sizes needed, got {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything static about one call: shapes after padding, chunking, numeric mode."""
+
+    B: int
+    T: int
+    C: int  # padded channel count, a multiple of bc
+    bc: int  # channels per program
+    unroll: int  # forward without gradient
+    unroll_train: int  # forward with checkpoints, backward; the checkpoint interval
+    n_chunks: int
+    chunk: int  # steps per chunk (the last one may be shorter); a multiple of both unrolls
+    linear: bool
+    k_clamp: Optional[float]
+    k_eps: float
+    num_warps: int
+    num_stages: int
+    interpret: bool
+
+    @property
+    def n_cb(self) -> int:
+        return self.C // self.bc
+
+    @property
+    def grid(self) -> Tuple[int, int]:
+        return (self.B * self.n_cb, self.n_chunks)
+
+    @property
+    def n_ckpt(self) -> int:  # checkpoints per sequence: one every unroll_train steps
+        return -(-self.T // self.unroll_train)
+
+    @property
+    def log_eps(self) -> Optional[float]:
+        return math.log(self.k_eps) if self.k_eps > 0 else None
+
+    @property
+    def n_state(self) -> int:  # arrays in a forward state: (A, B) linear, (aa, bb, pp) log
+        return 2 if self.linear else 3
+
+    @property
+    def n_carry(self) -> int:  # arrays in a backward carry: GA, GB, GA', GB' (+ q in log mode)
+        return 4 if self.linear else 5
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _make_plan(B, T, C, *, k_clamp, k_eps, linear, blocks: WKVBlockSizes, interpret) -> _Plan:
+    bc = min(blocks.block_c, _next_pow2(C))
+    c_pad = -(-C // bc) * bc
+    unroll, unroll_train = min(blocks.unroll, T), min(blocks.unroll_train, T)
+    programs = B * (c_pad // bc)
+    n_chunks = 1
+    if programs < blocks.min_programs:
+        n_chunks = max(1, min(-(-blocks.chunk_to // programs), T // blocks.min_chunk))
+    step = math.lcm(unroll, unroll_train)
+    chunk = -(-T // n_chunks)
+    chunk = -(-chunk // step) * step
+    n_chunks = -(-T // chunk)
+    return _Plan(
+        B=B, T=T, C=c_pad, bc=bc, unroll=unroll, unroll_train=unroll_train,
+        n_chunks=n_chunks, chunk=chunk, linear=linear,
+        k_clamp=None if k_clamp is None else float(k_clamp), k_eps=float(k_eps),
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Kernel building blocks (traced inside the kernels). Every value is a [bc] row.
+
+
+def _program(plan: _Plan):
+    """(batch row b, channel slice, chunk index) of this program."""
+    pid = pl.program_id(0)
+    b = lax.div(pid, plan.n_cb)
+    c0 = pl.multiple_of((pid - b * plan.n_cb) * plan.bc, plan.bc)
+    return b, pl.ds(c0, plan.bc), pl.program_id(1)
+
+
+def _chunk_range(plan: _Plan, chunk):
+    """First step and step count of a chunk (Python ints when there is one chunk)."""
+    if plan.n_chunks == 1:
+        return 0, plan.T
+    start = chunk * plan.chunk
+    return start, jnp.minimum(plan.chunk, plan.T - start)
+
+
+def _is_static(x, value) -> bool:
+    return isinstance(x, int) and x == value
+
+
+def _time_loop(U: int, start, n, load, step, carry, on_block=None):
+    """carry = step(carry, load(t), t) for t in [start, start + n), in order.
+
+    Rows are loaded U steps ahead: each loop iteration issues the loads of the next
+    iteration's U rows before running its own U steps on rows loaded one iteration
+    earlier. Prefetches past the range are clamped to its last step (loaded, not used).
+    on_block(j, carry) runs before each block of U steps (j = 0, 1, ...; the tail too).
+    """
+    last = start + n - 1
+    load_at = lambda i: load(jnp.minimum(start + i, last))
+    n_full = n // U
+    if not _is_static(n_full, 0):
+
+        def body(j, c):
+            carry, rows = c
+            nxt = tuple(load_at((j + 1) * U + i) for i in range(U))
+            if on_block is not None:
+                on_block(j, carry)
+            for i in range(U):
+                carry = step(carry, rows[i], start + j * U + i)
+            return carry, nxt
+
+        carry, _ = lax.fori_loop(0, n_full, body, (carry, tuple(load_at(i) for i in range(U))))
+    rem = n - n_full * U
+    if not _is_static(rem, 0):
+        if on_block is not None:
+            if isinstance(rem, int):
+                on_block(n_full, carry)
+            else:
+                pl.when(rem > 0)(lambda: on_block(n_full, carry))
+
+        def tail(i, carry):
+            t = start + n_full * U + i
+            return step(carry, load(t), t)
+
+        carry = lax.fori_loop(0, rem, tail, carry)
+    return carry
+
+
+# _NO_SCALAR_SELECT: the Pallas Triton lowering (jax 0.10 and 0.11) gives a weak-typed Python
+# literal operand of select_n the predicate's type, so jnp.where(pred, 520, 560) on scalars
+# becomes select(pred, false, false) : i1 on the GPU (interpret mode is right). Kernels here
+# never select between scalar literals: they use arithmetic, or selects of full [bc] arrays.
+
+
+def _params(td_ref, tf_ref, cs):
+    """Per-channel w = log d and log u, [bc] float32."""
+    return -jnp.exp(td_ref[cs].astype(jnp.float32)), tf_ref[cs].astype(jnp.float32)
+
+
+def _clamp(plan: _Plan, kraw):
+    return kraw if plan.k_clamp is None else jnp.minimum(kraw, plan.k_clamp)
+
+
+def _clamp_grad(plan: _Plan, kraw):
+    """d min(K, clamp) / dK as JAX defines it (1 below, 0.5 at, 0 above the clamp)."""
+    if plan.k_clamp is None:
+        return None
+    c = plan.k_clamp
+    one = jnp.ones_like(kraw)
+    return jnp.where(kraw < c, one, jnp.where(kraw == c, 0.5 * one, 0.0 * one))
+
+
+def _fwd_step_fn(plan: _Plan, w, u_log):
+    """step(state, kraw, v, with_out) -> (state after, out, res): one forward step.
+
+    res is what the backward needs besides out: 1/den (linear) or log(den) (log mode).
+    """
+    if plan.linear:
+        d, u = jnp.exp(w), jnp.exp(u_log)
+        eps = plan.k_eps
+
+        def step(carry, kraw, v, with_out=True):
+            A, Bs = carry
+            kk = jnp.exp(_clamp(plan, kraw))
+            out = r = None
+            if with_out:
+                ukk = u * kk
+                r = 1.0 / (Bs + ukk + eps)
+                out = (A + ukk * v) * r
+            return (d * A + kk * v, d * Bs + kk), out, r
+
+        return step
+
+    log_eps = plan.log_eps
+
+    def step(carry, kraw, v, with_out=True):
+        aa, bb, pp = carry
+        kc = _clamp(plan, kraw)
+        out = lnd = None
+        if with_out:
+            ww = u_log + kc
+            p = jnp.maximum(pp, ww)
+            if log_eps is not None:
+                p = jnp.maximum(p, log_eps)
+            e1 = jnp.exp(pp - p)
+            e2 = jnp.exp(ww - p)
+            den = e1 * bb + e2
+            if log_eps is not None:
+                den = den + jnp.exp(log_eps - p)
+            out, lnd = (e1 * aa + e2 * v) / den, p + jnp.log(den)
+        # Update: one of the two weights is exactly 1 (the larger exponent).
+        pd = pp + w
+        x = jnp.exp(-jnp.abs(pd - kc))
+        keep = pd >= kc
+        one = jnp.ones_like(x)
+        e1 = jnp.where(keep, one, x)
+        e2 = jnp.where(keep, x, one)
+        return (e1 * aa + e2 * v, e1 * bb + e2, jnp.maximum(pd, kc)), out, lnd
+
+    return step
+
+
+def _fwd_fold(plan: _Plan, w, carry, local):
+    """State after a full chunk: decay `carry` by d^chunk and add the chunk's local state."""
+    Lw = plan.chunk * w
+    if plan.linear:
+        dL = jnp.exp(Lw)
+        return tuple(dL * c + l for c, l in zip(carry, local))
+    aa, bb, pp = carry
+    la, lb, lp = local
+    pd = pp + Lw
+    p = jnp.maximum(pd, lp)
+    e1, e2 = jnp.exp(pd - p), jnp.exp(lp - p)
+    return e1 * aa + e2 * la, e1 * bb + e2 * lb, p
+
+
+def _zero_fwd_state(plan: _Plan):
+    z = jnp.zeros((plan.bc,), jnp.float32)
+    if plan.linear:
+        return (z, z)
+    return (z, z, jnp.full((plan.bc,), EMPTY_EXP, jnp.float32))
+
+
+def _zero_bwd_carry(plan: _Plan):
+    z = jnp.zeros((plan.bc,), jnp.float32)
+    if plan.linear:
+        return (z, z, z, z)
+    return (z, z, z, z, jnp.full((plan.bc,), EMPTY_EXP, jnp.float32))
+
+
+def _bwd_push(plan: _Plan, w, carry, g, out, res):
+    """Carry for GA_{t-1} from the carry for GA_t and step t's (g, out, res)."""
+    if plan.linear:
+        d = jnp.exp(w)
+        GA, GB, GA2, GB2 = carry
+        x = g * res
+        return d * GA + x, d * GB - x * out, d * (GA + GA2), d * (GB + GB2)
+    ga, gb, ga2, gb2, q = carry
+    ex = -res
+    qw = q + w
+    x = jnp.exp(-jnp.abs(qw - ex))
+    keep = qw >= ex
+    one = jnp.ones_like(x)
+    a1 = jnp.where(keep, one, x)
+    a2 = jnp.where(keep, x, one)
+    return (a1 * ga + a2 * g, a1 * gb - a2 * g * out, a1 * (ga + ga2), a1 * (gb + gb2),
+            jnp.maximum(qw, ex))
+
+
+def _bwd_fold(plan: _Plan, w, carry, local, length):
+    """Carry before a chunk of `length` steps: transfer `carry` across it, add its local carry."""
+    Lw = length * w
+    if plan.linear:
+        dL = jnp.exp(Lw)
+        GA, GB, GA2, GB2 = carry
+        lA, lB, lA2, lB2 = local
+        return (dL * GA + lA, dL * GB + lB,
+                dL * (GA2 + length * GA) + lA2, dL * (GB2 + length * GB) + lB2)
+    ga, gb, ga2, gb2, q = carry
+    la, lb, la2, lb2, lq = local
+    qw = q + Lw
+    qn = jnp.maximum(qw, lq)
+    a1, a2 = jnp.exp(qw - qn), jnp.exp(lq - qn)
+    return (a1 * ga + a2 * la, a1 * gb + a2 * lb,
+            a1 * (ga2 + length * ga) + a2 * la2, a1 * (gb2 + length * gb) + a2 * lb2, qn)
+
+
+def _bwd_walk(plan: _Plan, w, u_log, start, n, load_rows, load_ckpt, carry, emit):
+    """Walk [start, start + n) backwards in blocks of U = unroll_train steps.
+
+    Per block: load its U rows (k, v, g) and the forward state checkpointed at its start,
+    recompute the forward over the block in registers (out and den never touch memory),
+    then run the U backward steps in reverse. Rows and checkpoint of the next (earlier)
+    block are loaded before the current block is processed. The last block of the range
+    may be partial: its steps past the range run on clamped rows with a frozen carry, and
+    their stores land on the range's last step before the real value overwrites them.
+
+    emit: None (carry only, for chunk-local carries) or store(t, dk, dv); then the
+    returned carry is (carry, du, dw) with per-channel sums of d log u and d log d.
+    """
+    U = plan.unroll_train
+    fwd = _fwd_step_fn(plan, w, u_log)
+    if plan.linear:
+        u = jnp.exp(u_log)
+    last = start + n - 1
+    n_blocks = (n + U - 1) // U
+
+    def fetch(j):  # block j of the range (clamped to block 0 when negative)
+        j = jnp.maximum(j, 0)
+        rows = tuple(load_rows(jnp.minimum(start + j * U + i, last)) for i in range(U))
+        return rows, load_ckpt(j)
+
+    def block(c, fetched, j, valid):
+        rows, st = fetched
+        carry, du, dw = c
+        outs = []
+        for i in range(U):  # forward recompute
+            st, out, res = fwd(st, rows[i][0], rows[i][1])
+            outs.append((out, res))
+        for i in reversed(range(U)):
+            kraw, v, g = rows[i]
+            out, res = outs[i]
+            new = _bwd_push(plan, w, carry, g, out, res)
+            if emit is not None:
+                kc = _clamp(plan, kraw)
+                if plan.linear:
+                    GA, GB, GA2, GB2 = carry
+                    kk = jnp.exp(kc)
+                    direct = u * kk * g * res
+                else:
+                    GA, GB, GA2, GB2, q = carry
+                    kk = jnp.exp(kc + q)  # k_t * exp(q): the carry's scale folded in
+                    direct = g * jnp.exp(u_log + kc - res)
+                dv = kk * GA + direct
+                dk = kk * (v * GA + GB) + direct * (v - out)
+                mask = _clamp_grad(plan, kraw)
+                if mask is not None:
+                    dk = dk * mask
+                t = start + j * U + i
+                emit(t if valid is None else jnp.minimum(t, last), dk, dv)
+                ddu = direct * (v - out)
+                ddw = kk * (v * GA2 + GB2)
+            if valid is not None:  # steps past the range leave everything unchanged
+                ok = i < valid
+                new = tuple(jnp.where(ok, a, b) for a, b in zip(new, carry))
+                if emit is not None:
+                    zero = jnp.zeros_like(ddu)
+                    ddu, ddw = jnp.where(ok, ddu, zero), jnp.where(ok, ddw, zero)
+            carry = new
+            if emit is not None:
+                du, dw = du + ddu, dw + ddw
+        return carry, du, dw
+
+    zero = jnp.zeros((plan.bc,), jnp.float32)
+    j_last = n_blocks - 1
+    valid_last = n - j_last * U  # steps of the last block inside the range, 1..U
+    static_full = _is_static(valid_last, U)
+
+    def body(i, cc):  # block j = j_last - i; the next one's rows are loaded first
+        c, fetched = cc
+        j = j_last - i
+        nxt = fetch(j - 1)
+        # valid_last for the first block walked, U after (arithmetic: see _NO_SCALAR_SELECT)
+        valid = None if static_full else valid_last + jnp.minimum(i, 1) * (U - valid_last)
+        return block(c, fetched, j, valid), nxt
+
+    c, _ = lax.fori_loop(0, n_blocks, body, ((carry, zero, zero), fetch(j_last)))
+    return c if emit is not None else c[0]
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels.
+
+
+def _load_kv(k_ref, v_ref, b, cs):
+    return lambda t: (k_ref[b, t, cs].astype(jnp.float32), v_ref[b, t, cs].astype(jnp.float32))
+
+
+def _fwd_local_kernel(k_ref, v_ref, td_ref, tf_ref, *loc_refs, plan: _Plan):
+    """Chunk-local end state (from a zero state) of each chunk: [n_chunks, B, C] each."""
+    b, cs, chunk = _program(plan)
+    w, u_log = _params(td_ref, tf_ref, cs)
+    start, n = _chunk_range(plan, chunk)
+    fwd = _fwd_step_fn(plan, w, u_log)
+    step = lambda carry, row, t: fwd(carry, *row, with_out=False)[0]
+    carry = _time_loop(plan.unroll, start, n, _load_kv(k_ref, v_ref, b, cs), step,
+                       _zero_fwd_state(plan))
+    for ref, x in zip(loc_refs, carry):
+        ref[chunk, b, cs] = x
+
+
+def _fwd_kernel(*refs, plan: _Plan, state_in: bool, state_out: bool, save: bool):
+    """out [B, T, C]; with `save`, the state every unroll_train steps [B, n_ckpt, C] each;
+    with `state_out`, each chunk's end state [n_chunks, B, C] each (the last is the final)."""
+    it = iter(refs)
+    k_ref, v_ref, td_ref, tf_ref = (next(it) for _ in range(4))
+    s0_refs = [next(it) for _ in range(3)] if state_in else None
+    loc_refs = [next(it) for _ in range(plan.n_state)] if plan.n_chunks > 1 else None
+    out_ref = next(it)
+    ck_refs = [next(it) for _ in range(plan.n_state)] if save else None
+    sT_refs = [next(it) for _ in range(3)] if state_out else None
+
+    b, cs, chunk = _program(plan)
+    w, u_log = _params(td_ref, tf_ref, cs)
+    carry = tuple(r[b, cs] for r in s0_refs) if state_in else _zero_fwd_state(plan)
+    if plan.n_chunks > 1:
+
+        def fold(j, carry):
+            return _fwd_fold(plan, w, carry, tuple(r[j, b, cs] for r in loc_refs))
+
+        carry = lax.fori_loop(0, chunk, fold, carry)
+
+    fwd = _fwd_step_fn(plan, w, u_log)
+
+    def step(carry, row, t):
+        carry, out, _ = fwd(carry, *row)
+        out_ref[b, t, cs] = out
+        return carry
+
+    on_block = None
+    U = plan.unroll
+    if save:
+        U = plan.unroll_train
+        blk0 = chunk * (plan.chunk // U)
+
+        def save_block(j, carry):
+            for ref, x in zip(ck_refs, carry):
+                ref[b, blk0 + j, cs] = x
+
+        on_block = save_block
+
+    start, n = _chunk_range(plan, chunk)
+    carry = _time_loop(U, start, n, _load_kv(k_ref, v_ref, b, cs), step, carry, on_block)
+    if state_out:
+        for ref, x in zip(sT_refs, carry):
+            ref[chunk, b, cs] = x
+
+
+def _bwd_refs(refs, plan):
+    it = iter(refs)
+    k_ref, v_ref, g_ref, td_ref, tf_ref = (next(it) for _ in range(5))
+    ck_refs = [next(it) for _ in range(plan.n_state)]
+    rest = list(it)
+    b, cs, chunk = _program(plan)
+    w, u_log = _params(td_ref, tf_ref, cs)
+    blk0 = chunk * (plan.chunk // plan.unroll_train)
+
+    def load_rows(t):
+        return (k_ref[b, t, cs].astype(jnp.float32), v_ref[b, t, cs].astype(jnp.float32),
+                g_ref[b, t, cs])
+
+    def load_ckpt(j):
+        return tuple(r[b, blk0 + j, cs] for r in ck_refs)
+
+    return (b, cs, chunk, w, u_log, load_rows, load_ckpt), rest
+
+
+def _bwd_local_kernel(*refs, plan: _Plan):
+    """Chunk-local backward carry at each chunk's start (from a zero carry at its end)."""
+    (b, cs, chunk, w, u_log, load_rows, load_ckpt), loc_refs = _bwd_refs(refs, plan)
+    start, n = _chunk_range(plan, chunk)
+    carry = _bwd_walk(plan, w, u_log, start, n, load_rows, load_ckpt, _zero_bwd_carry(plan), None)
+    for ref, x in zip(loc_refs, carry):
+        ref[chunk, b, cs] = x
+
+
+def _bwd_kernel(*refs, plan: _Plan, state: bool):
+    (b, cs, chunk, w, u_log, load_rows, load_ckpt), rest = _bwd_refs(refs, plan)
+    it = iter(rest)
+    ct_refs = [next(it) for _ in range(3)] if state else None  # gaa, gbb, ppT
+    loc_refs = [next(it) for _ in range(plan.n_carry)] if plan.n_chunks > 1 else None
+    dk_ref, dv_ref, du_ref, dw_ref = (next(it) for _ in range(4))
+    c0_refs = [next(it) for _ in range(plan.n_carry)] if state else None
+
+    if state:  # log mode: GA = gaa * exp(-ppT), GB = gbb * exp(-ppT)
+        z = jnp.zeros((plan.bc,), jnp.float32)
+        carry = (ct_refs[0][b, cs], ct_refs[1][b, cs], z, z, -ct_refs[2][b, cs])
+    else:
+        carry = _zero_bwd_carry(plan)
+    if plan.n_chunks > 1:
+        last = plan.T - (plan.n_chunks - 1) * plan.chunk
+
+        def fold(i, carry):
+            j = plan.n_chunks - 1 - i
+            # last for the last chunk, plan.chunk before it (arithmetic: see _NO_SCALAR_SELECT)
+            length = (plan.chunk - (plan.chunk - last) * (j == plan.n_chunks - 1).astype(jnp.int32))
+            length = length.astype(jnp.float32)
+            return _bwd_fold(plan, w, carry, tuple(r[j, b, cs] for r in loc_refs), length)
+
+        carry = lax.fori_loop(0, plan.n_chunks - 1 - chunk, fold, carry)
+
+    def emit(t, dk, dv):
+        dk_ref[b, t, cs] = dk.astype(dk_ref.dtype)
+        dv_ref[b, t, cs] = dv.astype(dv_ref.dtype)
+
+    start, n = _chunk_range(plan, chunk)
+    carry, du, dw = _bwd_walk(plan, w, u_log, start, n, load_rows, load_ckpt, carry, emit)
+    du_ref[chunk, b, cs] = du
+    dw_ref[chunk, b, cs] = dw
+    if state:
+        for ref, x in zip(c0_refs, carry):
+            ref[chunk, b, cs] = x
+
+
+# ----------------------------------------------------------------------------------------
+# Calls.
+
+
+def _call(plan: _Plan, kernel, out_shapes, *args, name: str):
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shapes,
+        grid=plan.grid,
+        interpret=plan.interpret,
+        name=name,
+        compiler_params=plgpu.CompilerParams(
+            num_warps=plan.num_warps, num_stages=plan.num_stages
+        ),
+    )(*args)
+
+
+def _sds(shape, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _forward(plan: _Plan, k, v, td, tf, state0, *, save: bool, state_out: bool):
+    """(out, checkpoints or None, final state or None) on padded arrays."""
+    B, T, C, NC = plan.B, plan.T, plan.C, plan.n_chunks
+    local = ()
+    if NC > 1:
+        local = _call(
+            plan, functools.partial(_fwd_local_kernel, plan=plan),
+            [_sds((NC, B, C))] * plan.n_state, k, v, td, tf, name="wkv_fwd_chunk_states",
+        )
+    out_shapes = ([_sds((B, T, C))] + [_sds((B, plan.n_ckpt, C))] * plan.n_state * save
+                  + [_sds((NC, B, C))] * 3 * state_out)
+    kernel = functools.partial(
+        _fwd_kernel, plan=plan, state_in=state0 is not None, state_out=state_out, save=save,
+    )
+    outs = _call(plan, kernel, out_shapes, k, v, td, tf, *(state0 or ()), *local, name="wkv_fwd")
+    ckpts = tuple(outs[1:1 + plan.n_state]) if save else None
+    final = tuple(x[-1] for x in outs[len(outs) - 3:]) if state_out else None
+    return outs[0], ckpts, final
+
+
+def _backward(plan: _Plan, k, v, td, tf, ckpts, g, final_ct):
+    """(dk, dv, d log u summed, d log d summed, carry at t=-1 or None) on padded arrays."""
+    B, T, C, NC = plan.B, plan.T, plan.C, plan.n_chunks
+    local = ()
+    if NC > 1:
+        local = _call(
+            plan, functools.partial(_bwd_local_kernel, plan=plan),
+            [_sds((NC, B, C))] * plan.n_carry, k, v, g, td, tf, *ckpts,
+            name="wkv_bwd_chunk_carries",
+        )
+    state = final_ct is not None
+    out_shapes = ([_sds((B, T, C), k.dtype), _sds((B, T, C), v.dtype)]
+                  + [_sds((NC, B, C))] * 2 + [_sds((NC, B, C))] * plan.n_carry * state)
+    outs = _call(
+        plan, functools.partial(_bwd_kernel, plan=plan, state=state), out_shapes,
+        k, v, g, td, tf, *ckpts, *(final_ct or ()), *local, name="wkv_bwd",
+    )
+    dk, dv, du, dw = outs[:4]
+    carry0 = tuple(x[0] for x in outs[4:]) if state else None
+    return dk, dv, du.sum((0, 1)), dw.sum((0, 1)), carry0
+
+
+# Without state: out = f(k, v, time_decay, time_first).
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _wkv_core(plan, k, v, td, tf):
+    return _forward(plan, k, v, td, tf, None, save=False, state_out=False)[0]
+
+
+def _wkv_core_fwd(plan, k, v, td, tf):
+    out, ckpts, _ = _forward(plan, k, v, td, tf, None, save=True, state_out=False)
+    return out, (k, v, td, tf, ckpts)
+
+
+def _wkv_core_bwd(plan, saved, g):
+    k, v, td, tf, ckpts = saved
+    dk, dv, du, dw, _ = _backward(plan, k, v, td, tf, ckpts, g.astype(jnp.float32), None)
+    return dk, dv, dw * -jnp.exp(td), du
+
+
+_wkv_core.defvjp(_wkv_core_fwd, _wkv_core_bwd)
+
+
+# With state (log mode): (out, aa, bb, pp) = f(k, v, time_decay, time_first, aa0, bb0, pp0).
+
+
+def _final_pp(k, td, pp0, k_clamp):
+    """pp after the last step, as a closed form: max(pp0 + T*w, max_t(K_t + (T-1-t)*w))."""
+    T = k.shape[1]
+    kc = k.astype(jnp.float32)
+    if k_clamp is not None:
+        kc = jnp.minimum(kc, k_clamp)
+    w = -jnp.exp(td)
+    lag = (T - 1 - jnp.arange(T)).astype(jnp.float32)[:, None] * w  # [T, C]
+    return jnp.maximum(pp0 + T * w, jnp.max(kc + lag, axis=1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _wkv_state_core(plan, k, v, td, tf, aa0, bb0, pp0):
+    out, _, final = _forward(plan, k, v, td, tf, (aa0, bb0, pp0), save=False, state_out=True)
+    return (out, *final)
+
+
+def _wkv_state_core_fwd(plan, k, v, td, tf, aa0, bb0, pp0):
+    out, ckpts, final = _forward(plan, k, v, td, tf, (aa0, bb0, pp0), save=True, state_out=True)
+    return (out, *final), (k, v, td, tf, aa0, bb0, pp0, ckpts, final)
+
+
+def _wkv_state_core_bwd(plan, saved, cts):
+    k, v, td, tf, aa0, bb0, pp0, ckpts, (aaT, bbT, ppT) = saved
+    g, gaa, gbb, gpp = (x.astype(jnp.float32) for x in cts)
+    dk, dv, du, dw, (ga, gb, ga2, gb2, q) = _backward(
+        plan, k, v, td, tf, ckpts, g, (gaa, gbb, ppT)
+    )
+    # Initial state: the carry at t = -1 is the adjoint of its true sums aa0*exp(pp0), ...
+    scale = jnp.exp(q + pp0)
+    daa0, dbb0 = ga * scale, gb * scale
+    dpp0 = daa0 * aa0 + dbb0 * bb0
+    dw = dw + ((ga2 * aa0 + gb2 * bb0) * scale).sum(0)
+    dtd = dw * -jnp.exp(td)
+    # The final pp itself: what its cotangent carries beyond the scale of aa, bb.
+    gpp_eff = gpp - gaa * aaT - gbb * bbT
+    _, pp_vjp = jax.vjp(functools.partial(_final_pp, k_clamp=plan.k_clamp), k, td, pp0)
+    dk_pp, dtd_pp, dpp0_pp = pp_vjp(gpp_eff)
+    return (dk + dk_pp.astype(dk.dtype), dv, dtd + dtd_pp, du, daa0, dbb0, dpp0 + dpp0_pp)
+
+
+_wkv_state_core.defvjp(_wkv_state_core_fwd, _wkv_state_core_bwd)
+
+
+# ----------------------------------------------------------------------------------------
+# Public API.
+
+
+def _check(k, v, time_decay, time_first):
+    if k.ndim != 3 or v.shape != k.shape:
+        raise ValueError(f"wkv: k and v must be [B, T, C] of one shape, got {k.shape=} {v.shape=}")
+    B, T, C = k.shape
+    if time_decay.shape != (C,) or time_first.shape != (C,):
+        raise ValueError(
+            f"wkv: time_decay and time_first must be [C={C}], got "
+            f"{time_decay.shape=} {time_first.shape=}"
+        )
+    if T < 1 or B < 1 or C < 1:
+        raise ValueError(f"wkv: empty input {k.shape=}")
+
+
+def _pad_c(x, c_pad, value=0.0):
+    extra = c_pad - x.shape[-1]
+    if extra == 0:
+        return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)], constant_values=value)
+
+
+def wkv(
+    k: jax.Array,  # [B, T, C] K before exp, float32 or bfloat16
+    v: jax.Array,  # [B, T, C]
+    time_decay: jax.Array,  # [C] raw parameter: d = exp(-exp(time_decay))
+    time_first: jax.Array,  # [C] raw parameter: u = exp(time_first)
+    *,
+    k_clamp: Optional[float] = 60.0,
+    k_eps: float = 1e-9,
+    interpret: bool = False,
+    block_sizes: Optional[WKVBlockSizes] = None,
+    mode: Optional[str] = None,
+) -> jax.Array:
+    """out [B, T, C] float32 = num / den of the spec, from the start of a sequence.
+
+    Same function as `rwkv2_jax.wkv.wkv_reference`. Differentiable (custom VJP, Pallas
+    backward) in k, v, time_decay and time_first; k's gradient is 0 where the clamp cuts.
+    mode: None picks "linear" when k_clamp <= 64 and k_eps > 0, else "log" (see module doc).
+    interpret=True runs the kernels in the Pallas interpreter (CPU).
+    """
+    _check(k, v, time_decay, time_first)
+    if mode is None:
+        linear = k_clamp is not None and k_clamp <= LINEAR_MAX_CLAMP and k_eps >= LINEAR_MIN_EPS
+    elif mode in ("linear", "log"):
+        linear = mode == "linear"
+        if linear and (k_clamp is None or k_clamp > LINEAR_MAX_CLAMP or k_eps < LINEAR_MIN_EPS):
+            raise ValueError(
+                f"wkv: mode='linear' needs k_clamp <= {LINEAR_MAX_CLAMP} and "
+                f"k_eps >= {LINEAR_MIN_EPS}, got {k_clamp=} {k_eps=}"
+            )
+    else:
+        raise ValueError(f"wkv: {mode=} must be None, 'linear' or 'log'")
+    B, T, C = k.shape
+    plan = _make_plan(B, T, C, k_clamp=k_clamp, k_eps=k_eps, linear=linear,
+                      blocks=block_sizes or WKVBlockSizes(), interpret=interpret)
+    out = _wkv_core(
+        plan, _pad_c(k, plan.C), _pad_c(v, plan.C),
+        _pad_c(time_decay.astype(jnp.float32), plan.C),
+        _pad_c(time_first.astype(jnp.float32), plan.C),
+    )
+    return out[..., :C]
+
+
+def wkv_with_state(
+    k: jax.Array,  # [B, T, C] K before exp
+    v: jax.Array,  # [B, T, C]
+    time_decay: jax.Array,  # [C]
+    time_first: jax.Array,  # [C]
+    state: Optional[WKVState] = None,
+    *,
+    k_clamp: Optional[float] = 60.0,
+    k_eps: float = 1e-9,
+    interpret: bool = False,
+    block_sizes: Optional[WKVBlockSizes] = None,
+) -> Tuple[jax.Array, WKVState]:
+    """(out [B, T, C] float32, state after the last step), starting from `state` (None: empty).
+
+    Same function and state convention as `rwkv2_jax.wkv.wkv_with_state` (always the
+    running-max "log" mode, so the returned (aa, bb, pp) match the reference's).
+    Differentiable in k, v, time_decay, time_first and the initial state, and through the
+    returned state.
+    """
+    _check(k, v, time_decay, time_first)
+    B, T, C = k.shape
+    if state is None:
+        state = WKVState.zeros(B, C)
+    for name, x in zip(WKVState._fields, state):
+        if x.shape != (B, C):
+            raise ValueError(f"wkv_with_state: state.{name} must be [B={B}, C={C}], got {x.shape}")
+    plan = _make_plan(B, T, C, k_clamp=k_clamp, k_eps=k_eps, linear=False,
+                      blocks=block_sizes or WKVBlockSizes(), interpret=interpret)
+    out, aa, bb, pp = _wkv_state_core(
+        plan, _pad_c(k, plan.C), _pad_c(v, plan.C),
+        _pad_c(time_decay.astype(jnp.float32), plan.C),
+        _pad_c(time_first.astype(jnp.float32), plan.C),
+        *(_pad_c(x.astype(jnp.float32), plan.C) for x in state),
+    )
+    return out[..., :C], WKVState(aa[:, :C], bb[:, :C], pp[:, :C])
