@@ -38,3 +38,14 @@ def real_tokenizer_path() -> Path:
     if not SHARED_TOKENIZER.is_file():
         pytest.skip(f"real tokenizer not available at {SHARED_TOKENIZER} (only in the dev checkout)")
     return SHARED_TOKENIZER
+
+
+def one_line_error(capsys, code, pattern):
+    """A CLI failed as it should: exit status 2, exactly one ': error: ' line naming `pattern`,
+    no traceback (notices such as the k_eps choice or a progress bar may precede it)."""
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1, err
+    assert pattern in lines[0], lines[0]

@@ -11,7 +11,7 @@ import rwkv2_jax as rw
 import sample
 from convert.cli import main as convert_main
 from rwkv2_jax.demo import DEMO_TEXT, char_tokenizer
-from tests.conftest import REPO, real_tokenizer_path
+from tests.conftest import REPO, one_line_error, real_tokenizer_path
 from tests.release_checkpoint import make_release_state_dict, write_release_checkpoint
 
 
@@ -23,17 +23,6 @@ def char_setup(tmp_path_factory):
     tok.save(str(root / "tokenizer.json"))
     sd = make_release_state_dict(n_layer=2, n_embd=16, vocab_size=tok.get_vocab_size(), seed=3)
     return write_release_checkpoint(root / "model.pth", sd), root / "tokenizer.json"
-
-
-def one_line_error(capsys, code, pattern):
-    """Exit status 2 and exactly one error line (notices such as the k_eps choice may precede it)."""
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if ": error: " in line]
-    assert len(lines) == 1, err
-    assert all(line.startswith(("rwkv2_jax: k_eps=", "#")) for line in err.splitlines() if line not in lines), err
-    assert pattern in lines[0], lines[0]
 
 
 # --- convert --------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import rwkv2_jax as rw
 from rwkv2_jax import eval as ev_cli
 from rwkv2_jax import evaluation as ev
 from rwkv2_jax.demo import DEMO_TEXT, char_tokenizer
-from tests.conftest import REPO, real_tokenizer_path
+from tests.conftest import REPO, one_line_error, real_tokenizer_path
 from tests.release_checkpoint import make_release_state_dict, write_release_checkpoint
 from tests.torch_reference import TorchRWKV2
 
@@ -49,14 +49,6 @@ def torch_window_losses(ref, windows):
     return -logp.gather(2, torch.as_tensor(np.asarray(windows)[:, 1:], dtype=torch.long)[..., None])[..., 0].numpy()
 
 
-def one_line_error(capsys, code, pattern):
-    """Exit status 2, exactly one error line naming `pattern`, no traceback."""
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if ": error: " in line]
-    assert len(lines) == 1, err
-    assert pattern in lines[0], lines[0]
 
 
 # --- fixtures ---------------------------------------------------------------------------
