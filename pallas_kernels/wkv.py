@@ -102,8 +102,11 @@ class WKVBlockSizes:
     min_chunk:    but never with chunks shorter than this many steps.
     """
 
+    # Defaults from `python3 bench/wkv.py --sweep` (H200, docs/PERF.md): unroll 32 cut the
+    # forward at (8, 1024, 1024) from 76 to 61 us (48: no better); unroll_train 16 beat 8, 24
+    # and 32 (registers); block_c 16, 8 or 64 were no better.
     block_c: int = 32
-    unroll: int = 16
+    unroll: int = 32
     unroll_train: int = 16
     num_warps: int = 1
     num_stages: int = 1

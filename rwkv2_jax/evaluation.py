@@ -126,7 +126,7 @@ def loglikelihood(
         for b, (_, inputs, target, _) in enumerate(batch):
             tokens[b, :len(inputs)] = inputs
             targets[b, :len(target)] = target
-        logp, greedy = jax.device_get(_score_tokens(model.module, model.params, tokens, targets))
+        logp, greedy = jax.device_get(_score_tokens(model.logits_module, model.params, tokens, targets))
         for b, (i, inputs, _, start) in enumerate(batch):
             span = slice(start, len(inputs))  # the continuation's targets
             results[i] = (float(np.sum(logp[b, span], dtype=np.float64)), bool(greedy[b, span].all()))

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rwkv2_jax.api import Model, check_tokens
+from rwkv2_jax.decode_step import StepSpec, decode_params, rnn_step, spec_of
 from rwkv2_jax.model import State
 from rwkv2_jax.sampling import SamplerKnobs, SamplerStatic, SamplingParams, count_token, draw, penalize
 
@@ -88,10 +89,9 @@ def _prefill_chunk(module, params, state: State, tokens: jax.Array, lengths: Opt
     return _keep_rows(lengths == 0, state, new)
 
 
-def _feed(module, params, state: State, token: jax.Array) -> Tuple[jax.Array, State]:
-    """One RNN step on token [B] -> (logits [B, V] float32, state)."""
-    logits, state = module.apply({"params": params}, token[:, None], state)
-    return logits[:, 0], state
+def _feed(spec: StepSpec, dparams, state: State, token: jax.Array) -> Tuple[jax.Array, State]:
+    """One RNN step on token [B] -> (logits [B, V] float32, state) (rwkv2_jax.decode_step)."""
+    return rnn_step(spec, dparams, token, state)
 
 
 class Decoding(NamedTuple):
@@ -112,7 +112,7 @@ class _Consts(NamedTuple):
     keys: jax.Array  # [B] typed PRNG keys
 
 
-def _decode_step(module, params, dec: Decoding, consts: _Consts, static: SamplerStatic):
+def _decode_step(spec: StepSpec, dparams, dec: Decoding, consts: _Consts, static: SamplerStatic):
     """Draw a token per row from dec.logits, feed it -> (next Decoding, token [B], -1 where done)."""
     logits = jnp.where(consts.banned, -jnp.inf, dec.logits)
     if static.penalized:
@@ -122,7 +122,7 @@ def _decode_step(module, params, dec: Decoding, consts: _Consts, static: Sampler
     token = draw(logits, keys, consts.knobs, static)  # [B]
     done = dec.done | consts.stop[token]
     fed = jnp.where(done, 0, token)  # finished rows feed a valid id; their state is kept below
-    new_logits, new_state = _feed(module, params, dec.state, fed)
+    new_logits, new_state = _feed(spec, dparams, dec.state, fed)
     seen, counts = dec.seen, dec.counts
     if static.penalized:
         seen, counts = count_token(seen, counts, token, consts.knobs.penalty_decay, ~done)
@@ -130,7 +130,7 @@ def _decode_step(module, params, dec: Decoding, consts: _Consts, static: Sampler
     return dec, jnp.where(done, -1, token)
 
 
-def _decode_loop(module, params, dec: Decoding, consts: _Consts, n: jax.Array, *, static, out_len: int):
+def _decode_loop(spec: StepSpec, dparams, dec: Decoding, consts: _Consts, n: jax.Array, *, static, out_len: int):
     """Up to n steps in one lax.while_loop; stops early once every row is done.
 
     -> (Decoding, tokens [B, out_len] int32, -1 after a row's end and past step n).
@@ -144,7 +144,7 @@ def _decode_loop(module, params, dec: Decoding, consts: _Consts, n: jax.Array, *
     def body(carry):
         dec, out = carry
         step = dec.step
-        dec, token = _decode_step(module, params, dec, consts, static)
+        dec, token = _decode_step(spec, dparams, dec, consts, static)
         return dec, jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
 
     out = jnp.full((B, out_len), -1, jnp.int32)
@@ -253,7 +253,7 @@ def prefill(
                       None if full else jnp.asarray(lengths, jnp.int32))
         start += size
     last = jnp.asarray(np.array([r[-1] for r in rows], np.int32))
-    return _jit(_feed, ("module",), ("state",))(model.module, model.params, state, last)
+    return _jit(_feed, ("spec",), ("state",))(spec_of(model), decode_params(model), state, last)
 
 
 def generate(
@@ -303,15 +303,16 @@ def generate(
         return [[] for _ in rows], prompt_state
     dec = _start(logits, prompt_state, params)
     if decode_loop == "device":
-        loop = _jit(_decode_loop, ("module", "static", "out_len"), ("dec",))
-        dec, out = loop(model.module, model.params, dec, consts, jnp.asarray(max_new_tokens, jnp.int32),
+        loop = _jit(_decode_loop, ("spec", "static", "out_len"), ("dec",))
+        dec, out = loop(spec_of(model), decode_params(model), dec, consts, jnp.asarray(max_new_tokens, jnp.int32),
                         static=params.static(), out_len=_pow2_at_least(max_new_tokens, MIN_OUT_LEN))
         out = np.asarray(out)[:, :max_new_tokens]
     else:
-        step = _jit(_decode_step, ("module", "static"), ("dec",))
+        step = _jit(_decode_step, ("spec", "static"), ("dec",))
+        spec, dparams = spec_of(model), decode_params(model)
         out = []
         for i in range(max_new_tokens):
-            dec, token = step(model.module, model.params, dec, consts, params.static())
+            dec, token = step(spec, dparams, dec, consts, params.static())
             out.append(token)
             if (i + 1) % HOST_CHECK_EVERY == 0 and bool(jnp.all(dec.done)):
                 break
@@ -362,12 +363,13 @@ def stream_batch(
             raise ValueError(f"context logits have shape {list(logits.shape)}, expected "
                              f"[{len(rows)}, {model.config.vocab_size}] (B, V)")
         logits, prompt_state = jnp.array(logits), _check_state(model, prompt_state, len(rows))
-    step = _jit(_decode_step, ("module", "static"), ("dec",))
+    step = _jit(_decode_step, ("spec", "static"), ("dec",))
+    spec, dparams = spec_of(model), decode_params(model)
     dec, static = _start(logits, prompt_state, params), params.static()
     pending = None
     for _ in range(max_new_tokens):
         # Dispatch the next step before reading the previous token, so the device never waits on the host.
-        dec, token = step(model.module, model.params, dec, consts, static)
+        dec, token = step(spec, dparams, dec, consts, static)
         if pending is not None:
             ids = np.asarray(pending)
             if (ids < 0).all():

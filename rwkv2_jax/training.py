@@ -313,7 +313,7 @@ def loss_and_grad(model, inputs, targets) -> Tuple[float, Dict[str, np.ndarray]]
     y, _ = check_tokens(targets, model.config.vocab_size)
     if x.shape != y.shape:
         raise ValueError(f"inputs {list(x.shape)} and targets {list(y.shape)} must have the same shape")
-    loss, grads = _loss_and_grad_fn(model.module)(model.params, x, y)
+    loss, grads = _loss_and_grad_fn(model.logits_module)(model.params, x, y)
     return float(loss), ckpt.params_to_release(jax.device_get(grads), model.config)
 
 

@@ -276,3 +276,31 @@ def test_bfloat16_weights_keep_vectors_float32(model):
     assert all(x.dtype == jnp.float32 for x in state)
     np.testing.assert_allclose(logits, want, atol=0.1 * float(jnp.std(want)))
     assert all(len(row) == 5 for row in generate(half, PROMPTS, 5, seed=0))
+
+
+@pytest.mark.parametrize("variant", ["plain", "ffn_pre"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_step_equals_the_module_step(release_files, variant, dtype, rng):
+    """rwkv2_jax.decode_step (transposed, merged matrices) is the module at T = 1: logits and
+    every state field, from a mid-sequence state, for a batch of different tokens."""
+    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
+
+    m = rw.load_torch(release_files[variant], verbose=False)
+    if dtype == "bfloat16":
+        m = with_weight_dtype(m, jnp.bfloat16)
+    B = 3
+    _, state = m.prefill(rng.integers(1, V, (B, 7)))  # a real state, different per row
+    token = jnp.asarray(rng.integers(0, V, B), jnp.int32)
+    want_logits, want_state = m.module.apply({"params": m.params}, token[:, None], state)
+    logits, new = jax.jit(rnn_step, static_argnums=0)(spec_of(m), decode_params(m), token, state)
+    def close(a, b, name):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if dtype == "float32":
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+        else:  # bf16 products round differently: compare as a whole (1 bf16 ulp = 0.8%)
+            assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b), name
+
+    close(logits, want_logits[:, 0], "logits")
+    for name, a, b in zip(rw.State._fields, new, want_state):
+        close(a, b, name)
+    assert decode_params(m) is decode_params(m)  # built once per params object

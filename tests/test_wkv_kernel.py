@@ -267,3 +267,30 @@ def test_lowers_to_triton_without_scalar_selects(variant, monkeypatch, capsys):
     assert ir.count("tt.func public") == 4, "expected 4 kernels: 2 forward, 2 backward"
     bad = [line.strip() for line in ir.splitlines() if "arith.select" in line and ": i1 " in line]
     assert not bad, "i1 select in the Triton IR (scalar-literal jnp.where?):\n" + "\n".join(bad[:5])
+
+
+def test_model_runs_the_kernel_under_jit_grad_and_vmap(release_files, rng):
+    """The model with wkv_impl="pallas_interpret" (the GPU path, interpreted) equals the plain-JAX
+    model: GPT-mode logits (the kernel's stateless form), prefill (the state-keeping form, from
+    a mid-sequence state), gradients through the kernel, and vmap over batch rows."""
+    import rwkv2_jax as rw
+
+    ref = rw.load_torch(release_files["plain"], verbose=False, wkv_impl="reference")
+    ker = ref.replace(wkv_impl="pallas_interpret")
+    V = ref.config.vocab_size
+    tokens = rng.integers(0, V, (2, 37))
+    np.testing.assert_allclose(ker(tokens), ref(tokens), rtol=1e-4, atol=1e-4)
+    _, s0 = ref.prefill(tokens[:, :5])
+    (la, sa), (lb, sb) = ker.prefill(tokens[:, 5:], s0), ref.prefill(tokens[:, 5:], s0)
+    np.testing.assert_allclose(la, lb, rtol=1e-4, atol=1e-4)
+    for name, a, b in zip(rw.State._fields, sa, sb):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    (loss_k, g_k), (loss_r, g_r) = rw.loss_and_grad(ker, x, y), rw.loss_and_grad(ref, x, y)
+    np.testing.assert_allclose(loss_k, loss_r, rtol=1e-5)
+    for key in g_r:  # per array, as a whole (single elements near 0 differ by rounding)
+        err = np.linalg.norm(g_k[key] - g_r[key])
+        assert err <= 1e-4 * np.linalg.norm(g_r[key]) + 1e-9, (key, err)
+    one_row = lambda t: ker.module.apply({"params": ker.params}, t[None])[0][0]  # noqa: E731
+    np.testing.assert_allclose(jax.jit(jax.vmap(one_row))(jnp.asarray(tokens)), ref(tokens),
+                               rtol=1e-4, atol=1e-4)

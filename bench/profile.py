@@ -1,0 +1,151 @@
+"""Where the GPU time goes: trace one workload with jax.profiler and sum device time per kernel.
+
+    python3 bench/profile.py decode --batch 1          # rw.generate's decode loop, bf16 L24-D1024
+    python3 bench/profile.py decode --batch 64 --dtype float32
+    python3 bench/profile.py prefill --tokens 2048     # rw.prefill of one prompt
+    python3 bench/profile.py train                     # one bf16 training step, B=8, T=768
+    python3 bench/profile.py decode --smoke            # tiny model on CPU (checks the script)
+
+Prints, per workload unit (a decode step, a prefill call, a training step): wall time,
+the sum of kernel times on the GPU's streams ("busy"), the kernel count, and the kernels
+grouped by name with their share. Wall time well above "busy" means the GPU waits on
+launches (host overhead), not on memory or arithmetic. Timings here are for diagnosis;
+the numbers in docs/PERF.md come from bench/decode.py, bench/train.py and bench/wkv.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["decode", "prefill", "train"])
+    p.add_argument("--preset", default="L24-D1024", help="model size: a preset or L<layers>-D<width>")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--batch", type=int, default=None, help="rows (default: decode 1, train 8, prefill 1)")
+    p.add_argument("--steps", type=int, default=64, help="decode steps traced (default 64)")
+    p.add_argument("--tokens", type=int, default=2048, help="prefill tokens / training ctx_len (train default 768)")
+    p.add_argument("--top", type=int, default=25, help="kernel groups shown (default 25)")
+    p.add_argument("--smoke", action="store_true", help="tiny model on CPU")
+    return p.parse_args(argv)
+
+
+def kernel_group(name: str) -> str:
+    """Fold numbered variants (fusion_12, loop_add_fusion_3, ...) into one group."""
+    name = re.sub(r"[._]\d+\b", "", name)
+    return name[:90]
+
+
+def summarize(trace_dir: str, units: int, wall_s: float, top: int):
+    from jax.profiler import ProfileData
+
+    files = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+    if not files:
+        print("no trace written")
+        return
+    data = ProfileData.from_file(files[0])
+    groups = collections.defaultdict(lambda: [0, 0.0])
+    names = collections.defaultdict(lambda: [0, 0.0])
+    busy, first, last = 0.0, None, None
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):  # skip derived lines (XLA Ops, XLA Modules)
+                continue
+            for ev in line.events:
+                for g in (groups[kernel_group(ev.name)], names[ev.name]):
+                    g[0] += 1
+                    g[1] += ev.duration_ns
+                busy += ev.duration_ns
+                first = ev.start_ns if first is None else min(first, ev.start_ns)
+                last = ev.start_ns + ev.duration_ns if last is None else max(last, ev.start_ns + ev.duration_ns)
+    if not groups:
+        print("no GPU kernel events in the trace (CPU run?)")
+        return
+    n = sum(c for c, _ in groups.values())
+    span = (last - first) / 1e3
+    print(f"per unit: wall {1e6 * wall_s / units:,.1f} us | GPU span {span / units:,.1f} us | "
+          f"kernels busy {busy / 1e3 / units:,.1f} us ({100 * busy / 1e3 / span:.0f}% of span) | "
+          f"{n / units:,.1f} kernels")
+    print(f"| kernel group | per unit | us per unit | % busy |\n|---|---:|---:|---:|")
+    for name, (c, t) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"| `{name}` | {c / units:,.1f} | {t / 1e3 / units:,.1f} | {100 * t / busy:.1f} |")
+    print("| kernel | per unit | us per call | us per unit |\n|---|---:|---:|---:|")
+    for name, (c, t) in sorted(names.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"| `{name[:90]}` | {c / units:,.1f} | {t / 1e3 / c:,.2f} | {t / 1e3 / units:,.1f} |")
+
+
+def workload(args):
+    """-> (fn to trace, units per call of fn)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import rwkv2_jax as rw
+    from bench.decode import parse_size, random_params
+    from rwkv2_jax.generate import generate, prefill, with_weight_dtype
+
+    config = parse_size("L2-D64" if args.smoke else args.preset)
+    if args.what == "train":
+        from rwkv2_jax import training as tr
+        from rwkv2_jax.model import RWKV
+        from rwkv2_jax.sharding import make_mesh
+
+        B = args.batch or 8
+        T = 32 if args.smoke else (args.tokens if args.tokens != 2048 else 768)
+        cfg = tr.TrainConfig(ctx_len=T, batch_size=B, epochs=1, epoch_steps=100, dtype=args.dtype)
+        s = tr.setup(config, cfg, make_mesh(1, 1))
+        params = RWKV(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+        state = [s.init_state(params)]
+        batch = s.put_batch(np.random.default_rng(0).integers(0, config.vocab_size, (1, B, T + 1)).astype(np.int32))
+
+        def fn():
+            state[0], m = s.train_step(state[0], batch)
+            jax.block_until_ready(m)
+
+        return fn, 1
+    model = rw.Model(config, random_params(config, 0))
+    if args.dtype == "bfloat16":
+        model = with_weight_dtype(model, jnp.bfloat16)
+    rng = np.random.default_rng(0)
+    if args.what == "decode":
+        prompts = rng.integers(1, config.vocab_size, (args.batch or 1, 1)).tolist()
+        steps = 8 if args.smoke else args.steps
+        return (lambda: generate(model, prompts, steps, temperature=0, decode_loop="device")), steps
+    prompt = rng.integers(1, config.vocab_size, (32 if args.smoke else args.tokens) + 1).tolist()
+    return (lambda: prefill(model, [prompt])[0].block_until_ready()), 1
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import jax
+
+    fn, units = workload(args)
+    fn()  # compile
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            fn()
+        dev = jax.devices()[0]
+        print(f"## {args.what} {args.preset} {args.dtype} batch={args.batch} on {dev.device_kind}, "
+              f"jax {jax.__version__} ({units} units per call; wall time from an untraced call)")
+        summarize(d, units, wall, args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

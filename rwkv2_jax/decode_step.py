@@ -1,0 +1,158 @@
+"""The RNN step used for decoding: the model at T = 1 on transposed, merged matrices.
+
+`RWKV` (rwkv2_jax.model) keeps Flax's [in, out] kernels. At T = 1 every matrix product is a
+vector times a matrix, and XLA's GPU backend computes x[1, in] @ W[in, out] as an
+elementwise product followed by a reduction over `in`, the strided axis: for several of the
+layer's matrices it writes the whole [in, out] product to memory and reads it back
+(bench/profile.py decode: ~1.4 ms per token at L24-D1024, batch 1, 60% of it in these
+reductions). With the matrices stored [out, in] the reduction runs along contiguous memory,
+fuses with the elementwise code that produces its input (token-shift mix, sigmoid(r) * wkv),
+and costs one read of the weights. Products that share an input are merged into one matrix:
+time-mix key/value/receptance ([3C, C]) and channel-mix key/receptance ([5C, C]).
+
+`decode_params(model)` builds that layout once (a second copy of the matrices, in the
+params' dtype); `rnn_step` is the same function as `model.module.apply(params, token[:, None],
+state)` (tests/test_generate.py checks logits and state against it), and is what
+`rw.generate` runs per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from rwkv2_jax.config import LN_EPS, RWKVConfig
+from rwkv2_jax.model import State
+from rwkv2_jax.wkv import WKVState, wkv_step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """The static part of a decode step (hashable: a jit static argument)."""
+
+    config: RWKVConfig
+    dtype: jnp.dtype  # matmul compute dtype, as Model.dtype
+    precision: Optional[str]
+
+
+def spec_of(model) -> StepSpec:
+    return StepSpec(model.config, jnp.dtype(model.dtype), model.precision)
+
+
+def _t(w):  # Flax kernel [in, out] -> [out, in]
+    return jnp.swapaxes(w, 0, 1)
+
+
+@jax.jit
+def _build(params):
+    """Flax params -> decode params: {"emb", "ln_out", "head_t", "blocks": [per layer]}."""
+    blocks = []
+    i = 0
+    while f"blocks_{i}" in params:
+        p = params[f"blocks_{i}"]
+        blk = {"ln1": p["ln1"], "ln2": p["ln2"]}
+        if "ffnPre" in p:
+            pre = p["ffnPre"]
+            blk["pre"] = {
+                "time_mix": pre["time_mix"],
+                "kr_t": jnp.concatenate([_t(pre["key"]["kernel"]), _t(pre["receptance"]["kernel"])], 0),
+                "value_t": _t(pre["value"]["kernel"]),
+            }
+        else:
+            att = p["att"]
+            blk["att"] = {
+                "time_mix": att["time_mix"],
+                "w_log": -jnp.exp(att["time_decay"].astype(jnp.float32)),
+                "u_log": att["time_first"].astype(jnp.float32),
+                "kvr_t": jnp.concatenate(
+                    [_t(att[n]["kernel"]) for n in ("key", "value", "receptance")], 0),
+                "output_t": _t(att["output"]["kernel"]),
+            }
+        ffn = p["ffn"]
+        blk["ffn"] = {
+            "time_mix": ffn["time_mix"],
+            "kr_t": jnp.concatenate([_t(ffn["key"]["kernel"]), _t(ffn["receptance"]["kernel"])], 0),
+            "value_t": _t(ffn["value"]["kernel"]),
+        }
+        blocks.append(blk)
+        i += 1
+    return {"emb": params["emb"]["embedding"], "ln_out": params["ln_out"],
+            "head_t": _t(params["head"]["kernel"]), "blocks": blocks}
+
+
+def decode_params(model):
+    """The decode layout of model.params (built once per params object, then cached on the model)."""
+    cached = getattr(model, "_decode_cache", None)
+    if cached is not None and cached[0] is model.params:
+        return cached[1]
+    built = _build(model.params)
+    model._decode_cache = (model.params, built)
+    return built
+
+
+def _matvec(spec: StepSpec, x, w_t):
+    """x [B, in] @ w_t[out, in]^T -> [B, out], with Flax Dense's dtype rules (inputs and output
+    in spec.dtype)."""
+    x = x.astype(spec.dtype)
+    return lax.dot_general(x, w_t.astype(spec.dtype), (((1,), (1,)), ((), ())), precision=spec.precision)
+
+
+def _layer_norm(x, p):
+    """flax.linen.LayerNorm(epsilon=LN_EPS) in float32 (its fast variance: E[x^2] - E[x]^2)."""
+    mean = jnp.mean(x, -1, keepdims=True)
+    var = jnp.maximum(jnp.mean(jnp.square(x), -1, keepdims=True) - jnp.square(mean), 0.0)
+    mul = lax.rsqrt(var + LN_EPS) * p["scale"].astype(jnp.float32)
+    return (x - mean) * mul + p["bias"].astype(jnp.float32)
+
+
+def _mix(x, prev, time_mix):
+    time_mix = time_mix.astype(jnp.float32)
+    return x * time_mix + prev * (1.0 - time_mix)
+
+
+def _channel_mix(spec: StepSpec, p, x, prev):
+    C = spec.config.n_embd
+    kr = _matvec(spec, _mix(x, prev, p["time_mix"]), p["kr_t"])  # [B, 5C]
+    k, r = kr[:, : 4 * C], kr[:, 4 * C:]
+    kv = _matvec(spec, jnp.square(jax.nn.relu(k)), p["value_t"])
+    return jax.nn.sigmoid(r.astype(jnp.float32)) * kv.astype(jnp.float32)
+
+
+def _time_mix(spec: StepSpec, p, x, prev, wkv_state: WKVState):
+    cfg = spec.config
+    C = cfg.n_embd
+    kvr = _matvec(spec, _mix(x, prev, p["time_mix"]), p["kvr_t"])  # [B, 3C]
+    k = kvr[:, :C].astype(jnp.float32)
+    if cfg.k_clamp is not None:
+        k = jnp.minimum(k, cfg.k_clamp)
+    v, r = kvr[:, C: 2 * C].astype(jnp.float32), kvr[:, 2 * C:]
+    log_eps = math.log(cfg.k_eps) if cfg.k_eps > 0 else None
+    wkv_state, wkv = wkv_step(wkv_state, k, v, p["w_log"], p["u_log"], log_eps)
+    out = _matvec(spec, jax.nn.sigmoid(r.astype(jnp.float32)) * wkv, p["output_t"])
+    return out.astype(jnp.float32), wkv_state
+
+
+def rnn_step(spec: StepSpec, dparams, token: jax.Array, state: State) -> Tuple[jax.Array, State]:
+    """One token per row: token [B] int -> (logits [B, V] float32, state after it)."""
+    x = jnp.take(dparams["emb"], token, axis=0).astype(jnp.float32)  # [B, C]
+    new = []
+    for i, blk in enumerate(dparams["blocks"]):
+        wkv_state = WKVState(state.aa[i], state.bb[i], state.pp[i])
+        x = _layer_norm(x, blk["ln1"])
+        x_att = x
+        if "pre" in blk:
+            dx = _channel_mix(spec, blk["pre"], x, state.x_att[i])
+        else:
+            dx, wkv_state = _time_mix(spec, blk["att"], x, state.x_att[i], wkv_state)
+        x = _layer_norm(x + dx, blk["ln2"])
+        x_ffn = x
+        x = x + _channel_mix(spec, blk["ffn"], x, state.x_ffn[i])
+        new.append((x_att, x_ffn, *wkv_state))
+    x = _layer_norm(x, dparams["ln_out"])
+    logits = _matvec(spec, x, dparams["head_t"]).astype(jnp.float32)
+    return logits, State(*(jnp.stack(f).astype(jnp.float32) for f in zip(*new)))
