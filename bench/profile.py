@@ -78,7 +78,7 @@ def summarize(trace_dir: str, units: int, wall_s: float, top: int):
     print(f"per unit: wall {1e6 * wall_s / units:,.1f} us | GPU span {span / units:,.1f} us | "
           f"kernels busy {busy / 1e3 / units:,.1f} us ({100 * busy / 1e3 / span:.0f}% of span) | "
           f"{n / units:,.1f} kernels")
-    print(f"| kernel group | per unit | us per unit | % busy |\n|---|---:|---:|---:|")
+    print("| kernel group | per unit | us per unit | % busy |\n|---|---:|---:|---:|")
     for name, (c, t) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]:
         print(f"| `{name}` | {c / units:,.1f} | {t / 1e3 / units:,.1f} | {100 * t / busy:.1f} |")
     print("| kernel | per unit | us per call | us per unit |\n|---|---:|---:|---:|")

@@ -34,7 +34,8 @@ from pallas_kernels.wkv import _make_plan  # noqa: E402
 from rwkv2_jax.wkv import WKVState, wkv_convolution, wkv_reference  # noqa: E402
 from rwkv2_jax.wkv import wkv_with_state as reference_with_state  # noqa: E402
 
-SIZES = [(8, 1024, 768), (8, 1024, 1024), (8, 2048, 1024), (1, 1024, 16384), (1, 1024, 65536)]
+# The five of issue 3, then (1, 1024, 1024): one 1,024-token chunk of a batch-1 prefill.
+SIZES = [(8, 1024, 768), (8, 1024, 1024), (8, 2048, 1024), (1, 1024, 16384), (1, 1024, 65536), (1, 1024, 1024)]
 CONV_MAX_BYTES = 10e9  # the convolution's [T, T, C] float32 weights must stay under this
 
 

@@ -104,7 +104,11 @@ class WKVBlockSizes:
 
     # Defaults from `python3 bench/wkv.py --sweep` (H200, docs/PERF.md): unroll 32 cut the
     # forward at (8, 1024, 1024) from 76 to 61 us (48: no better); unroll_train 16 beat 8, 24
-    # and 32 (registers); block_c 16, 8 or 64 were no better.
+    # and 32 (registers); block_c 16, 8 or 64 were no better. min_chunk 64 (was 512): a
+    # program walks ~140 ns per step however few programs run (H200: 72.7 us for the two
+    # kernels at B=1, T=1024, C=1024 with 2 chunks of 512; 8.5 ns/token at T=65,536 with 16
+    # chunks), so B=1 prefill chunks of 1,024 tokens gain from 16 chunks of 64; predicted, not
+    # yet timed (docs/PERF.md).
     block_c: int = 32
     unroll: int = 32
     unroll_train: int = 16
@@ -112,7 +116,7 @@ class WKVBlockSizes:
     num_stages: int = 1
     min_programs: int = 256
     chunk_to: int = 512
-    min_chunk: int = 512
+    min_chunk: int = 64
 
     def __post_init__(self):
         if self.block_c < 1 or self.block_c & (self.block_c - 1):
@@ -707,6 +711,26 @@ def _final_pp(k, td, pp0, k_clamp):
     return jnp.maximum(pp0 + T * w, jnp.max(kc + lag, axis=1))
 
 
+# K at padded steps of `wkv_with_state(lengths=)`: exp(PAD_K) is 0 in float32 and bfloat16,
+# and every expression of the kernels stays finite with it (no inf - inf).
+PAD_K = -1e30
+
+
+def _pp_at_lengths(k, td, pp0, lengths, k_clamp):
+    """pp after lengths[b] steps of row b, in closed form:
+    max(pp0 + n*w, max_{t<n}(K_t + (n-1-t)*w)) with n = lengths[b], w = log d."""
+    T = k.shape[1]
+    kc = k.astype(jnp.float32)
+    if k_clamp is not None:
+        kc = jnp.minimum(kc, k_clamp)
+    w = -jnp.exp(td.astype(jnp.float32))
+    n = lengths.astype(jnp.int32)[:, None, None]  # [B, 1, 1]
+    t = jnp.arange(T)[None, :, None]
+    lag = (n - 1 - t).astype(jnp.float32) * w  # [B, T, C]
+    terms = jnp.where(t < n, kc + lag, -jnp.inf)
+    return jnp.maximum(pp0 + n[:, 0].astype(jnp.float32) * w, jnp.max(terms, axis=1))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _wkv_state_core(plan, k, v, td, tf, aa0, bb0, pp0):
     out, _, final = _forward(plan, k, v, td, tf, (aa0, bb0, pp0), save=False, state_out=True)
@@ -738,6 +762,49 @@ def _wkv_state_core_bwd(plan, saved, cts):
 
 
 _wkv_state_core.defvjp(_wkv_state_core_fwd, _wkv_state_core_bwd)
+
+
+# With lengths (right-padded rows): the kernel forward on masked K; the backward is the
+# reference's. Through padded steps the kernel's state gradient w.r.t. time_decay is a
+# difference of two terms that grow with the padding (the decay of the true sums, and
+# of their scale exp(pp)), which cancel only to ~1e-3 in float32 after a few dozen padded
+# steps; differentiating a ragged prefill is rare, so exactness wins over speed there.
+
+
+def _ragged_forward(opts, k, v, td, tf, aa0, bb0, pp0, lengths):
+    k_clamp, k_eps, interpret, block_sizes = opts
+    T = k.shape[1]
+    valid = jnp.arange(T)[None, :, None] < lengths[:, None, None]
+    out, (aa, bb, _) = wkv_with_state(
+        jnp.where(valid, k, jnp.asarray(PAD_K, k.dtype)), v, td, tf, WKVState(aa0, bb0, pp0),
+        k_clamp=k_clamp, k_eps=k_eps, interpret=interpret, block_sizes=block_sizes,
+    )
+    return out, aa, bb, _pp_at_lengths(k, td, pp0, lengths, k_clamp)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ragged(opts, k, v, td, tf, aa0, bb0, pp0, lengths):
+    return _ragged_forward(opts, k, v, td, tf, aa0, bb0, pp0, lengths)
+
+
+def _ragged_fwd(opts, k, v, td, tf, aa0, bb0, pp0, lengths):
+    return _ragged_forward(opts, k, v, td, tf, aa0, bb0, pp0, lengths), (k, v, td, tf, aa0, bb0, pp0, lengths)
+
+
+def _ragged_bwd(opts, saved, cts):
+    k_clamp, k_eps, _, _ = opts
+    k, v, td, tf, aa0, bb0, pp0, lengths = saved
+
+    def ref(k, v, td, tf, aa0, bb0, pp0):
+        out, st = reference.wkv_with_state(k, v, td, tf, WKVState(aa0, bb0, pp0), k_clamp=k_clamp,
+                                           k_eps=k_eps, lengths=lengths)
+        return (out, *st)
+
+    _, pullback = jax.vjp(ref, k, v, td, tf, aa0, bb0, pp0)
+    return (*pullback(tuple(cts)), None)
+
+
+_ragged.defvjp(_ragged_fwd, _ragged_bwd)
 
 
 # ----------------------------------------------------------------------------------------
@@ -817,6 +884,7 @@ def wkv_with_state(
     k_eps: float = 1e-9,
     interpret: bool = False,
     block_sizes: Optional[WKVBlockSizes] = None,
+    lengths: Optional[jax.Array] = None,
 ) -> Tuple[jax.Array, WKVState]:
     """(out [B, T, C] float32, state after the last step), starting from `state` (None: empty).
 
@@ -824,6 +892,13 @@ def wkv_with_state(
     running-max "log" mode, so the returned (aa, bb, pp) match the reference's).
     Differentiable in k, v, time_decay, time_first and the initial state, and through the
     returned state.
+
+    lengths [B] int (optional): row b is right-padded after lengths[b] >= 1 tokens; the state
+    returned is the one after its token lengths[b] - 1, as the reference's (outputs at padded
+    steps are junk). The kernel itself is unchanged: K is set to PAD_K (exp -> exactly 0) at
+    padded steps, which leaves aa and bb bit-for-bit unchanged and only decays pp by w per
+    step; pp is then taken from its closed form at lengths[b] (see `_pp_at_lengths`).
+    Gradients with lengths come from the plain-JAX reference (see `_ragged`).
     """
     _check(k, v, time_decay, time_first)
     B, T, C = k.shape
@@ -832,6 +907,12 @@ def wkv_with_state(
     for name, x in zip(WKVState._fields, state):
         if x.shape != (B, C):
             raise ValueError(f"wkv_with_state: state.{name} must be [B={B}, C={C}], got {x.shape}")
+    if lengths is not None:
+        if jnp.shape(lengths) != (B,):
+            raise ValueError(f"wkv_with_state: lengths must be [B={B}], got shape {jnp.shape(lengths)}")
+        opts = (k_clamp, k_eps, interpret, block_sizes)
+        out, aa, bb, pp = _ragged(opts, k, v, time_decay, time_first, *state, jnp.asarray(lengths, jnp.int32))
+        return out, WKVState(aa, bb, pp)
     plan = _make_plan(B, T, C, k_clamp=k_clamp, k_eps=k_eps, linear=False,
                       blocks=block_sizes or WKVBlockSizes(), interpret=interpret)
     out, aa, bb, pp = _wkv_state_core(

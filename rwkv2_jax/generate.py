@@ -10,7 +10,8 @@
    One RNN step on the last tokens then gives the next-token logits [B, V] (so the
    vocabulary head never runs over the whole prompt).
 2. decoding: one jitted step for the whole batch draws a token per row on the device
-   (bans, penalties, top-p/top-k/temperature: `rwkv2_jax.sampling`) and feeds it back.
+   (bans, penalties, top-p/top-k/temperature: `rwkv2_jax.sampling`) and feeds it back
+   through `rwkv2_jax.decode_step` (the model at T = 1 on transposed, merged matrices).
    On accelerators `generate` runs the whole loop inside one `lax.while_loop`, until
    `max_new_tokens` or until every row has drawn a stop token (on CPU, a Python loop of
    the jitted step: `DECODE_LOOP`); `stream` calls the step once per token and yields ids
@@ -248,7 +249,7 @@ def prefill(
         tokens = np.zeros((B, size), np.int32)  # padding id 0 (any valid id): masked by lengths
         for b, r in enumerate(rows):
             tokens[b, : lengths[b]] = r[start : start + lengths[b]]
-        full = bool((lengths == size).all())  # no padding: the fast path (Pallas WKV on GPU)
+        full = bool((lengths == size).all())  # no padding: no masking needed
         state = chunk(model.module, model.params, state, jnp.asarray(tokens),
                       None if full else jnp.asarray(lengths, jnp.int32))
         start += size

