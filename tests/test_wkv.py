@@ -105,7 +105,10 @@ def test_no_clamp_matches_float64_when_representable(seed):
     k = np.clip(k, -600, 600)  # float64 exp stays finite
     want = numpy_wkv(k, v, td, tf, k_clamp=None)
     got = wkv_reference(k, v, td, tf, k_clamp=None)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # Exponents up to 600 carry float32 rounding of ~600 * 6e-8 = 4e-5 each, so the weights of
+    # the average of v (|v| ~ 1) are off by that much: an absolute, not relative, error scale
+    # (seed 2051542557 gave 1.7e-5 on an output of 0.057).
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_gradients_finite_and_clamp_cuts_k_gradient(seed):
