@@ -52,10 +52,14 @@ def seed():
 def test_matches_float64_loop(seed, B, T, C, k_eps):
     k, v, td, tf = random_inputs(seed, B, T, C, k_scale=40.0)  # some K > 60, some << 0
     want = numpy_wkv(k, v, td, tf, k_eps=k_eps)
-    got = wkv_reference(k, v, td, tf, k_eps=k_eps)
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
-    conv = wkv_convolution(k, v, td, tf, k_eps=k_eps)
-    np.testing.assert_allclose(conv, want, rtol=1e-4, atol=1e-5)
+    # out is a weighted average of v; float32 exponents near the clamp (|K - pp| ~ 60) and
+    # the running decay carry ~1e-5 relative error into each weight, so the error scales
+    # with the same average of |v| (cancellation in v), not with out itself.
+    scale = numpy_wkv(k, np.abs(v), td, tf, k_eps=k_eps)
+    got = np.asarray(wkv_reference(k, v, td, tf, k_eps=k_eps))
+    assert np.all(np.abs(got - want) <= 1e-4 * scale + 2e-6), np.max(np.abs(got - want) / scale)
+    conv = np.asarray(wkv_convolution(k, v, td, tf, k_eps=k_eps))
+    assert np.all(np.abs(conv - want) <= 5e-4 * scale + 1e-5), np.max(np.abs(conv - want) / scale)
 
 
 def test_eps_matters_where_k_is_small(seed):
