@@ -280,6 +280,16 @@ def _clamp_grad(plan: _Plan, kraw):
     return jnp.where(kraw < c, one, jnp.where(kraw == c, 0.5 * one, 0.0 * one))
 
 
+def _log_add_weights(p1, p2):
+    """Weights (e1, e2) and exponent p of a scaled sum e1*x*exp(p) + e2*y*exp(p) equal to
+    x*exp(p1) + y*exp(p2): p = max(p1, p2), so one weight is exactly 1 and the other
+    exp(-|p1 - p2|) <= 1 (one exp; selects of full rows only, see _NO_SCALAR_SELECT)."""
+    x = jnp.exp(-jnp.abs(p1 - p2))
+    keep = p1 >= p2
+    one = jnp.ones_like(x)
+    return jnp.where(keep, one, x), jnp.where(keep, x, one), jnp.maximum(p1, p2)
+
+
 def _fwd_step_fn(plan: _Plan, w, u_log):
     """step(state, kraw, v, with_out) -> (state after, out, res): one forward step.
 
@@ -318,14 +328,9 @@ def _fwd_step_fn(plan: _Plan, w, u_log):
             if log_eps is not None:
                 den = den + jnp.exp(log_eps - p)
             out, lnd = (e1 * aa + e2 * v) / den, p + jnp.log(den)
-        # Update: one of the two weights is exactly 1 (the larger exponent).
-        pd = pp + w
-        x = jnp.exp(-jnp.abs(pd - kc))
-        keep = pd >= kc
-        one = jnp.ones_like(x)
-        e1 = jnp.where(keep, one, x)
-        e2 = jnp.where(keep, x, one)
-        return (e1 * aa + e2 * v, e1 * bb + e2, jnp.maximum(pd, kc)), out, lnd
+        # Update: decay the sums, add the current token.
+        e1, e2, p2 = _log_add_weights(pp + w, kc)
+        return (e1 * aa + e2 * v, e1 * bb + e2, p2), out, lnd
 
     return step
 
@@ -366,15 +371,8 @@ def _bwd_push(plan: _Plan, w, carry, g, out, res):
         x = g * res
         return d * GA + x, d * GB - x * out, d * (GA + GA2), d * (GB + GB2)
     ga, gb, ga2, gb2, q = carry
-    ex = -res
-    qw = q + w
-    x = jnp.exp(-jnp.abs(qw - ex))
-    keep = qw >= ex
-    one = jnp.ones_like(x)
-    a1 = jnp.where(keep, one, x)
-    a2 = jnp.where(keep, x, one)
-    return (a1 * ga + a2 * g, a1 * gb - a2 * g * out, a1 * (ga + ga2), a1 * (gb + gb2),
-            jnp.maximum(qw, ex))
+    a1, a2, qn = _log_add_weights(q + w, -res)
+    return (a1 * ga + a2 * g, a1 * gb - a2 * g * out, a1 * (ga + ga2), a1 * (gb + gb2), qn)
 
 
 def _bwd_fold(plan: _Plan, w, carry, local, length):
