@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rwkv2_jax.config import LN_EPS, RWKVConfig
+from rwkv2_jax.config import RWKVConfig
 from rwkv2_jax.model import State
+from rwkv2_jax.model import _layer_norm as model_layer_norm
 from rwkv2_jax.wkv import WKVState, wkv_step
 
 
@@ -103,11 +104,8 @@ def _matvec(spec: StepSpec, x, w_t):
 
 
 def _layer_norm(x, p):
-    """flax.linen.LayerNorm(epsilon=LN_EPS) in float32 (its fast variance: E[x^2] - E[x]^2)."""
-    mean = jnp.mean(x, -1, keepdims=True)
-    var = jnp.maximum(jnp.mean(jnp.square(x), -1, keepdims=True) - jnp.square(mean), 0.0)
-    mul = lax.rsqrt(var + LN_EPS) * p["scale"].astype(jnp.float32)
-    return (x - mean) * mul + p["bias"].astype(jnp.float32)
+    """The model's LayerNorm (rwkv2_jax.model), applied to its params p {"scale", "bias"}."""
+    return model_layer_norm("ln").apply({"params": p}, x)
 
 
 def _mix(x, prev, time_mix):
