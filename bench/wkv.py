@@ -259,28 +259,37 @@ def table(args, copy_bw):
 
 
 def sweep(args, copy_bw):
-    """Block-size variants of the kernel at the two shapes that matter most.
+    """Block-size variants of the kernel at the shapes that matter most.
 
     Each variant times only what it changes: `unroll` only the forward, `unroll_train` only
     forward+backward (compiling a backward costs 7-29 s), everything else both."""
     print("\n## Sweep (pallas, k_clamp=60, float32): block sizes vs time")
     W = WKVBlockSizes
+    big, prefill, long = (8, 1024, 1024), (1, 1024, 1024), (1, 1024, 65536)
+    # (block sizes, which passes, shapes): variants of the defaults (docstring of WKVBlockSizes).
     variants = [
-        (W(), "both"),
-        (W(unroll=32), "fwd"),
-        (W(block_c=16), "both"), (W(block_c=16, unroll=32), "fwd"), (W(block_c=16, unroll_train=8), "fb"),
-        (W(block_c=8, unroll=32), "both"), (W(block_c=8, unroll_train=8), "fb"),
-        (W(block_c=16, unroll=32, chunk_to=2048), "both"), (W(block_c=16, unroll=32, chunk_to=4096), "fwd"),
+        (W(), "both", (big, prefill, long)),
+        (W(unroll=64), "fwd", (big,)),
+        (W(num_stages=2), "both", (big,)),
+        (W(block_c=64, min_programs=1), "fwd", (big,)),
+        (W(block_c=64, num_warps=2, min_programs=1), "fwd", (big,)),
+        (W(min_programs=1024, chunk_to=1024), "both", (big,)),
+        (W(min_programs=2048, chunk_to=2048), "both", (big, long)),
+        (W(unroll_train=8, min_programs=1024, chunk_to=1024), "fb", (big,)),
+        (W(min_chunk=32, chunk_to=1024), "fwd", (prefill,)),
+        (W(min_chunk=128), "fwd", (prefill,)),
+        (W(min_chunk=256), "fwd", (prefill,)),
     ]
-    shapes = [(8, 1024, 1024), (1, 1024, 65536)] if not args.smoke else [(2, 40, 64)]
+    if args.smoke:
+        variants = [(bs, which, ((2, 40, 64),)) for bs, which, _ in variants]
     print(TABLE_HEAD.replace("impl", "block sizes [chunks]"))
     seen = set()
-    for B, C, T in shapes:
-        for bs, which in variants:
+    for bs, which, shapes in variants:
+        for B, C, T in shapes:
             plan = _make_plan(B, T, C, k_clamp=60.0, k_eps=1e-9, linear=True, blocks=bs, interpret=False)
-            if (B, C, T, plan) in seen:
+            if (B, C, T, plan, which) in seen:
                 continue  # same plan as an earlier variant
-            seen.add((B, C, T, plan))
+            seen.add((B, C, T, plan, which))
             diff = {f.name: getattr(bs, f.name) for f in dataclasses.fields(bs)
                     if getattr(bs, f.name) != getattr(WKVBlockSizes(), f.name)}
             fwd = jax.jit(lambda k, v, td, tf, bs=bs: wkv(k, v, td, tf, block_sizes=bs, interpret=args.smoke))
