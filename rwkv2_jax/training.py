@@ -31,6 +31,7 @@ from rwkv2_jax import checkpoint as ckpt
 from rwkv2_jax.config import RWKVConfig
 from rwkv2_jax.model import RWKV, WKV_IMPLS, default_wkv_impl
 from rwkv2_jax.sharding import ShardedWKV, batch_sharding, host_to_global, replicated, tree_shardings
+from rwkv2_jax.xla import jit
 
 SCHEDULES = ("cosine", "exponential")
 DTYPES = ("bfloat16", "float32")
@@ -258,7 +259,7 @@ class Setup(NamedTuple):
         """A fresh TrainState on the mesh from host (numpy) params, same on every process."""
         params = jax.tree.map(lambda x, s: host_to_global(np.asarray(x, np.float32), s),
                               params, self.state_shardings.params)
-        return jax.jit(lambda p: init_train_state(p, self.optimizer), out_shardings=self.state_shardings)(params)
+        return jit(lambda p: init_train_state(p, self.optimizer), out_shardings=self.state_shardings)(params)
 
     def put_batch(self, windows: np.ndarray) -> jax.Array:
         """Host windows [A, B, T + 1] (the same on every process) -> a global array on the mesh."""
@@ -286,9 +287,9 @@ def setup(model_config: RWKVConfig, cfg: TrainConfig, mesh) -> Setup:
     batch_sh = batch_sharding(mesh, 3, 1)
     eval_sh = batch_sharding(mesh, 2, 0)
     rep = replicated(mesh)
-    train_step = jax.jit(make_train_step(module, optimizer, schedule), in_shardings=(state_sh, batch_sh),
+    train_step = jit(make_train_step(module, optimizer, schedule), in_shardings=(state_sh, batch_sh),
                          out_shardings=(state_sh, rep), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(module), in_shardings=(state_sh.params, eval_sh), out_shardings=rep)
+    eval_step = jit(make_eval_step(module), in_shardings=(state_sh.params, eval_sh), out_shardings=rep)
     return Setup(module, schedule, optimizer, state_shape, state_sh, batch_sh, eval_sh, train_step, eval_step)
 
 
@@ -297,7 +298,7 @@ def setup(model_config: RWKVConfig, cfg: TrainConfig, mesh) -> Setup:
 
 @functools.lru_cache(maxsize=8)
 def _loss_and_grad_fn(module: RWKV):
-    return jax.jit(jax.value_and_grad(lambda p, x, y: loss_fn(module, p, x, y)))
+    return jit(jax.value_and_grad(lambda p, x, y: loss_fn(module, p, x, y)))
 
 
 def loss_and_grad(model, inputs, targets) -> Tuple[float, Dict[str, np.ndarray]]:

@@ -1,0 +1,47 @@
+"""`jit`: jax.jit with the XLA compiler options this project's programs run best with.
+
+On GPUs XLA can compile a matrix product with its own Triton GEMM emitter or call cuBLAS.
+For this model's products cuBLAS was faster: the bf16 training step of L24-D1024 (B=8, T=768)
+took 47.6 ms with XLA's default choice and 40.4 ms with `xla_gpu_enable_triton_gemm=False`
+on an H200 (`python3 bench/train.py`, docs/PERF.md). So every jitted program of the package
+(training steps, GPT mode, prefill, decoding, scoring) is compiled with GPU_COMPILER_OPTIONS
+when it runs on a GPU. The Pallas kernels are not affected (they are not XLA GEMMs).
+
+Options are per program (`jax.jit(..., compiler_options=...)`), not the process-wide
+XLA_FLAGS, so importing the package changes nothing, and a user's XLA_FLAGS still apply to
+everything else. The backend is looked up at the first call, never at import.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+
+GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
+def compiler_options(backend: Optional[str] = None) -> Optional[dict]:
+    """The options for programs compiled for `backend` (default: JAX's default backend)."""
+    backend = backend or jax.default_backend()
+    return dict(GPU_COMPILER_OPTIONS) if backend == "gpu" else None
+
+
+def jit(fn=None, **kwargs):
+    """`jax.jit(fn, **kwargs)` plus `compiler_options()`, decided when first called.
+
+    Usable as `jit(fn, ...)` or as a decorator `@jit` / `@functools.partial(jit, ...)`.
+    """
+    if fn is None:
+        return functools.partial(jit, **kwargs)
+    jitted = None
+
+    @functools.wraps(fn)
+    def call(*args, **kw):
+        nonlocal jitted
+        if jitted is None:
+            jitted = jax.jit(fn, compiler_options=compiler_options(), **kwargs)
+        return jitted(*args, **kw)
+
+    return call
