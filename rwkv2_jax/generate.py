@@ -12,7 +12,8 @@
 2. decoding: one jitted step for the whole batch draws a token per row on the device
    (bans, penalties, top-p/top-k/temperature: `rwkv2_jax.sampling`) and feeds it back
    through `rwkv2_jax.decode_step` (the model at T = 1 on transposed, merged matrices).
-   On accelerators `generate` runs the whole loop inside one `lax.while_loop`, until
+   On accelerators `generate` runs the whole loop inside one `lax.while_loop`
+   (`DEVICE_STEPS_PER_ITER` steps per iteration), until
    `max_new_tokens` or until every row has drawn a stop token (on CPU, a Python loop of
    the jitted step: `DECODE_LOOP`); `stream` calls the step once per token and yields ids
    as they come. The state is donated to each call on accelerators.
@@ -39,6 +40,7 @@ from rwkv2_jax.api import Model, check_tokens
 from rwkv2_jax.decode_step import StepSpec, decode_params, rnn_step, spec_of
 from rwkv2_jax.model import State
 from rwkv2_jax.sampling import SamplerKnobs, SamplerStatic, SamplingParams, count_token, draw, penalize
+from rwkv2_jax.xla import jit
 
 # Prompts longer than this go through GPT mode in pieces of this many tokens: bounded memory
 # (the [B, chunk, 4C] channel-mix activations) at nearly the one-shot speed.
@@ -55,20 +57,24 @@ DECODE_LOOP = {"cpu": "host"}
 DECODE_LOOP_DEFAULT = "device"
 # The host loop checks whether every row has stopped once per this many steps (a sync).
 HOST_CHECK_EVERY = 32
+# Decoding steps per iteration of the device loop. Each iteration of an XLA while loop on a
+# GPU sends its condition to the host; running several steps per iteration pays that once
+# per this many tokens. Steps past max_new_tokens change nothing (token -1, state kept).
+DEVICE_STEPS_PER_ITER = 4
 
 
 # --- jitted pieces ----------------------------------------------------------------------
 
 
 def _jit(fn, static_argnames=(), donate_argnames=()):
-    """jax.jit, donating buffers only where the backend reuses them (CPU would only warn)."""
+    """rwkv2_jax.xla.jit, donating buffers only where the backend reuses them (CPU would only warn)."""
     return _jit_for_backend(fn, tuple(static_argnames), tuple(donate_argnames), jax.default_backend())
 
 
 @functools.lru_cache(maxsize=None)
 def _jit_for_backend(fn, static_argnames, donate_argnames, backend):
     donate = donate_argnames if backend != "cpu" else ()
-    return jax.jit(fn, static_argnames=static_argnames, donate_argnames=donate)
+    return jit(fn, static_argnames=static_argnames, donate_argnames=donate)
 
 
 def _keep_rows(keep: jax.Array, old: State, new: State) -> State:
@@ -113,8 +119,12 @@ class _Consts(NamedTuple):
     keys: jax.Array  # [B] typed PRNG keys
 
 
-def _decode_step(spec: StepSpec, dparams, dec: Decoding, consts: _Consts, static: SamplerStatic):
-    """Draw a token per row from dec.logits, feed it -> (next Decoding, token [B], -1 where done)."""
+def _decode_step(spec: StepSpec, dparams, dec: Decoding, consts: _Consts, static: SamplerStatic,
+                 past_end: Optional[jax.Array] = None):
+    """Draw a token per row from dec.logits, feed it -> (next Decoding, token [B], -1 where done).
+
+    past_end: a [] bool; where true, every row counts as done (nothing changes but the step).
+    """
     logits = jnp.where(consts.banned, -jnp.inf, dec.logits)
     if static.penalized:
         logits = penalize(logits, dec.seen, dec.counts, consts.knobs.presence_penalty,
@@ -122,6 +132,8 @@ def _decode_step(spec: StepSpec, dparams, dec: Decoding, consts: _Consts, static
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(consts.keys, dec.step)
     token = draw(logits, keys, consts.knobs, static)  # [B]
     done = dec.done | consts.stop[token]
+    if past_end is not None:
+        done = done | past_end
     fed = jnp.where(done, 0, token)  # finished rows feed a valid id; their state is kept below
     new_logits, new_state = _feed(spec, dparams, dec.state, fed)
     seen, counts = dec.seen, dec.counts
@@ -131,8 +143,10 @@ def _decode_step(spec: StepSpec, dparams, dec: Decoding, consts: _Consts, static
     return dec, jnp.where(done, -1, token)
 
 
-def _decode_loop(spec: StepSpec, dparams, dec: Decoding, consts: _Consts, n: jax.Array, *, static, out_len: int):
-    """Up to n steps in one lax.while_loop; stops early once every row is done.
+def _decode_loop(spec: StepSpec, dparams, dec: Decoding, consts: _Consts, n: jax.Array, *, static, out_len: int,
+                 per_iter: int = 1):
+    """Up to n steps in one lax.while_loop, `per_iter` steps per iteration; stops early once
+    every row is done. out_len >= n + per_iter - 1 (an iteration may run past step n).
 
     -> (Decoding, tokens [B, out_len] int32, -1 after a row's end and past step n).
     """
@@ -144,9 +158,12 @@ def _decode_loop(spec: StepSpec, dparams, dec: Decoding, consts: _Consts, n: jax
 
     def body(carry):
         dec, out = carry
-        step = dec.step
-        dec, token = _decode_step(spec, dparams, dec, consts, static)
-        return dec, jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
+        for i in range(per_iter):
+            step = dec.step
+            past_end = None if per_iter == 1 else step >= n
+            dec, token = _decode_step(spec, dparams, dec, consts, static, past_end)
+            out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
+        return dec, out
 
     out = jnp.full((B, out_len), -1, jnp.int32)
     return jax.lax.while_loop(cond, body, (dec, out))
@@ -304,9 +321,11 @@ def generate(
         return [[] for _ in rows], prompt_state
     dec = _start(logits, prompt_state, params)
     if decode_loop == "device":
-        loop = _jit(_decode_loop, ("spec", "static", "out_len"), ("dec",))
+        loop = _jit(_decode_loop, ("spec", "static", "out_len", "per_iter"), ("dec",))
+        per_iter = min(DEVICE_STEPS_PER_ITER, max_new_tokens)
         dec, out = loop(spec_of(model), decode_params(model), dec, consts, jnp.asarray(max_new_tokens, jnp.int32),
-                        static=params.static(), out_len=_pow2_at_least(max_new_tokens, MIN_OUT_LEN))
+                        static=params.static(), out_len=_pow2_at_least(max_new_tokens + per_iter - 1, MIN_OUT_LEN),
+                        per_iter=per_iter)
         out = np.asarray(out)[:, :max_new_tokens]
     else:
         step = _jit(_decode_step, ("spec", "static"), ("dec",))

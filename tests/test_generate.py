@@ -93,6 +93,20 @@ def test_batched_equals_one_by_one_greedy_and_sampled(model):
     assert generate(model, PROMPTS[::-1], 10, seed=[7 + b for b in range(4)][::-1], **sampled) == batch[::-1]
 
 
+@pytest.mark.parametrize("n", [1, 5, 7])
+def test_device_loop_runs_several_steps_per_iteration_exactly(model, n):
+    """Steps past max_new_tokens inside the last iteration change neither tokens nor state."""
+    from rwkv2_jax.generate import DEVICE_STEPS_PER_ITER
+
+    assert DEVICE_STEPS_PER_ITER > 1
+    sampled = dict(temperature=0.9, top_p=0.8, presence_penalty=0.3, seed=3)
+    dev, dev_state = generate(model, PROMPTS, n, decode_loop="device", return_state=True, **sampled)
+    host, host_state = generate(model, PROMPTS, n, decode_loop="host", return_state=True, **sampled)
+    assert dev == host and all(len(row) == n for row in dev)
+    for a, b in zip(dev_state, host_state):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)  # two programs: float reorderings
+
+
 def test_chunked_prefill_equals_one_shot(model, rng):
     prompts = [rng.integers(0, V, n).tolist() for n in (300, 77, 1, 129)]
     logits, state = prefill(model, prompts, chunk_size=32)  # 32-token chunks, ragged ends
