@@ -14,6 +14,14 @@ time-mix key/value/receptance ([3C, C]) and channel-mix key/receptance ([5C, C])
 params' dtype); `rnn_step` is the same function as `model.module.apply(params, token[:, None],
 state)` (tests/test_generate.py checks logits and state against it), and is what
 `rw.generate` runs per token.
+
+Where the model runs Pallas kernels (`wkv_impl` "pallas", or "auto" on a GPU), the products
+with more inputs than outputs (the channel-mix value matrix, [C, 4C]) of batches up to
+`pallas_kernels.matvec.MAX_BATCH` rows go through the Pallas matrix-vector kernel
+(`pallas_kernels.matvec`, which splits the long input over programs): 6.3 us instead of XLA's
+10.0 us per [1024, 4096] bf16 product on an H200. For the other shapes the kernel was no faster
+than XLA (bench/matvec.py, docs/PERF.md): at batch 1 each of these products takes ~4-10 us,
+far more than reading its 2-10 MB, so the step is bound by per-kernel latency, not bandwidth.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rwkv2_jax.config import RWKVConfig
-from rwkv2_jax.model import State
+from rwkv2_jax.model import State, default_wkv_impl
 from rwkv2_jax.model import _layer_norm as model_layer_norm
 from rwkv2_jax.wkv import WKVState, wkv_step
 
@@ -39,10 +47,13 @@ class StepSpec:
     config: RWKVConfig
     dtype: jnp.dtype  # matmul compute dtype, as Model.dtype
     precision: Optional[str]
+    matvec: str = "xla"  # "xla", "pallas" or "pallas_interpret": who runs small-batch products
 
 
 def spec_of(model) -> StepSpec:
-    return StepSpec(model.config, jnp.dtype(model.dtype), model.precision)
+    impl = default_wkv_impl() if model.wkv_impl == "auto" else model.wkv_impl
+    matvec = impl if impl in ("pallas", "pallas_interpret") else "xla"
+    return StepSpec(model.config, jnp.dtype(model.dtype), model.precision, matvec)
 
 
 def _t(w):  # Flax kernel [in, out] -> [out, in]
@@ -99,6 +110,12 @@ def decode_params(model):
 def _matvec(spec: StepSpec, x, w_t):
     """x [B, in] @ w_t[out, in]^T -> [B, out], with Flax Dense's dtype rules (inputs and output
     in spec.dtype)."""
+    if spec.matvec != "xla" and w_t.dtype == spec.dtype and w_t.shape[1] > w_t.shape[0]:
+        from pallas_kernels import matvec  # imported on use: CPU-only users never load Pallas
+        from pallas_kernels.matvec import MAX_BATCH
+
+        if x.shape[0] <= MAX_BATCH:
+            return matvec(x, w_t, out_dtype=spec.dtype, interpret=spec.matvec == "pallas_interpret")
     x = x.astype(spec.dtype)
     return lax.dot_general(x, w_t.astype(spec.dtype), (((1,), (1,)), ((), ())), precision=spec.precision)
 

@@ -322,3 +322,33 @@ def test_decode_step_equals_the_module_step(release_files, variant, dtype, rng):
         if dtype == "float32" or name in ("x_att", "x_ffn"):
             close(a, b, name)
     assert decode_params(m) is decode_params(m)  # built once per params object
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_step_with_the_pallas_matvec(release_files, dtype, rng):
+    """With Pallas kernels (here in interpret mode) the step's products run the matvec kernel
+    for small batches: same logits and state as XLA's products, up to float32 summation order."""
+    import dataclasses
+
+    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
+
+    m = rw.load_torch(release_files["ffn_pre"], verbose=False)
+    m = m.replace(wkv_impl="pallas_interpret")
+    if dtype == "bfloat16":
+        m = with_weight_dtype(m, jnp.bfloat16)
+    spec = spec_of(m)
+    assert spec.matvec == "pallas_interpret"
+    B = 2
+    _, state = m.prefill(rng.integers(1, V, (B, 5)))
+    token = jnp.asarray(rng.integers(0, V, B), jnp.int32)
+    step = jax.jit(rnn_step, static_argnums=0)
+    jaxpr = str(jax.make_jaxpr(rnn_step, static_argnums=0)(spec, decode_params(m), token, state))
+    # one per channel-mix value matrix ([C, 4C]): every layer, plus the ffnPre of block 0
+    assert jaxpr.count("pallas_call") == SMALL["n_layer"] + 1
+    logits, new = step(spec, decode_params(m), token, state)
+    want_logits, want = step(dataclasses.replace(spec, matvec="xla"), decode_params(m), token, state)
+    tol = 1e-5 if dtype == "float32" else 2e-2  # bf16: one rounding of a product's output apart
+    for name, a, b in [("logits", logits, want_logits), *zip(rw.State._fields, new, want)]:
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if dtype == "float32" or name in ("logits", "x_att", "x_ffn"):
+            assert np.linalg.norm(a - b) <= tol * np.linalg.norm(b), name
