@@ -21,6 +21,7 @@ import numpy as np
 from rwkv2_jax import checkpoint as ckpt
 from rwkv2_jax.config import K_CLAMP, K_EPS, RWKVConfig, release_k_eps
 from rwkv2_jax.model import RWKV, WKV_IMPLS, State, default_wkv_impl, init_state, rnn_scan
+from rwkv2_jax.xla import jit
 
 _UNSET = object()
 
@@ -76,11 +77,11 @@ class Model:
             precision = "highest"
         self.precision = precision
         self.module = RWKV(config, dtype=self.dtype, wkv_impl=wkv_impl, precision=precision)
-        self._forward = jax.jit(
+        self._forward = jit(
             lambda p, tokens, state, lengths=None: self.module.apply({"params": p}, tokens, state, lengths)
         )
-        self._rnn = jax.jit(lambda p, tokens, state: rnn_scan(self.module, p, tokens, state))
-        self._logits = jax.jit(lambda p, tokens: self.logits_module.apply({"params": p}, tokens)[0])
+        self._rnn = jit(lambda p, tokens, state: rnn_scan(self.module, p, tokens, state))
+        self._logits = jit(lambda p, tokens: self.logits_module.apply({"params": p}, tokens)[0])
 
     @property
     def logits_module(self) -> RWKV:

