@@ -1,11 +1,15 @@
 """`jit`: jax.jit with the XLA compiler options this project's programs run best with.
 
-On GPUs XLA can compile a matrix product with its own Triton GEMM emitter or call cuBLAS.
-For this model's products cuBLAS was faster: the bf16 training step of L24-D1024 (B=8, T=768)
-took 47.6 ms with XLA's default choice and 40.4 ms with `xla_gpu_enable_triton_gemm=False`
-on an H200 (`python3 bench/train.py`, docs/PERF.md). So every jitted program of the package
-(training steps, GPT mode, prefill, decoding, scoring) is compiled with GPU_COMPILER_OPTIONS
-when it runs on a GPU. The Pallas kernels are not affected (they are not XLA GEMMs).
+On GPUs XLA can compile a matrix product with its own Triton GEMM emitter (which may fuse the
+elementwise code around it) or call cuBLAS. For this model's training step cuBLAS was faster:
+the bf16 step of L24-D1024 (B=8, T=768, Adam) took 47.6 ms with XLA's default choice and
+40.4 ms with `xla_gpu_enable_triton_gemm=False` on an H200 (`python3 bench/train.py`,
+docs/PERF.md). So every jitted program of the package (training steps, GPT mode, prefill,
+decoding, scoring) is compiled with GPU_COMPILER_OPTIONS when it runs on a GPU; the
+generation numbers of docs/PERF.md (session 3) were measured so. For inference the choice is
+not settled: a batch-1 prefill of 2,048 tokens took 10.6 ms so (bench/decode.py) and 10.0 ms
+with XLA's default in an earlier run of another tool (bench/profile.py); not yet compared in
+one run. The Pallas kernels are not affected (they are not XLA GEMMs).
 
 Options are per program (`jax.jit(..., compiler_options=...)`), not the process-wide
 XLA_FLAGS, so importing the package changes nothing, and a user's XLA_FLAGS still apply to
