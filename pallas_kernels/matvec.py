@@ -13,6 +13,12 @@ out_dtype (default w_t.dtype) once at the end. Only the order of the float32 add
 differs from XLA's (see tests/test_matvec_kernel.py for the tolerance this implies).
 Inference only: no VJP is defined (jax.grad through `matvec` fails); train with XLA's dot.
 
+Measured (`python3 bench/matvec.py`, H200, B = 1, bf16; docs/PERF.md): 1.58x XLA for the
+[1024, 4096] channel-mix value matrix (split-K), on par or slower for the [out, 1024]
+matrices, where both take 6-11 us per 2-10 MB product (per-kernel latency, not bandwidth);
+91% of the copy bandwidth on the 103 MB head, as XLA. rwkv2_jax.decode_step therefore uses
+it only for products with more inputs than outputs.
+
 Lowering: **Pallas Triton** (`plgpu.CompilerParams`), for the reasons given in
 pallas_kernels/wkv.py (the same small API in jax 0.10 and 0.11, any CUDA GPU from Ampere on).
 Every loaded block is a power of two in each dimension; a grid has at most three axes.
