@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from bench.timing import copy_bandwidth, time_fn  # noqa: E402
 from jax import lax  # noqa: E402
 
 from pallas_kernels.matvec import MatvecBlockSizes, _make_plan, matvec, matvec_reference  # noqa: E402
@@ -130,39 +131,6 @@ def plan_str(plan) -> str:
 # Timing.
 
 
-def time_fn(fn, args_, reps, min_time):
-    """Median seconds per call: reps x (N back-to-back calls, then one block)."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args_))  # compile + warm up
-    time_fn.first_call = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args_))
-    one = time.perf_counter() - t0
-    n = int(min(1000, max(1, min_time / max(one, 1e-6))))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = None
-        for _ in range(n):
-            out = fn(*args_)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / n)
-    return statistics.median(times)
-
-
-def copy_bandwidth(smoke):
-    """Bytes read + written per second by a device-to-device copy of 1 GiB (best of two forms)."""
-    n = (1 << 20) if smoke else (1 << 28)
-    x = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
-    best = 0.0
-    for name, f in [("copy", jax.jit(lambda x: jnp.array(x, copy=True))), ("x+1", jax.jit(lambda x: x + 1.0))]:
-        t = time_fn(f, (x,), 5, 0.2)
-        bw = 2 * x.nbytes / t
-        print(f"device-to-device {name} of {x.nbytes / 2**30:.3g} GiB: {t * 1e3:.3f} ms, {bw / 1e9:.0f} GB/s")
-        best = max(best, bw)
-    return best
-
-
 def xla_product(x, w_t):
     """The decode path's product (rwkv2_jax.decode_step._matvec with bf16 weights)."""
     return lax.dot_general(x.astype(w_t.dtype), w_t, (((1,), (1,)), ((), ())))
@@ -190,7 +158,7 @@ TABLE_HEAD = ("| impl | B | out | in | MB | µs per product | GB/s (%copy) | vs 
 
 def time_row(name, fn, x, mats, copy_bw, args, xla_t=None, plan=None):
     try:
-        t = time_fn(products(fn), (x, mats.ws), args.reps, args.min_time) / mats.n
+        t = time_fn(products(fn), [(x, mats.ws)], args.reps, args.min_time) / mats.n
     except Exception as e:  # noqa: BLE001 - one failure must not end the run
         print(f"  {name}: {type(e).__name__}: {str(e)[:300]}")
         return None, f"| {name} | {x.shape[0]} | - | - | - | failed | - | - | - |"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from bench.timing import copy_bandwidth, time_fn  # noqa: E402
 
 from pallas_kernels import WKVBlockSizes, wkv, wkv_with_state  # noqa: E402
 from pallas_kernels.wkv import _make_plan  # noqa: E402
@@ -151,41 +152,6 @@ def check(args) -> bool:
 
 # ---------------------------------------------------------------------------------------
 # Timing.
-
-
-def time_fn(fn, arg_sets, reps, min_time):
-    """Median seconds per call: reps x (N back-to-back calls, then one block)."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*arg_sets[0]))  # compile + warm up
-    time_fn.first_call = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*arg_sets[1 % len(arg_sets)]))
-    one = time.perf_counter() - t0
-    if one > 3.0:  # too slow to repeat within one device lease: one timed call
-        return one
-    n = int(min(1000, max(1, min_time / max(one, 1e-6))))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = None
-        for i in range(n):
-            out = fn(*arg_sets[i % len(arg_sets)])
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / n)
-    return statistics.median(times)
-
-
-def copy_bandwidth(smoke):
-    """Bytes read + written per second by a device-to-device copy of 1 GiB (best of two forms)."""
-    n = (1 << 20) if smoke else (1 << 28)
-    x = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
-    best = 0.0
-    for name, f in [("copy", jax.jit(lambda x: jnp.array(x, copy=True))), ("x+1", jax.jit(lambda x: x + 1.0))]:
-        t = time_fn(f, [(x,)], 5, 0.2)
-        bw = 2 * x.nbytes / t
-        print(f"device-to-device {name} of {x.nbytes / 2**30:.3g} GiB: {t * 1e3:.3f} ms, {bw / 1e9:.0f} GB/s")
-        best = max(best, bw)
-    return best
 
 
 def floor_bytes(B, T, C, itemsize):

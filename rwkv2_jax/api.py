@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rwkv2_jax import checkpoint as ckpt
-from rwkv2_jax.config import K_CLAMP, K_EPS, RWKVConfig, release_k_eps
+from rwkv2_jax.config import K_EPS, RWKVConfig, release_k_eps
 from rwkv2_jax.model import RWKV, WKV_IMPLS, State, default_wkv_impl, init_state, rnn_scan
 from rwkv2_jax.xla import jit
 

@@ -48,7 +48,6 @@ def char_tokenizer(text: str):
 def train_tiny(ids: np.ndarray, vocab_size: int, *, steps: int, seed: int = 0, log=print):
     """Adam on random windows of the text; returns the trained rwkv2_jax.Model."""
     import jax
-    import jax.numpy as jnp
     import optax
 
     import rwkv2_jax as rw

@@ -321,7 +321,9 @@ def test_model_runs_the_kernel_under_jit_grad_and_vmap(release_files, rng):
     for name, a, b in zip(rw.State._fields, sa, sb):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
     lengths = np.array([37, 1 + int(rng.integers(0, 36))])  # right-padded rows: the masked kernel
-    (la, sa), (lb_, sb) = ker.prefill(tokens, s0, lengths=lengths), ref.prefill(tokens, s0, lengths=lengths)
+    (la, sa), (lb, sb) = ker.prefill(tokens, s0, lengths=lengths), ref.prefill(tokens, s0, lengths=lengths)
+    for row, n in enumerate(lengths):  # logits of each row's real tokens
+        np.testing.assert_allclose(np.asarray(la)[row, :n], np.asarray(lb)[row, :n], rtol=1e-4, atol=1e-4)
     for name, a, b in zip(rw.State._fields, sa, sb):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=f"lengths: {name}")
     x, y = tokens[:, :-1], tokens[:, 1:]
