@@ -158,7 +158,7 @@ def _decode_loop(spec: StepSpec, dparams, dec: Decoding, consts: _Consts, n: jax
 
     def body(carry):
         dec, out = carry
-        for i in range(per_iter):
+        for _ in range(per_iter):
             step = dec.step
             past_end = None if per_iter == 1 else step >= n
             dec, token = _decode_step(spec, dparams, dec, consts, static, past_end)

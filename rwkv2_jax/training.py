@@ -288,7 +288,7 @@ def setup(model_config: RWKVConfig, cfg: TrainConfig, mesh) -> Setup:
     eval_sh = batch_sharding(mesh, 2, 0)
     rep = replicated(mesh)
     train_step = jit(make_train_step(module, optimizer, schedule), in_shardings=(state_sh, batch_sh),
-                         out_shardings=(state_sh, rep), donate_argnums=0)
+                     out_shardings=(state_sh, rep), donate_argnums=0)
     eval_step = jit(make_eval_step(module), in_shardings=(state_sh.params, eval_sh), out_shardings=rep)
     return Setup(module, schedule, optimizer, state_shape, state_sh, batch_sh, eval_sh, train_step, eval_step)
 
