@@ -10,7 +10,6 @@ Triton IR for CUDA, which interpret mode cannot check.
 
 import functools
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.matvec import MAX_BATCH, MatvecBlockSizes, _make_plan, matvec, matvec_reference
+from tests.triton_ir import assert_no_scalar_select, lower_to_triton_ir
 
 # Tiny blocks so that small shapes still split `in` (16 columns a block, split while fewer
 # than 64 row blocks).
@@ -166,19 +166,11 @@ def test_lowers_to_triton(B, out, inp, w_dtype, dot, masked, monkeypatch, capsys
     """Lower the kernel to Triton IR for CUDA (works without a GPU) and read the IR: one
     kernel, no i1 select of scalar literals (see pallas_kernels/wkv.py), tl.dot exactly on
     the tensor-core path, and no masked weight load where out and in divide the blocks."""
-    module = sys.modules["pallas_kernels.matvec"]
-    monkeypatch.setattr(module.pl, "pallas_call", functools.partial(module.pl.pallas_call, debug=True))
     x, w = jnp.zeros((B, inp), jnp.float32), jnp.zeros((out, inp), w_dtype)
-    try:
-        jax.jit(matvec).trace(x, w).lower(lowering_platforms=("cuda",))
-    except Exception as e:  # noqa: BLE001
-        if "cuda" in str(e).lower() and "platform" in str(e).lower():
-            pytest.skip(f"this jaxlib cannot lower for CUDA: {e}")
-        raise
-    ir = capsys.readouterr().out
+    ir = lower_to_triton_ir(matvec, (x, w), kernel_module="pallas_kernels.matvec",
+                            monkeypatch=monkeypatch, capsys=capsys)
     assert ir.count("tt.func public") == 1, "expected 1 kernel"
-    bad = [line.strip() for line in ir.splitlines() if "arith.select" in line and ": i1 " in line]
-    assert not bad, "i1 select in the Triton IR (scalar-literal jnp.where?):\n" + "\n".join(bad[:5])
+    assert_no_scalar_select(ir)
     assert ("tt.dot" in ir) == dot
     # tt.load %ptr : ... is unmasked; tt.load %ptr, %mask, %other : ... is masked.
     masked_loads = re.findall(r"tt\.load %\w+, %\w+", ir)

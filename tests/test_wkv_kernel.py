@@ -7,7 +7,6 @@ small here so that tiny shapes still take every path: several channel blocks, a 
 channel block, several time chunks, a ragged last chunk and the unrolled loop's tail.
 """
 
-import functools
 import math
 
 import jax
@@ -19,6 +18,7 @@ from jax.test_util import check_grads
 from pallas_kernels import WKVBlockSizes, wkv, wkv_with_state
 from rwkv2_jax.wkv import WKVState, wkv_reference
 from rwkv2_jax.wkv import wkv_with_state as reference_with_state
+from tests.triton_ir import assert_no_scalar_select, lower_to_triton_ir
 
 # Tiny blocks: 8 channels a program, 4 steps an iteration, chunks of >= 4 steps while
 # there are fewer than 16 programs.
@@ -277,10 +277,6 @@ def test_lowers_to_triton_without_scalar_selects(variant, monkeypatch, capsys):
     that does not lower at all, and a select between weak-typed scalar literals, which the
     Pallas Triton lowering turns into an i1 select of constants (chunk length 0 on the GPU).
     """
-    import sys
-
-    wkv_module = sys.modules["pallas_kernels.wkv"]
-    monkeypatch.setattr(wkv_module.pl, "pallas_call", functools.partial(wkv_module.pl.pallas_call, debug=True))
     B, T, C = 1, 200, 40  # 2 channel blocks (one padded), 4 chunks, a partial last block
     blocks = WKVBlockSizes(min_chunk=48)
     k = jnp.zeros((B, T, C))
@@ -292,16 +288,10 @@ def test_lowers_to_triton_without_scalar_selects(variant, monkeypatch, capsys):
             return out.sum() + sum(x.sum() for x in state)
         return wkv(k, v, td, tf, k_clamp=None if variant == "log" else 60.0, block_sizes=blocks).sum()
 
-    try:
-        jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(k, k, td, tf).lower(lowering_platforms=("cuda",))
-    except Exception as e:  # noqa: BLE001
-        if "cuda" in str(e).lower() and "platform" in str(e).lower():
-            pytest.skip(f"this jaxlib cannot lower for CUDA: {e}")
-        raise
-    ir = capsys.readouterr().out
+    ir = lower_to_triton_ir(jax.grad(loss, argnums=(0, 1, 2, 3)), (k, k, td, tf), kernel_module="pallas_kernels.wkv",
+                            monkeypatch=monkeypatch, capsys=capsys)
     assert ir.count("tt.func public") == 4, "expected 4 kernels: 2 forward, 2 backward"
-    bad = [line.strip() for line in ir.splitlines() if "arith.select" in line and ": i1 " in line]
-    assert not bad, "i1 select in the Triton IR (scalar-literal jnp.where?):\n" + "\n".join(bad[:5])
+    assert_no_scalar_select(ir)
 
 
 def test_model_runs_the_kernel_under_jit_grad_and_vmap(release_files, rng):
