@@ -12,13 +12,15 @@ with XLA's default in an earlier run of another tool (bench/profile.py); not yet
 one run. The Pallas kernels are not affected (they are not XLA GEMMs).
 
 Options are per program (`jax.jit(..., compiler_options=...)`), not the process-wide
-XLA_FLAGS, so importing the package changes nothing, and a user's XLA_FLAGS still apply to
-everything else. The backend is looked up at the first call, never at import.
+XLA_FLAGS, so importing the package changes nothing. An option the user sets in XLA_FLAGS
+wins: e.g. `XLA_FLAGS=--xla_gpu_enable_triton_gemm=true` brings back XLA's own GEMMs (to
+compare both in one run). The backend is looked up at the first call, never at import.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import jax
@@ -27,9 +29,13 @@ GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
 def compiler_options(backend: Optional[str] = None) -> Optional[dict]:
-    """The options for programs compiled for `backend` (default: JAX's default backend)."""
+    """The options for programs compiled for `backend` (default: JAX's default backend),
+    without those the user's XLA_FLAGS set (theirs win)."""
     backend = backend or jax.default_backend()
-    return dict(GPU_COMPILER_OPTIONS) if backend == "gpu" else None
+    if backend != "gpu":
+        return None
+    user = os.environ.get("XLA_FLAGS", "")
+    return {k: v for k, v in GPU_COMPILER_OPTIONS.items() if f"--{k}" not in user} or None
 
 
 def jit(fn=None, **kwargs):

@@ -9,12 +9,20 @@ import numpy as np
 from rwkv2_jax import xla
 
 
-def test_options_only_for_gpu():
+def test_options_only_for_gpu(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
     assert xla.compiler_options("gpu") == {"xla_gpu_enable_triton_gemm": False}
     assert xla.compiler_options("cpu") is None
     opts = xla.compiler_options("gpu")
     opts["xla_gpu_enable_triton_gemm"] = True  # a copy: the module's dict is unchanged
     assert xla.GPU_COMPILER_OPTIONS["xla_gpu_enable_triton_gemm"] is False
+
+
+def test_the_users_xla_flags_win(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=true")
+    assert xla.compiler_options("gpu") is None  # theirs, not ours
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0")
+    assert xla.compiler_options("gpu") == {"xla_gpu_enable_triton_gemm": False}
 
 
 def test_jit_passes_jit_arguments_and_compiles_once():
@@ -36,7 +44,7 @@ def test_jit_passes_jit_arguments_and_compiles_once():
 
 def test_gpu_options_are_valid_xla_options():
     # The GPU options must be names XLA knows (a misspelt one fails at compile on every backend).
-    g = jax.jit(lambda x: x @ x, compiler_options=xla.compiler_options("gpu"))
+    g = jax.jit(lambda x: x @ x, compiler_options=dict(xla.GPU_COMPILER_OPTIONS))
     assert float(g(jnp.eye(3)).sum()) == 3.0
     bad = jax.jit(lambda x: x @ x, compiler_options={"xla_gpu_enable_triton_gemm_typo": False})
     try:
