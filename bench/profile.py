@@ -96,7 +96,9 @@ def workload(args):
     from bench.decode import parse_size, random_params
     from rwkv2_jax.generate import generate, prefill, with_weight_dtype
 
-    config = parse_size("L2-D64" if args.smoke else args.preset)
+    if args.smoke:
+        args.preset = "L2-D64"
+    config = parse_size(args.preset)
     if args.what == "train":
         from rwkv2_jax import training as tr
         from rwkv2_jax.model import RWKV

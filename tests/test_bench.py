@@ -1,0 +1,52 @@
+"""The benchmark scripts run end to end on CPU (their --smoke modes: tiny shapes, interpret mode).
+
+Every performance claim in docs/PERF.md comes from these scripts, and GPU time is scarce: a
+script that breaks (a refactor, an API change) must fail here, not on the GPU machine.
+Timings printed on CPU mean nothing and are not checked.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*argv, timeout=600):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    r = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, f"{' '.join(argv)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def test_wkv_bench():
+    out = run("bench/wkv.py", "--smoke")
+    assert "CORRECTNESS: PASS" in out
+    assert "| pallas (1 chunk) |" in out and "| plain-JAX scan |" in out
+
+
+def test_matvec_bench():
+    out = run("bench/matvec.py", "--smoke")
+    assert "CORRECTNESS: PASS" in out
+    assert "| pallas matvec |" in out and "| XLA dot_general |" in out
+
+
+def test_train_bench():
+    out = run("bench/train.py", "--smoke")
+    assert "| bfloat16 |" in out and "| float32 |" in out
+
+
+@pytest.mark.parametrize("what", ["decode", "prefill", "train"])
+def test_profile_bench(what):
+    out = run("bench/profile.py", what, "--smoke")
+    assert f"## {what} L2-D64" in out
+
+
+def test_decode_bench_gpu_rows_on_cpu():
+    out = run("bench/decode.py", "--gpu-rows", "--preset", "L2-D64", "--steps-b1", "4", "--steps", "4",
+              "--prefill-len", "64", "--repeats", "1", "--batches", "1,4")
+    assert "checks passed" in out
+    assert "prefill T=64" in out and "decode, greedy" in out
