@@ -20,7 +20,7 @@ import numpy as np
 
 from rwkv2_jax import checkpoint as ckpt
 from rwkv2_jax.config import K_EPS, RWKVConfig, release_k_eps
-from rwkv2_jax.model import RWKV, WKV_IMPLS, State, default_wkv_impl, init_state, rnn_scan
+from rwkv2_jax.model import RWKV, WKV_IMPLS, State, init_state, resolve_wkv_impl, rnn_scan
 from rwkv2_jax.xla import jit
 
 _UNSET = object()
@@ -89,7 +89,7 @@ class Model:
         (logits, losses, scores): with the Pallas WKV it runs the kernel's stateless form
         (`pallas_kernels.wkv`, linear mode with the clamp: ~1.7x faster than the state-keeping
         log mode, docs/PERF.md). Its returned state is meaningless; elsewhere `module`."""
-        impl = default_wkv_impl() if self.wkv_impl == "auto" else self.wkv_impl
+        impl = resolve_wkv_impl(self.wkv_impl)
         if impl not in ("pallas", "pallas_interpret"):
             return self.module
         from rwkv2_jax.sharding import ShardedWKV

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rwkv2_jax.config import RWKVConfig
-from rwkv2_jax.model import State, default_wkv_impl
+from rwkv2_jax.model import State, resolve_wkv_impl
 from rwkv2_jax.model import _layer_norm as model_layer_norm
 from rwkv2_jax.wkv import WKVState, wkv_step
 
@@ -51,7 +51,7 @@ class StepSpec:
 
 
 def spec_of(model) -> StepSpec:
-    impl = default_wkv_impl() if model.wkv_impl == "auto" else model.wkv_impl
+    impl = resolve_wkv_impl(model.wkv_impl)
     matvec = impl if impl in ("pallas", "pallas_interpret") else "xla"
     return StepSpec(model.config, jnp.dtype(model.dtype), model.precision, matvec)
 

@@ -121,6 +121,11 @@ def default_wkv_impl() -> str:
     return "pallas" if jax.default_backend() == "gpu" else "reference"
 
 
+def resolve_wkv_impl(impl):
+    """A wkv_impl with "auto" replaced by the backend's default (others unchanged)."""
+    return default_wkv_impl() if impl == "auto" else impl
+
+
 def last_valid(x: jax.Array, lengths: Optional[jax.Array]) -> jax.Array:
     """x [B, T, C] -> the vector at each row's last real token [B, C] (the shift state)."""
     if lengths is None:
@@ -138,8 +143,7 @@ def wkv_dispatch(impl, k, v, time_decay, time_first, state, *, k_clamp, k_eps, l
     kernel with K masked (`pallas_kernels.wkv_with_state(lengths=)`), else the plain-JAX
     scan; a callable impl is not given lengths (the plain-JAX scan runs).
     """
-    if impl == "auto":
-        impl = default_wkv_impl()
+    impl = resolve_wkv_impl(impl)
     if lengths is not None:
         if impl in ("pallas", "pallas_interpret") and k.shape[1] > 1:
             import pallas_kernels  # imported on use: CPU-only users never load Pallas

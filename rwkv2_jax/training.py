@@ -29,7 +29,7 @@ import optax
 
 from rwkv2_jax import checkpoint as ckpt
 from rwkv2_jax.config import RWKVConfig
-from rwkv2_jax.model import RWKV, WKV_IMPLS, default_wkv_impl
+from rwkv2_jax.model import RWKV, WKV_IMPLS, resolve_wkv_impl
 from rwkv2_jax.sharding import ShardedWKV, batch_sharding, host_to_global, replicated, tree_shardings
 from rwkv2_jax.xla import jit
 
@@ -161,10 +161,6 @@ class TrainState(NamedTuple):
 
 
 # --- model and loss -------------------------------------------------------------------
-
-
-def resolve_wkv_impl(impl: str) -> str:
-    return default_wkv_impl() if impl == "auto" else impl
 
 
 def make_module(model_config: RWKVConfig, cfg: TrainConfig, mesh=None) -> RWKV:
