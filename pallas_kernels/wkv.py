@@ -24,18 +24,22 @@ Python literals inside these kernels; the Triton lowering miscompiles it and int
 mode cannot see it. tests/test_wkv_kernel.py reads the lowered Triton IR for this.
 
 Algorithm. One program owns `block_c` channels of one batch row and walks its time range
-with a sequential loop; each loop iteration handles `unroll` time steps whose rows were
-loaded one iteration earlier (prefetch in the loop carry), which keeps about `2*unroll`
-row loads in flight per program, so that the loop does not wait on load latency (docs/PERF.md:
-43-72% of the copy bandwidth on an H100; the session-3 sweep shows the loop is now bound by
-each thread's instructions per step). When B*C/block_c programs would not fill the GPU, time
+with a sequential loop over blocks of `unroll` time steps, whose rows were loaded one block
+earlier (prefetch in the loop carry), which keeps about `2*unroll` row loads in flight per
+program, so that the loop does not wait on load latency. The forward's loop body runs two
+blocks (ping-pong), because with one the compiler copies the prefetched rows into the carried
+registers at the loop's end and each copy waits for its load (seen in the SASS: 62 of 64
+rows, session 4). With one warp per 32 channels, B*C = 8192 channels fill only ~2 warps per
+SM, so what is left is memory latency (ncu on the H100: ~40% of cycles waiting on loads)
+and instructions per step (docs/PERF.md). When B*C/block_c programs would not fill the GPU, time
 is split into chunks: a first kernel computes each chunk's local end state (from a zero state), and the
 main kernel folds the local states of the earlier chunks (decay d^L per chunk) into its
 starting state before its own pass (the backward does the same in reverse).
 
 Two numeric modes, both exact implementations of the same function:
 * "linear" (the default of `wkv` when `k_clamp` is set, <= 64): plain float32 sums of
-  exp(K) with the clamp keeping them finite, as the original kernel did; one exp per step.
+  exp(K) with the clamp keeping them finite, as the original kernel did; one exp per step
+  (an `ex2.approx` by default: `WKVBlockSizes.approx_math`).
   Needs time_first + k_clamp < ~88 (true of every release) and k_eps > 0.
 * "log": the running-max exponent of the reference (sums scaled by exp(-pp)); finite for any
   K and any T. Used by `wkv` when `k_clamp` is None (or `mode="log"`), and always by
@@ -101,6 +105,13 @@ class WKVBlockSizes:
     min_programs: split time into chunks while B * C / block_c programs are fewer than this...
     chunk_to:     ...aiming at this many programs in all,
     min_chunk:    but never with chunks shorter than this many steps.
+    approx_math:  linear mode on the GPU: exp(K) as one `ex2.approx.ftz` of K*log2(e) and
+                  1/den as one `rcp.approx.ftz` (inline PTX) instead of libdevice's expf
+                  and a division: about half the instructions per step. Relative error of
+                  exp(K) ~|K|*6e-8 (the rounding of K*log2(e)); the kernel's outputs and
+                  gradients stay as close to the reference as without it (H100 check,
+                  session 4: max rel. err 1.6e-6 vs 1.5e-6). The interpreter computes
+                  exp2(K*log2(e)) and 1/den, so CPU tests see the same rounding of K.
     """
 
     # Defaults from `python3 bench/wkv.py --sweep` (H200, docs/PERF.md): unroll 32 cut the
@@ -112,14 +123,20 @@ class WKVBlockSizes:
     # (H200 prefill profile, session 3), 9.2 + 4.3 us per chunk, the prefill's WKV 3.49 -> 0.65
     # ms per 2,049 tokens. On the H100 (session 3) the defaults give 64.8 / 186.7 us at
     # (8, 1024, 1024); 4 time chunks there: forward 8% slower, forward+backward 4% faster.
+    # Session 4 (H100, docs/PERF.md): the forward's loop runs two blocks per iteration
+    # (ping-pong, `_time_loop`), so a block of 16 is as fast as the old 32 (59.9 vs 64.1 us;
+    # 59.2 with approx_math). unroll 24 gave 54.8 us but a ~3x longer Triton compile (185 s
+    # vs 56 s on a 2-core CPU), 32 (a 64-step loop body) 89 us: the default is 16. With
+    # these defaults: 59.2 / 171.1 us forward / forward+backward at (8, 1024, 1024).
     block_c: int = 32
-    unroll: int = 32
+    unroll: int = 16
     unroll_train: int = 16
     num_warps: int = 1
     num_stages: int = 1
     min_programs: int = 256
     chunk_to: int = 512
     min_chunk: int = 64
+    approx_math: bool = True
 
     def __post_init__(self):
         if self.block_c < 1 or self.block_c & (self.block_c - 1):
@@ -146,6 +163,7 @@ class _Plan:
     num_warps: int
     num_stages: int
     interpret: bool
+    approx_math: bool = False
 
     @property
     def n_cb(self) -> int:
@@ -193,6 +211,7 @@ def _make_plan(B, T, C, *, k_clamp, k_eps, linear, blocks: WKVBlockSizes, interp
         n_chunks=n_chunks, chunk=chunk, linear=linear,
         k_clamp=None if k_clamp is None else float(k_clamp), k_eps=float(k_eps),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret,
+        approx_math=blocks.approx_math,
     )
 
 
@@ -223,26 +242,44 @@ def _is_static(x, value) -> bool:
 def _time_loop(U: int, start, n, load, step, carry, on_block=None):
     """carry = step(carry, load(t), t) for t in [start, start + n), in order.
 
-    Rows are loaded U steps ahead: each loop iteration issues the loads of the next
-    iteration's U rows before running its own U steps on rows loaded one iteration
-    earlier. Prefetches past the range are clamped to its last step (loaded, not used).
+    Rows are loaded one block of U steps ahead: while a block's U steps run, the next
+    block's U rows are in flight. The loop body runs two blocks (ping-pong between two sets
+    of row registers), so that the rows carried to the next iteration are the ones loaded
+    during this one's second block: with one block per iteration, the compiler copies the
+    just-issued loads into the carried registers at the loop's end, and each copy waits for
+    its load (measured on the H100: 62 of 64 prefetched rows, session 4). Prefetches past
+    the range are clamped to its last step (loaded, not used).
     on_block(j, carry) runs before each block of U steps (j = 0, 1, ...; the tail too).
     """
     last = start + n - 1
     load_at = lambda i: load(jnp.minimum(start + i, last))
+    load_block = lambda j: tuple(load_at(j * U + i) for i in range(U))
     n_full = n // U
+
+    def run_block(j, carry, rows):
+        if on_block is not None:
+            on_block(j, carry)
+        for i in range(U):
+            carry = step(carry, rows[i], start + j * U + i)
+        return carry
+
     if not _is_static(n_full, 0):
 
-        def body(j, c):
-            carry, rows = c
-            nxt = tuple(load_at((j + 1) * U + i) for i in range(U))
-            if on_block is not None:
-                on_block(j, carry)
-            for i in range(U):
-                carry = step(carry, rows[i], start + j * U + i)
-            return carry, nxt
+        def body(jj, c):  # blocks 2jj (rows carried in) and 2jj + 1
+            carry, rows_a = c
+            j = 2 * jj
+            rows_b = load_block(j + 1)
+            carry = run_block(j, carry, rows_a)
+            rows_a = load_block(j + 2)
+            carry = run_block(j + 1, carry, rows_b)
+            return carry, rows_a
 
-        carry, _ = lax.fori_loop(0, n_full, body, (carry, tuple(load_at(i) for i in range(U))))
+        carry, rows = lax.fori_loop(0, n_full // 2, body, (carry, load_block(0)))
+
+        def odd_block(_, carry):  # the last full block when there is an odd number of them
+            return run_block(n_full - 1, carry, rows)
+
+        carry = lax.fori_loop(0, n_full % 2, odd_block, carry)
     rem = n - n_full * U
     if not _is_static(rem, 0):
         if on_block is not None:
@@ -293,6 +330,31 @@ def _log_add_weights(p1, p2):
     return jnp.where(keep, one, x), jnp.where(keep, x, one), jnp.maximum(p1, p2)
 
 
+_LOG2E = 1.4426950408889634
+
+
+def _exp_k(plan: _Plan, x):
+    """exp(x) of a step's K: with approx_math, one ex2.approx of x*log2(e) on the GPU."""
+    if not plan.approx_math:
+        return jnp.exp(x)
+    x = x * _LOG2E
+    if plan.interpret:
+        return jnp.exp2(x)
+    [y] = plgpu.elementwise_inline_asm(
+        "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+    return y
+
+
+def _recip(plan: _Plan, x):
+    if not plan.approx_math or plan.interpret:
+        return 1.0 / x
+    [y] = plgpu.elementwise_inline_asm(
+        "rcp.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+    return y
+
+
 def _fwd_step_fn(plan: _Plan, w, u_log):
     """step(state, kraw, v, with_out) -> (state after, out, res): one forward step.
 
@@ -304,11 +366,11 @@ def _fwd_step_fn(plan: _Plan, w, u_log):
 
         def step(carry, kraw, v, with_out=True):
             A, Bs = carry
-            kk = jnp.exp(_clamp(plan, kraw))
+            kk = _exp_k(plan, _clamp(plan, kraw))
             out = r = None
             if with_out:
                 ukk = u * kk
-                r = 1.0 / (Bs + ukk + eps)
+                r = _recip(plan, Bs + ukk + eps)
                 out = (A + ukk * v) * r
             return (d * A + kk * v, d * Bs + kk), out, r
 
@@ -405,6 +467,10 @@ def _bwd_walk(plan: _Plan, w, u_log, start, n, load_rows, load_ckpt, carry, emit
     block are loaded before the current block is processed. The last block of the range
     may be partial: its steps past the range run on clamped rows with a frozen carry, and
     their stores land on the range's last step before the real value overwrites them.
+    One block per loop iteration: the ping-pong of `_time_loop` (two per iteration) made
+    this kernel's Triton compile ~8x slower (the TritonGPUCoalesce pass grows with the
+    number of loads and stores times the size of the function: 449 s against 58 s for
+    the (8, 1024, 1024) backward on a 2-core CPU, session 4), so it is not used here.
 
     emit: None (carry only, for chunk-local carries) or store(t, dk, dv); then the
     returned carry is (carry, du, dw) with per-channel sums of d log u and d log d.
@@ -436,7 +502,7 @@ def _bwd_walk(plan: _Plan, w, u_log, start, n, load_rows, load_ckpt, carry, emit
                 kc = _clamp(plan, kraw)
                 if plan.linear:
                     GA, GB, GA2, GB2 = carry
-                    kk = jnp.exp(kc)
+                    kk = _exp_k(plan, kc)
                     direct = u * kk * g * res
                 else:
                     GA, GB, GA2, GB2, q = carry

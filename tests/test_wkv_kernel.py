@@ -7,6 +7,7 @@ small here so that tiny shapes still take every path: several channel blocks, a 
 channel block, several time chunks, a ragged last chunk and the unrolled loop's tail.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -292,6 +293,48 @@ def test_lowers_to_triton_without_scalar_selects(variant, monkeypatch, capsys):
                             monkeypatch=monkeypatch, capsys=capsys)
     assert ir.count("tt.func public") == 4, "expected 4 kernels: 2 forward, 2 backward"
     assert_no_scalar_select(ir)
+    # approx_math (the default) is the linear mode's only: inline PTX there, none in log mode
+    approx = ir.count("ex2.approx.ftz.f32"), ir.count("rcp.approx.ftz.f32")
+    if variant == "linear":
+        assert min(approx) > 0, f"no inline ex2/rcp in the linear kernels: {approx}"
+    else:
+        assert approx == (0, 0), approx
+
+
+def test_approx_math_off_keeps_libdevice(monkeypatch, capsys):
+    """approx_math=False lowers exp(K) and 1/den as before (libdevice expf, a division)."""
+    B, T, C = 1, 40, 32
+    k = jnp.zeros((B, T, C))
+    td = tf = jnp.zeros(C)
+    blocks = WKVBlockSizes(approx_math=False)
+    ir = lower_to_triton_ir(lambda *a: wkv(*a, block_sizes=blocks), (k, k, td, tf),
+                            kernel_module="pallas_kernels.wkv", monkeypatch=monkeypatch, capsys=capsys)
+    assert "approx" not in ir and "__nv_expf" in ir
+
+
+@pytest.mark.parametrize("approx_math", [True, False])
+def test_ping_pong_loop_every_block_count(approx_math, rng):
+    """The forward's two-blocks-per-iteration loop: odd and even block counts, a partial
+    tail, fewer steps than one block, and time chunks (dynamic block counts), vs the
+    reference, outputs and gradients."""
+    for B, T, C, blocks in [
+        (1, 16 * 5, 8, WKVBlockSizes(unroll=16, unroll_train=8)),  # 5 blocks: odd
+        (2, 16 * 4 + 3, 8, WKVBlockSizes(unroll=16, unroll_train=8)),  # 4 + tail
+        (1, 7, 8, WKVBlockSizes(unroll=16, unroll_train=8)),  # no full block
+        (1, 200, 8, WKVBlockSizes(unroll=8, unroll_train=8, min_chunk=24)),  # chunks
+    ]:
+        blocks = dataclasses.replace(blocks, approx_math=approx_math)
+        k = jnp.asarray(rng.normal(0, 3, (B, T, C)), jnp.float32)
+        v = jnp.asarray(rng.normal(size=(B, T, C)), jnp.float32)
+        td = jnp.asarray(rng.uniform(-3, 1.5, C), jnp.float32)
+        tf = jnp.asarray(rng.normal(-1, 1, C), jnp.float32)
+        g = jnp.asarray(rng.normal(size=(B, T, C)), jnp.float32)
+        kern = lambda *a: wkv(*a, interpret=True, block_sizes=blocks)  # noqa: E731
+        out, vjp = jax.vjp(kern, k, v, td, tf)
+        ref, vjp_r = jax.vjp(wkv_reference, k, v, td, tf)
+        np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5, err_msg=f"{B=} {T=}")
+        for a, b in zip(vjp(g), vjp_r(g)):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4, err_msg=f"{B=} {T=}")
 
 
 def test_model_runs_the_kernel_under_jit_grad_and_vmap(release_files, rng):
