@@ -121,7 +121,7 @@ class WKVBlockSizes:
     # kernels at B=1, T=1024, C=1024 with 2 chunks of 512; 8.5 ns/token at T=65,536 with 16
     # chunks), so B=1 prefill chunks of 1,024 tokens gain from 16 chunks of 64: measured after
     # (H200 prefill profile, session 3), 9.2 + 4.3 us per chunk, the prefill's WKV 3.49 -> 0.65
-    # ms per 2,049 tokens. On the H100 (session 3) the defaults give 64.8 / 186.7 us at
+    # ms per 2,049 tokens. On the H100 (session 3) the defaults then gave 64.8 / 186.7 us at
     # (8, 1024, 1024); 4 time chunks there: forward 8% slower, forward+backward 4% faster.
     # Session 4 (H100, docs/PERF.md): the forward's loop runs two blocks per iteration
     # (ping-pong, `_time_loop`), so a block of 16 is as fast as the old 32 (59.9 vs 64.1 us;
