@@ -239,7 +239,7 @@ def _is_static(x, value) -> bool:
     return isinstance(x, int) and x == value
 
 
-def _time_loop(U: int, start, n, load, step, carry, on_block=None):
+def _time_loop(U: int, start, n, load, step, carry, on_block=None, ping_pong=True):
     """carry = step(carry, load(t), t) for t in [start, start + n), in order.
 
     Rows are loaded one block of U steps ahead: while a block's U steps run, the next
@@ -250,6 +250,8 @@ def _time_loop(U: int, start, n, load, step, carry, on_block=None):
     its load (measured on the H100: 62 of 64 prefetched rows, session 4). Prefetches past
     the range are clamped to its last step (loaded, not used).
     on_block(j, carry) runs before each block of U steps (j = 0, 1, ...; the tail too).
+    ping_pong=False: one block per iteration (the session-3 loop), for step functions so
+    long that two blocks overflow the instruction cache (see `_fwd_kernel`).
     """
     last = start + n - 1
     load_at = lambda i: load(jnp.minimum(start + i, last))
@@ -263,7 +265,15 @@ def _time_loop(U: int, start, n, load, step, carry, on_block=None):
             carry = step(carry, rows[i], start + j * U + i)
         return carry
 
-    if not _is_static(n_full, 0):
+    if not _is_static(n_full, 0) and not ping_pong:
+
+        def body1(j, c):
+            carry, rows = c
+            nxt = load_block(j + 1)
+            return run_block(j, carry, rows), nxt
+
+        carry, _ = lax.fori_loop(0, n_full, body1, (carry, load_block(0)))
+    elif not _is_static(n_full, 0):
 
         def body(jj, c):  # blocks 2jj (rows carried in) and 2jj + 1
             carry, rows_a = c
@@ -607,7 +617,12 @@ def _fwd_kernel(*refs, plan: _Plan, state_in: bool, state_out: bool, save: bool)
         on_block = save_block
 
     start, n = _chunk_range(plan, chunk)
-    carry = _time_loop(U, start, n, _load_kv(k_ref, v_ref, b, cs), step, carry, on_block)
+    # The log mode's forward that saves has ~70 instructions per step: two blocks of 16 are
+    # ~36 KB of loop code (a 64-step linear body, ~32 KB, ran 1.9x slower on the H100), and
+    # its forward+backward went 346.8 -> 397.9 us with them (H100, session 4); one block.
+    ping_pong = plan.linear or not save
+    carry = _time_loop(U, start, n, _load_kv(k_ref, v_ref, b, cs), step, carry, on_block,
+                       ping_pong=ping_pong)
     if state_out:
         for ref, x in zip(sT_refs, carry):
             ref[chunk, b, cs] = x

@@ -312,11 +312,11 @@ def test_approx_math_off_keeps_libdevice(monkeypatch, capsys):
     assert "approx" not in ir and "__nv_expf" in ir
 
 
-@pytest.mark.parametrize("approx_math", [True, False])
-def test_ping_pong_loop_every_block_count(approx_math, rng):
-    """The forward's two-blocks-per-iteration loop: odd and even block counts, a partial
-    tail, fewer steps than one block, and time chunks (dynamic block counts), vs the
-    reference, outputs and gradients."""
+@pytest.mark.parametrize("approx_math,k_clamp", [(True, 60.0), (False, 60.0), (True, None)])
+def test_ping_pong_loop_every_block_count(approx_math, k_clamp, rng):
+    """The forward's two-blocks-per-iteration loop (and, in log mode, the one-block loop of
+    the forward that saves): odd and even block counts, a partial tail, fewer steps than one
+    block, and time chunks (dynamic block counts), vs the reference, outputs and gradients."""
     for B, T, C, blocks in [
         (1, 16 * 5, 8, WKVBlockSizes(unroll=16, unroll_train=8)),  # 5 blocks: odd
         (2, 16 * 4 + 3, 8, WKVBlockSizes(unroll=16, unroll_train=8)),  # 4 + tail
@@ -329,9 +329,9 @@ def test_ping_pong_loop_every_block_count(approx_math, rng):
         td = jnp.asarray(rng.uniform(-3, 1.5, C), jnp.float32)
         tf = jnp.asarray(rng.normal(-1, 1, C), jnp.float32)
         g = jnp.asarray(rng.normal(size=(B, T, C)), jnp.float32)
-        kern = lambda *a: wkv(*a, interpret=True, block_sizes=blocks)  # noqa: E731
+        kern = lambda *a: wkv(*a, k_clamp=k_clamp, interpret=True, block_sizes=blocks)  # noqa: E731
         out, vjp = jax.vjp(kern, k, v, td, tf)
-        ref, vjp_r = jax.vjp(wkv_reference, k, v, td, tf)
+        ref, vjp_r = jax.vjp(lambda *a: wkv_reference(*a, k_clamp=k_clamp), k, v, td, tf)
         np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5, err_msg=f"{B=} {T=}")
         for a, b in zip(vjp(g), vjp_r(g)):
             np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4, err_msg=f"{B=} {T=}")
