@@ -2,6 +2,7 @@
 
     python bench/decode.py                 # on a GPU: L24-D1024, random weights (V=50277)
     python bench/decode.py --cpu           # CPU: a small model, ours vs the PyTorch reference's RNN loop
+    python bench/decode.py --sweep-fused   # GPU: block sizes of the fused decode kernels, no table
 
 GPU rows (per weight dtype; bfloat16 = matrices in bf16, vectors, state and WKV float32):
 * decode, B=1 and B=64: `generate(model, prompts, N, temperature=0)` with 1-token prompts,
@@ -15,7 +16,9 @@ GPU rows (per weight dtype; bfloat16 = matrices in bf16, vectors, state and WKV 
   prompt; tokens/s = (T + 1) / seconds. And, bf16 only, 8 prompts of T/2 .. T tokens in one
   batch (right-padded chunks: the kernel with `lengths`); tokens/s counts real tokens.
 First a correctness check on a small model (batched == one by one; chunked prefill ==
-one-shot GPT mode). The "ms" column is per decode step, or per prefill call. Every timing
+one-shot GPT mode), and at full size the decode step as fused Pallas kernels
+(pallas_kernels.decode, the default on a GPU) against the per-operation step; the table has
+a batch-1 row of the latter (`Model(fused_decode=False)`). The "ms" column is per decode step, or per prefill call. Every timing
 is the median of --repeats runs after a warm-up (compile) run, each blocked on once at its end.
 
 CPU rows (--cpu): batch-1 greedy decode of the same random release-format weights by
@@ -120,6 +123,76 @@ def gpu_checks(log):
     return batch == alone and err < 1e-3
 
 
+def fused_check(models, prompt, log):
+    """The decode step as fused Pallas kernels vs the per-operation step, full size, on the GPU:
+    one step from the state after 9-token prompts, B = 2 (rows differ)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
+    from rwkv2_jax.generate import prefill
+
+    step = jax.jit(rnn_step, static_argnums=0)
+    ok = True
+    for name, model in models.items():
+        spec = spec_of(model)
+        for B in (2,):
+            _, state = prefill(model, [prompt[i: i + 9] for i in range(B)])
+            token = jnp.asarray(prompt[9: 9 + B], jnp.int32)
+            got = step(spec, decode_params(model), token, state)
+            want = step(dataclasses.replace(spec, fused=False), decode_params(model), token, state)
+            errs = {}
+            for f, a, b in [("logits", got[0], want[0]), *zip(("x_att", "x_ffn", "aa", "bb", "pp"), got[1], want[1])]:
+                a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+                errs[f] = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+            tol = 1e-5 if name == "float32" else 2e-2
+            good = errs["logits"] <= tol and errs["x_att"] <= tol and errs["x_ffn"] <= tol
+            ok &= good
+            log(f"# check: fused vs per-operation decode step, {name}, B={B}: "
+                + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()) + (" PASS" if good else " FAIL"))
+    return ok
+
+
+def sweep_fused(model, log, steps=64):
+    """ms per RNN step (bf16, B = 1) of a jitted loop of greedy steps, per DecodeBlockSizes."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.decode import DecodeBlockSizes
+    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
+    from rwkv2_jax.generate import prefill
+
+    _, state0 = prefill(model, [[1, 2, 3]])
+    dparams = decode_params(model)
+
+    def loop(spec, state):
+        def body(_, carry):
+            token, st = carry
+            logits, st = rnn_step(spec, dparams, token, st)
+            return jnp.argmax(logits, -1).astype(jnp.int32), st
+        return jax.lax.fori_loop(0, steps, body, (jnp.zeros((1,), jnp.int32), state))
+
+    variants = [("per-operation step", None)] + [
+        (f"fused {b}", b) for b in (DecodeBlockSizes(), DecodeBlockSizes(block_out=2),
+                                     DecodeBlockSizes(block_out=8), DecodeBlockSizes(num_warps=8),
+                                     DecodeBlockSizes(block_out=8, num_warps=8),
+                                     DecodeBlockSizes(block_in=1024),
+                                     DecodeBlockSizes(block_out=2, block_in=1024, num_warps=2))]
+    for name, blocks in variants:
+        t0 = time.perf_counter()
+        spec = spec_of(model)
+        spec = dataclasses.replace(spec, fused=False) if blocks is None else dataclasses.replace(spec, fused_blocks=blocks)
+        f = jax.jit(functools.partial(loop, spec))
+        jax.block_until_ready(f(state0))
+        sec = median_time(lambda: jax.block_until_ready(f(state0)), 5)
+        log(f"| {name} | {1e3 * sec / steps:.3f} | {steps / sec:,.0f} |  ({time.perf_counter() - t0:.0f} s)")
+
+
 def run_prefill(model, prompts):
     from rwkv2_jax.generate import prefill
 
@@ -146,7 +219,7 @@ def gpu_main(args, log) -> int:
     log(f"# {time.strftime('%Y-%m-%d %H:%M')}  device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}")
     log(f"# command: python {' '.join(sys.argv)}")
     try:
-        ok = gpu_checks(log)
+        ok = True if args.skip_checks else gpu_checks(log)
     except Exception as err:  # the Pallas kernel may not be usable yet
         log(f"# check with wkv_impl=auto failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
         ok = False
@@ -165,15 +238,29 @@ def gpu_main(args, log) -> int:
         wkv_impl = "reference"
         f32 = f32.replace(wkv_impl=wkv_impl)
     log(f"# model {args.preset} random weights, V={config.vocab_size}, wkv_impl={wkv_impl!r}, "
-        f"checks {'passed' if ok else 'FAILED'}")
-    log(row(("weights", "B", "what", "tokens/s", "ms")))
-    log("|" + "|".join("-" * (w + 2) for w in WIDTHS) + "|")
+        f"checks {'skipped' if args.skip_checks else 'passed' if ok else 'FAILED'}")
 
     models = {"float32": f32, "bfloat16": with_weight_dtype(f32, jnp.bfloat16)}
+    try:
+        if not args.skip_checks:
+            fused_check(models, prompt, log)
+    except Exception as err:
+        log(f"# check of the fused decode step failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    if args.sweep_fused:
+        log("| bf16, B=1, jitted loop of 64 greedy steps | ms/step | tokens/s |\n|---|---:|---:|")
+        sweep_fused(models["bfloat16"], log)
+        log(f"# total {time.perf_counter() - t_start:.0f} s (--sweep-fused: no table)")
+        return 0
+    models["bfloat16 per-op"] = models["bfloat16"].replace(fused_decode=False)
+    log(row(("weights", "B", "what", "tokens/s", "ms")))
+    log("|" + "|".join("-" * (w + 2) for w in WIDTHS) + "|")
     jobs = []
     for name in args.dtypes.split(","):
         for B in (int(b) for b in args.batches.split(",")):
             jobs.append((name, B, "decode, greedy, one lax.while_loop", dict(temperature=0)))
+        if name == "bfloat16":
+            jobs.append(("bfloat16 per-op", 1, "decode, greedy, per-operation step (fused_decode=False)",
+                         dict(temperature=0)))
         jobs.append((name, 1, f"prefill T={args.prefill_len} (+1 RNN step), with state", None))
     # Ragged prompts: 8 rows of T/2 .. T tokens (padded chunks: the kernel with lengths).
     ragged = [prompt[: args.prefill_len // 2 + 1 + i * args.prefill_len // 16] for i in range(8)]
@@ -272,6 +359,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row; the median is shown (default 3)")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining rows once this many seconds have passed since the first row "
                    "(the checks and set-up before it are not counted)")
+    p.add_argument("--skip-checks", action="store_true", help="no correctness checks before the timings "
+                   "(for a re-timing of code whose checks passed on this card)")
+    p.add_argument("--sweep-fused", action="store_true", help="time the fused decode step's block sizes "
+                   "(bf16, B=1) after the checks, instead of the table")
     p.add_argument("--cpu-layers", type=int, default=6)
     p.add_argument("--cpu-width", type=int, default=512)
     p.add_argument("--cpu-vocab", type=int, default=50277)

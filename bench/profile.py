@@ -2,6 +2,7 @@
 
     python3 bench/profile.py decode --batch 1          # rw.generate's decode loop, bf16 L24-D1024
     python3 bench/profile.py decode --batch 64 --dtype float32
+    python3 bench/profile.py decode --no-fused         # the per-operation step (Model(fused_decode=False))
     python3 bench/profile.py prefill --tokens 2048     # rw.prefill of one prompt
     python3 bench/profile.py train                     # one bf16 training step, B=8, T=768
     python3 bench/profile.py decode --smoke            # tiny model on CPU (checks the script)
@@ -36,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=64, help="decode steps traced (default 64)")
     p.add_argument("--tokens", type=int, default=2048, help="prefill tokens / training ctx_len (train default 768)")
     p.add_argument("--top", type=int, default=25, help="kernel groups shown (default 25)")
+    p.add_argument("--no-fused", action="store_true",
+                   help="decode with the per-operation step (Model(fused_decode=False))")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU")
     return p.parse_args(argv)
 
@@ -117,7 +120,7 @@ def workload(args):
             jax.block_until_ready(m)
 
         return fn, 1
-    model = rw.Model(config, random_params(config, 0))
+    model = rw.Model(config, random_params(config, 0), fused_decode=not args.no_fused)
     if args.dtype == "bfloat16":
         model = with_weight_dtype(model, jnp.bfloat16)
     rng = np.random.default_rng(0)
@@ -143,7 +146,8 @@ def main(argv=None) -> int:
         with jax.profiler.trace(d):
             fn()
         dev = jax.devices()[0]
-        print(f"## {args.what} {args.preset} {args.dtype} batch={args.batch} on {dev.device_kind}, "
+        print(f"## {args.what} {args.preset} {args.dtype} batch={args.batch}"
+              f"{' no-fused' if args.no_fused else ''} on {dev.device_kind}, "
               f"jax {jax.__version__} ({units} units per call; wall time from an untraced call)")
         summarize(d, units, wall, args.top)
     return 0

@@ -63,10 +63,14 @@ class Model:
         "reference", "pallas" or "pallas_interpret".
       precision: matmul precision; None means "highest" for float32 compute (exact
         float32 on GPUs, where JAX's default may use TF32) and JAX's default otherwise.
+      fused_decode: with Pallas kernels (wkv_impl "pallas", or "auto" on a GPU), run the RNN
+        step of `generate` for up to 16 rows as four fused Pallas kernels per layer
+        (pallas_kernels.decode; the same function as the per-operation step). False: XLA's
+        kernels (and the matrix-vector kernel for the [C, 4C] product).
     """
 
     def __init__(self, config: RWKVConfig, params, *, dtype=jnp.float32, wkv_impl: str = "auto",
-                 precision: Optional[str] = None):
+                 precision: Optional[str] = None, fused_decode: bool = True):
         if wkv_impl not in WKV_IMPLS:
             raise ValueError(f"unknown wkv_impl={wkv_impl!r}; choose one of {WKV_IMPLS}")
         self.config = config
@@ -76,6 +80,7 @@ class Model:
         if precision is None and self.dtype == jnp.float32:
             precision = "highest"
         self.precision = precision
+        self.fused_decode = bool(fused_decode)
         self.module = RWKV(config, dtype=self.dtype, wkv_impl=wkv_impl, precision=precision)
         self._forward = jit(
             lambda p, tokens, state, lengths=None: self.module.apply({"params": p}, tokens, state, lengths)
@@ -148,12 +153,14 @@ class Model:
     # -- conveniences -----------------------------------------------------------------
 
     def replace(self, **changes) -> "Model":
-        """A Model on the same params with config fields (k_eps=, k_clamp=, ...), dtype= or wkv_impl= changed."""
+        """A Model on the same params with config fields (k_eps=, k_clamp=, ...), dtype=,
+        wkv_impl=, precision= or fused_decode= changed."""
         dtype = changes.pop("dtype", self.dtype)
         wkv_impl = changes.pop("wkv_impl", self.wkv_impl)
         precision = changes.pop("precision", self.precision if dtype == self.dtype else None)
+        fused_decode = changes.pop("fused_decode", self.fused_decode)
         return Model(self.config.replace(**changes), self.params, dtype=dtype, wkv_impl=wkv_impl,
-                     precision=precision)
+                     precision=precision, fused_decode=fused_decode)
 
     @property
     def n_params(self) -> int:

@@ -15,7 +15,11 @@ params' dtype); `rnn_step` is the same function as `model.module.apply(params, t
 state)` (tests/test_generate.py checks logits and state against it), and is what
 `rw.generate` runs per token.
 
-Where the model runs Pallas kernels (`wkv_impl` "pallas", or "auto" on a GPU), the products
+Where the model runs Pallas kernels (`wkv_impl` "pallas", or "auto" on a GPU) and a step has
+at most 16 rows, `rnn_step` runs each layer as four fused kernels (`pallas_kernels.decode`:
+the LayerNorms, token-shift mixes, WKV step, gates and residuals folded into the products):
+~100 kernels per token instead of ~280 (H200, bf16, batch 1: 0.524 instead of 0.582 ms per
+token, docs/PERF.md). `Model(fused_decode=False)` keeps the per-operation step below, where the products
 with more inputs than outputs (the channel-mix value matrix, [C, 4C]) of batches up to
 `pallas_kernels.matvec.MAX_BATCH` rows go through the Pallas matrix-vector kernel
 (`pallas_kernels.matvec`, which splits the long input over programs): 6.3 us instead of XLA's
@@ -34,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rwkv2_jax.config import RWKVConfig
+from rwkv2_jax.config import LN_EPS, RWKVConfig
 from rwkv2_jax.model import State, resolve_wkv_impl
 from rwkv2_jax.model import _layer_norm as model_layer_norm
 from rwkv2_jax.wkv import WKVState, wkv_step
@@ -48,12 +52,17 @@ class StepSpec:
     dtype: jnp.dtype  # matmul compute dtype, as Model.dtype
     precision: Optional[str]
     matvec: str = "xla"  # "xla", "pallas" or "pallas_interpret": who runs small-batch products
+    # With Pallas kernels (matvec != "xla"): run the step of up to 16 rows as four fused
+    # kernels per layer (pallas_kernels.decode) where the width allows.
+    fused: bool = True
+    fused_blocks: Optional[object] = None  # pallas_kernels.decode.DecodeBlockSizes (None: defaults)
 
 
 def spec_of(model) -> StepSpec:
     impl = resolve_wkv_impl(model.wkv_impl)
     matvec = impl if impl in ("pallas", "pallas_interpret") else "xla"
-    return StepSpec(model.config, jnp.dtype(model.dtype), model.precision, matvec)
+    return StepSpec(model.config, jnp.dtype(model.dtype), model.precision, matvec,
+                    fused=model.fused_decode)
 
 
 def _t(w):  # Flax kernel [in, out] -> [out, in]
@@ -152,8 +161,59 @@ def _time_mix(spec: StepSpec, p, x, prev, wkv_state: WKVState):
     return out.astype(jnp.float32), wkv_state
 
 
+def _fused_ok(spec: StepSpec, dparams, B: int) -> bool:
+    if spec.matvec == "xla" or not spec.fused:
+        return False
+    from pallas_kernels import decode  # imported on use: CPU-only users never load Pallas
+
+    w = dparams["blocks"][0]["ffn"]["value_t"]  # all matrices share the dtype (_build)
+    return w.dtype == spec.dtype and decode.supported(B, spec.config.n_embd, spec.fused_blocks)
+
+
+def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> Tuple[jax.Array, State]:
+    """rnn_step as four Pallas kernels per layer (pallas_kernels.decode): the same function."""
+    from pallas_kernels import decode
+
+    cfg = spec.config
+    L, B, C = state.aa.shape
+    kw = dict(interpret=spec.matvec == "pallas_interpret", blocks=spec.fused_blocks)
+    ln_eps = LN_EPS
+    log_eps = math.log(cfg.k_eps) if cfg.k_eps > 0 else None
+    flat = lambda a: a.astype(jnp.float32).reshape(L * B, C)  # noqa: E731 - a reshape, no copy
+    prev_att, prev_ffn = flat(state.x_att), flat(state.x_ffn)
+    aa, bb, pp = flat(state.aa), flat(state.bb), flat(state.pp)
+    x = jnp.take(dparams["emb"], token, axis=0).astype(jnp.float32)  # [B, C]
+    new_att, new_ffn = [], []
+    for i, blk in enumerate(dparams["blocks"]):
+        layer = jnp.full((1,), i, jnp.int32)
+        ln1, ln2 = blk["ln1"], blk["ln2"]
+        if "pre" in blk:
+            p = blk["pre"]
+            x_ln, ksq, r = decode.channel_mix_in(x, ln1["scale"], ln1["bias"], prev_att, p["time_mix"],
+                                                 p["kr_t"], layer, ln_eps=ln_eps, **kw)
+            x = decode.mix_out(ksq, p["value_t"], x_ln, r, **kw)
+        else:
+            p = blk["att"]
+            x_ln, rwkv, aa, bb, pp = decode.time_mix_in(
+                x, ln1["scale"], ln1["bias"], prev_att, p["time_mix"], p["kvr_t"], aa, bb, pp,
+                p["w_log"], p["u_log"], layer, k_clamp=cfg.k_clamp, log_eps=log_eps, ln_eps=ln_eps, **kw)
+            x = decode.mix_out(rwkv, p["output_t"], x_ln, **kw)
+        p = blk["ffn"]
+        x_ln2, ksq, r = decode.channel_mix_in(x, ln2["scale"], ln2["bias"], prev_ffn, p["time_mix"],
+                                              p["kr_t"], layer, ln_eps=ln_eps, **kw)
+        x = decode.mix_out(ksq, p["value_t"], x_ln2, r, **kw)
+        new_att.append(x_ln)
+        new_ffn.append(x_ln2)
+    x = _layer_norm(x, dparams["ln_out"])
+    logits = _matvec(spec, x, dparams["head_t"]).astype(jnp.float32)
+    unflat = lambda a: a.reshape(L, B, C)  # noqa: E731
+    return logits, State(jnp.stack(new_att), jnp.stack(new_ffn), unflat(aa), unflat(bb), unflat(pp))
+
+
 def rnn_step(spec: StepSpec, dparams, token: jax.Array, state: State) -> Tuple[jax.Array, State]:
     """One token per row: token [B] int -> (logits [B, V] float32, state after it)."""
+    if _fused_ok(spec, dparams, token.shape[0]):
+        return _rnn_step_fused(spec, dparams, token, state)
     x = jnp.take(dparams["emb"], token, axis=0).astype(jnp.float32)  # [B, C]
     new = []
     for i, blk in enumerate(dparams["blocks"]):

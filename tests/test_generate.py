@@ -336,7 +336,7 @@ def test_decode_step_with_the_pallas_matvec(release_files, dtype, rng):
     m = m.replace(wkv_impl="pallas_interpret")
     if dtype == "bfloat16":
         m = with_weight_dtype(m, jnp.bfloat16)
-    spec = spec_of(m)
+    spec = dataclasses.replace(spec_of(m), fused=False)  # the per-operation step (fused: below)
     assert spec.matvec == "pallas_interpret"
     B = 2
     _, state = m.prefill(rng.integers(1, V, (B, 5)))
@@ -352,3 +352,67 @@ def test_decode_step_with_the_pallas_matvec(release_files, dtype, rng):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         if dtype == "float32" or name in ("logits", "x_att", "x_ffn"):
             assert np.linalg.norm(a - b) <= tol * np.linalg.norm(b), name
+
+
+@pytest.mark.parametrize("variant", ["plain", "ffn_pre"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_decode_step(release_files, variant, dtype, rng):
+    """With Pallas kernels the step of up to 16 rows is four fused kernels per layer
+    (pallas_kernels.decode): the same logits and state as the per-operation step."""
+    import dataclasses
+
+    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
+
+    m = rw.load_torch(release_files[variant], verbose=False).replace(wkv_impl="pallas_interpret")
+    if dtype == "bfloat16":
+        m = with_weight_dtype(m, jnp.bfloat16)
+    spec = spec_of(m)
+    assert spec.fused and m.fused_decode
+    B = 3
+    _, state = m.prefill(rng.integers(1, V, (B, 6)))
+    token = jnp.asarray(rng.integers(0, V, B), jnp.int32)
+    jaxpr = str(jax.make_jaxpr(rnn_step, static_argnums=0)(spec, decode_params(m), token, state))
+    names = re.findall(r"name=(decode_\w+)", jaxpr)
+    assert len(names) == 4 * SMALL["n_layer"], names  # nothing else runs in Pallas
+    step = jax.jit(rnn_step, static_argnums=0)
+    logits, new = step(spec, decode_params(m), token, state)
+    want_logits, want = step(dataclasses.replace(spec, fused=False), decode_params(m), token, state)
+    tol = 1e-5 if dtype == "float32" else 2e-2  # bf16: one rounding of a product's output apart
+    for name, a, b in [("logits", logits, want_logits), *zip(rw.State._fields, new, want)]:
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        # bf16: the WKV fields move by several percent with a one-ulp change of K (see
+        # test_decode_step_equals_the_module_step); compared in float32 only.
+        if dtype == "float32" or name in ("logits", "x_att", "x_ffn"):
+            assert np.linalg.norm(a - b) <= tol * np.linalg.norm(b), name
+
+
+def test_fused_decode_generates_the_same_tokens(release_files):
+    """generate with the fused step == with the per-operation step (greedy, float32), batched and
+    one by one; Model(fused_decode=False) and replace() carry the choice."""
+    m = rw.load_torch(release_files["plain"], verbose=False).replace(wkv_impl="pallas_interpret")
+    off = m.replace(fused_decode=False)
+    assert not off.fused_decode and not off.replace(k_eps=1e-9).fused_decode
+    assert not with_weight_dtype(off, jnp.bfloat16).fused_decode
+    fused = generate(m, PROMPTS, 6, temperature=0)
+    assert fused == generate(off, PROMPTS, 6, temperature=0)
+    assert fused == [generate(m, [p], 6, temperature=0)[0] for p in PROMPTS]
+
+
+def test_fused_decode_falls_back(release_files, rng):
+    """Batches over 16 rows, widths the kernels do not take, or weights in another dtype than
+    the compute dtype run the per-operation step."""
+    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
+
+    m = rw.load_torch(release_files["plain"], verbose=False).replace(wkv_impl="pallas_interpret")
+
+    def n_fused(model, B):
+        state = jax.tree.map(jnp.asarray, model.init_state(B))
+        token = jnp.zeros((B,), jnp.int32)
+        jaxpr = str(jax.make_jaxpr(rnn_step, static_argnums=0)(spec_of(model), decode_params(model), token, state))
+        return len(re.findall(r"name=decode_", jaxpr))
+
+    assert n_fused(m, 16) == 4 * SMALL["n_layer"]
+    assert n_fused(m, 17) == 0
+    assert n_fused(m.replace(dtype=jnp.bfloat16), 1) == 0  # float32 weights, bf16 compute
+    assert n_fused(m.replace(wkv_impl="reference"), 1) == 0  # no Pallas at all

@@ -1,0 +1,405 @@
+"""Pallas GPU kernels for the batch-1 decode step: one layer in four kernels.
+
+At T = 1 and a few rows, the RNN step is ~100 matrix-vector products and ~180 small
+elementwise kernels per token for L24-D1024 (bench/profile.py decode, docs/PERF.md); each kernel
+costs 1-5 us however little it reads, so the step is bound by the number of kernels, not
+by reading the weights. These kernels fold every elementwise operation of a layer into the
+product that consumes or produces it, leaving four kernels per layer:
+
+    time_mix_in     LayerNorm ln1 -> token-shift mix -> [K; V; R] = W_kvr @ xm
+                    -> WKV step (the state updated in place) -> sigmoid(R) * wkv
+    mix_out         x_mid = ln1(x) + W_out @ (sigmoid(R) * wkv)
+    channel_mix_in  LayerNorm ln2 -> token-shift mix -> [K; R] = W_kr @ xm -> relu(K)^2
+    mix_out         x_next = ln2(x_mid) + sigmoid(R) * (W_value @ relu(K)^2)
+
+(a v2 "ffnPre" block is channel_mix_in with ln1 and mix_out with ln1's output as its base).
+Every function here computes exactly what `rwkv2_jax.decode_step`'s XLA path computes, with
+the same roundings: inputs of a product in the weights' dtype, products summed in float32
+and the sum rounded to the weights' dtype once, everything else float32; only the order of
+the float32 additions differs. Each kernel has a plain-JAX `*_reference` beside it
+(tests/test_decode_kernel.py compares them in interpret mode, and the decode step built
+from them against the XLA step).
+
+Work split. A program of `*_in` owns `block_out` rows of each of the G stacked matrices
+(rows r, C + r, 2C + r, ... of W_kvr or W_kr), so it holds K, V and R of the same channels
+and can finish the WKV step (or relu^2) for them itself; a program of `mix_out` owns
+`block_out` output rows. Every program first reads the whole input vector of its rows
+(C floats per batch row) for the LayerNorm statistics, then walks the columns in blocks of
+`block_in`, computing the mixed input of each block from x, the previous token's x and the
+LayerNorm parameters, and multiplying it with its [block_out, block_in] weight blocks (float32
+FMAs, one reduction per block, as pallas_kernels/matvec.py's "fma" path). The column loop is
+unrolled (at most MAX_BLOCKS blocks), so the weight loads of all blocks can issue at once.
+
+State. `aa`, `bb`, `pp` of all layers are passed whole ([L * B, C]) with the layer index as
+a traced int32 (one compiled kernel for all layers) and updated in place
+(input_output_aliases): a program reads and writes only its own channels, so no program
+reads what another wrote. The token-shift vectors are read whole by every program, so their
+new values (the LayerNorm outputs) go to fresh [B, C] arrays instead.
+
+Lowering: **Pallas Triton** (`plgpu.CompilerParams`), for the reasons given in
+pallas_kernels/wkv.py (the same small API in jax 0.10 and 0.11, any CUDA GPU from Ampere on).
+Every block is a power of two; `block_in` and `block_out` must divide C (`supported`).
+No scalar-literal `jnp.where` (pallas_kernels/wkv.py, _NO_SCALAR_SELECT): only max/min.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+__all__ = ["DecodeBlockSizes", "supported", "time_mix_in", "channel_mix_in", "mix_out",
+           "time_mix_in_reference", "channel_mix_in_reference", "mix_out_reference"]
+
+MAX_BATCH = 16  # rows of x: B accumulators per matrix live in registers
+MAX_BLOCKS = 64  # column blocks per product (unrolled): 4C / block_in
+_MIN_BLOCK = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBlockSizes:
+    """Launch parameters (static). block_out and block_in are powers of two, reduced to the
+    largest power of two that divides C (4C for mix_out's input) when they do not."""
+
+    block_out: int = 4  # rows per matrix per program: C / block_out programs (256 at C = 1024)
+    block_in: int = 512  # columns per block
+    num_warps: int = 4
+
+    def __post_init__(self):
+        for name in ("block_out", "block_in"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"DecodeBlockSizes: {name}={v} must be a power of two")
+        if self.num_warps < 1:
+            raise ValueError(f"DecodeBlockSizes: num_warps={self.num_warps} must be >= 1")
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two <= cap that divides n."""
+    d = 1
+    while d * 2 <= cap and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def supported(B: int, C: int, blocks: Optional[DecodeBlockSizes] = None) -> bool:
+    """Whether these kernels take a step of B rows and width C (else use the XLA step)."""
+    blocks = blocks or DecodeBlockSizes()
+    return (1 <= B <= MAX_BATCH and _pow2_divisor(C, blocks.block_in) >= _MIN_BLOCK
+            and C // _pow2_divisor(C, blocks.block_in) <= MAX_BLOCKS // 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    B: int
+    C: int
+    inp: int  # columns of the product
+    G: int  # stacked matrices per program (3: K, V, R; 5: four K quarters and R; 1: mix_out)
+    bo: int
+    bi: int
+    dtype: jnp.dtype  # the weights' dtype: inputs and outputs of the products
+    num_warps: int
+    interpret: bool
+
+    @property
+    def n_blocks(self) -> int:
+        return self.inp // self.bi
+
+    @property
+    def grid(self):
+        return (self.C // self.bo,)
+
+
+def _plan(B, C, inp, G, dtype, blocks, interpret) -> _Plan:
+    blocks = blocks or DecodeBlockSizes()
+    if not supported(B, C, blocks):
+        raise ValueError(f"pallas_kernels.decode: B={B}, C={C} not supported (1 <= B <= {MAX_BATCH}, "
+                         f"C a multiple of {_MIN_BLOCK}, C / block_in <= {MAX_BLOCKS // 4})")
+    return _Plan(B=B, C=C, inp=inp, G=G, bo=_pow2_divisor(C, blocks.block_out),
+                 bi=_pow2_divisor(inp, blocks.block_in), dtype=jnp.dtype(dtype),
+                 num_warps=blocks.num_warps, interpret=interpret)
+
+
+def _pallas(kernel, plan: _Plan, name, out_shape, args, aliases=None):
+    return pl.pallas_call(
+        functools.partial(kernel, plan=plan),
+        out_shape=out_shape,
+        grid=plan.grid,
+        input_output_aliases=aliases or {},
+        interpret=plan.interpret,
+        name=name,
+        compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=1),
+    )(*args)
+
+
+def _round(x, dtype):
+    """float32 -> the products' dtype -> float32 (what an XLA product in dtype returns)."""
+    return x.astype(dtype).astype(jnp.float32)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))
+
+
+# ----------------------------------------------------------------------------------------
+# Kernel pieces.
+
+
+def _ln_stats(x_ref, plan: _Plan, ln_eps):
+    """Per batch row b: (mean, 1/sqrt(var + eps)) of x[b] (flax's fast variance)."""
+    out = []
+    for b in range(plan.B):
+        s1 = s2 = None
+        for j in range(plan.C // plan.bi):
+            xb = x_ref[b, pl.ds(j * plan.bi, plan.bi)]
+            t1, t2 = jnp.sum(xb), jnp.sum(xb * xb)
+            s1, s2 = (t1, t2) if s1 is None else (s1 + t1, s2 + t2)
+        mu = s1 / plan.C
+        var = jnp.maximum(s2 / plan.C - mu * mu, 0.0)
+        out.append((mu, lax.rsqrt(var + ln_eps)))
+    return out
+
+
+def _ln(x, stats_b, scale, bias):
+    mu, rs = stats_b
+    return (x - mu) * (rs * scale) + bias
+
+
+def _load_weights(w_ref, plan: _Plan):
+    """ws[g][j]: this program's [bo, bi] block j of matrix g, in the weights' dtype. Issued
+    first thing in every kernel: a reduction's barrier is also a barrier to moving loads, so
+    loads issued after one would wait for the previous ones (one memory latency per block)."""
+    r0 = pl.program_id(0) * plan.bo
+    return [[w_ref[pl.ds(g * plan.C + r0, plan.bo), pl.ds(j * plan.bi, plan.bi)]
+             for j in range(plan.n_blocks)] for g in range(plan.G)]
+
+
+def _mixed_products(ws, layer, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, plan: _Plan, stats):
+    """acc[g][b] [bo] float32: ws[g] times xm[b] = ln(x[b])*mix + prev[b]*(1 - mix)."""
+    f32, bi = jnp.float32, plan.bi
+    acc = [[jnp.zeros((plan.bo,), f32) for _ in range(plan.B)] for _ in range(plan.G)]
+    for j in range(plan.n_blocks):
+        cols = pl.ds(j * bi, bi)
+        scale, bias, tm = scale_ref[cols], bias_ref[cols], tmix_ref[cols].astype(f32)
+        for b in range(plan.B):
+            y = _ln(x_ref[b, cols], stats[b], scale, bias)
+            xm = _round(y * tm + prev_ref[layer * plan.B + b, cols] * (1.0 - tm), plan.dtype)
+            for g in range(plan.G):
+                acc[g][b] = acc[g][b] + jnp.sum(ws[g][j].astype(f32) * xm[None, :], axis=1)
+    return acc
+
+
+def _store_row(ref, row, rows, value):
+    # One [1, bo] row (an integer index in a store does not discharge in jax 0.10's
+    # interpreter: pl.ds(row, 1) instead).
+    ref[pl.ds(row, 1), rows] = value[None, :].astype(ref.dtype)
+
+
+def _time_mix_in_kernel(layer_ref, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, w_ref,
+                        aa_ref, bb_ref, pp_ref, wlog_ref, ulog_ref,
+                        xln_ref, rwkv_ref, aa_out, bb_out, pp_out, *, plan: _Plan, k_clamp, log_eps, ln_eps):
+    layer = layer_ref[0]
+    ws = _load_weights(w_ref, plan)
+    r0 = pl.program_id(0) * plan.bo
+    rows = pl.ds(r0, plan.bo)
+    # This program's channels of the state and parameters, also loaded before any reduction.
+    state = [(aa_ref[layer * plan.B + b, rows], bb_ref[layer * plan.B + b, rows],
+              pp_ref[layer * plan.B + b, rows], x_ref[b, rows]) for b in range(plan.B)]
+    w_log, u_log = wlog_ref[rows], ulog_ref[rows]
+    scale, bias = scale_ref[rows], bias_ref[rows]
+    stats = _ln_stats(x_ref, plan, ln_eps)
+    acc = _mixed_products(ws, layer, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, plan, stats)
+    for b in range(plan.B):
+        k = _round(acc[0][b], plan.dtype)
+        if k_clamp is not None:
+            k = jnp.minimum(k, k_clamp)
+        v, r = _round(acc[1][b], plan.dtype), _round(acc[2][b], plan.dtype)
+        srow = layer * plan.B + b
+        aa, bb, pp, x_rows = state[b]
+        # rwkv2_jax.wkv.wkv_step, for these channels
+        ww = u_log + k
+        p = jnp.maximum(pp, ww)
+        if log_eps is not None:
+            p = jnp.maximum(p, log_eps)
+        e1, e2 = jnp.exp(pp - p), jnp.exp(ww - p)
+        den = e1 * bb + e2
+        if log_eps is not None:
+            den = den + jnp.exp(log_eps - p)
+        out = (e1 * aa + e2 * v) / den
+        pd = pp + w_log
+        p2 = jnp.maximum(pd, k)
+        e1, e2 = jnp.exp(pd - p2), jnp.exp(k - p2)
+        _store_row(aa_out, srow, rows, e1 * aa + e2 * v)
+        _store_row(bb_out, srow, rows, e1 * bb + e2)
+        _store_row(pp_out, srow, rows, p2)
+        _store_row(rwkv_ref, b, rows, _sigmoid(r) * out)
+        _store_row(xln_ref, b, rows, _ln(x_rows, stats[b], scale, bias))
+
+
+def _channel_mix_in_kernel(layer_ref, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, w_ref,
+                           xln_ref, ksq_ref, r_ref, *, plan: _Plan, ln_eps):
+    layer = layer_ref[0]
+    ws = _load_weights(w_ref, plan)
+    r0 = pl.program_id(0) * plan.bo
+    rows = pl.ds(r0, plan.bo)
+    scale, bias = scale_ref[rows], bias_ref[rows]
+    x_rows = [x_ref[b, rows] for b in range(plan.B)]
+    stats = _ln_stats(x_ref, plan, ln_eps)
+    acc = _mixed_products(ws, layer, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, plan, stats)
+    for b in range(plan.B):
+        for g in range(4):  # the four quarters of K ([4C] rows = 4 x C)
+            k = jnp.maximum(_round(acc[g][b], plan.dtype), 0.0)
+            _store_row(ksq_ref, b, pl.ds(g * plan.C + r0, plan.bo), k * k)
+        _store_row(r_ref, b, rows, acc[4][b])
+        _store_row(xln_ref, b, rows, _ln(x_rows[b], stats[b], scale, bias))
+
+
+def _mix_out_kernel(u_ref, w_ref, base_ref, *rest, plan: _Plan):
+    gate_ref, o_ref = rest if len(rest) == 2 else (None, rest[0])
+    f32, bo, bi = jnp.float32, plan.bo, plan.bi
+    ws = _load_weights(w_ref, plan)[0]
+    rows = pl.ds(pl.program_id(0) * bo, bo)
+    us = [[u_ref[b, pl.ds(j * bi, bi)] for j in range(plan.n_blocks)] for b in range(plan.B)]
+    base = [base_ref[b, rows] for b in range(plan.B)]
+    gate = None if gate_ref is None else [gate_ref[b, rows] for b in range(plan.B)]
+    acc = [jnp.zeros((bo,), f32) for _ in range(plan.B)]
+    for j in range(plan.n_blocks):
+        w = ws[j].astype(f32)
+        for b in range(plan.B):
+            acc[b] = acc[b] + jnp.sum(w * us[b][j].astype(f32)[None, :], axis=1)
+    for b in range(plan.B):
+        y = _round(acc[b], plan.dtype)
+        if gate is not None:
+            y = _sigmoid(gate[b].astype(f32)) * y
+        _store_row(o_ref, b, rows, base[b] + y)
+
+
+# ----------------------------------------------------------------------------------------
+# Public functions.
+
+
+def _check(name, **arrays):
+    for k, (a, shape) in arrays.items():
+        if tuple(a.shape) != tuple(shape):
+            raise ValueError(f"{name}: {k} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+
+
+def time_mix_in(x, ln_scale, ln_bias, prev, time_mix, kvr_t, aa, bb, pp, w_log, u_log, layer, *,
+                k_clamp: Optional[float], log_eps: Optional[float], ln_eps: float,
+                blocks: Optional[DecodeBlockSizes] = None, interpret: bool = False):
+    """One layer's time-mix up to the output product, for B rows.
+
+    x [B, C] float32: the residual entering the layer (before ln1); ln_scale, ln_bias,
+    time_mix [C]; prev [L*B, C] float32: every layer's token-shift vector (row layer*B + b);
+    kvr_t [3C, C]: K, V, R stacked [out, in]; aa, bb, pp [L*B, C] float32 WKV state;
+    w_log = -exp(time_decay), u_log = time_first [C] float32; layer: int32 [1].
+    Returns (ln1(x) [B, C] float32, sigmoid(R) * wkv [B, C] in kvr_t's dtype, aa, bb, pp with
+    row block `layer` updated (the inputs' buffers, updated in place under jit when donated)).
+    """
+    B, C = x.shape
+    LB = prev.shape[0]
+    _check("time_mix_in", ln_scale=(ln_scale, (C,)), ln_bias=(ln_bias, (C,)), prev=(prev, (LB, C)),
+           time_mix=(time_mix, (C,)), kvr_t=(kvr_t, (3 * C, C)), aa=(aa, (LB, C)), bb=(bb, (LB, C)),
+           pp=(pp, (LB, C)), w_log=(w_log, (C,)), u_log=(u_log, (C,)), layer=(layer, (1,)))
+    plan = _plan(B, C, C, 3, kvr_t.dtype, blocks, interpret)
+    f32 = jnp.float32
+    out_shape = (jax.ShapeDtypeStruct((B, C), f32), jax.ShapeDtypeStruct((B, C), plan.dtype),
+                 jax.ShapeDtypeStruct((LB, C), f32), jax.ShapeDtypeStruct((LB, C), f32),
+                 jax.ShapeDtypeStruct((LB, C), f32))
+    kernel = functools.partial(_time_mix_in_kernel, k_clamp=k_clamp, log_eps=log_eps, ln_eps=ln_eps)
+    args = (layer.astype(jnp.int32), x.astype(f32), ln_scale.astype(f32), ln_bias.astype(f32),
+            prev.astype(f32), time_mix, kvr_t, aa.astype(f32), bb.astype(f32), pp.astype(f32),
+            w_log.astype(f32), u_log.astype(f32))
+    return _pallas(kernel, plan, "decode_time_mix_in", out_shape, args, {7: 2, 8: 3, 9: 4})
+
+
+def channel_mix_in(x, ln_scale, ln_bias, prev, time_mix, kr_t, layer, *, ln_eps: float,
+                   blocks: Optional[DecodeBlockSizes] = None, interpret: bool = False):
+    """One layer's channel-mix up to the value product, for B rows.
+
+    x [B, C] float32 (before the LayerNorm); prev [L*B, C]; kr_t [5C, C]: K ([4C] rows) and
+    R stacked [out, in]; layer int32 [1]. Returns (ln(x) [B, C] float32, relu(K)^2 [B, 4C] and
+    R [B, C], both in kr_t's dtype)."""
+    B, C = x.shape
+    LB = prev.shape[0]
+    _check("channel_mix_in", ln_scale=(ln_scale, (C,)), ln_bias=(ln_bias, (C,)), prev=(prev, (LB, C)),
+           time_mix=(time_mix, (C,)), kr_t=(kr_t, (5 * C, C)), layer=(layer, (1,)))
+    plan = _plan(B, C, C, 5, kr_t.dtype, blocks, interpret)
+    f32 = jnp.float32
+    out_shape = (jax.ShapeDtypeStruct((B, C), f32), jax.ShapeDtypeStruct((B, 4 * C), plan.dtype),
+                 jax.ShapeDtypeStruct((B, C), plan.dtype))
+    args = (layer.astype(jnp.int32), x.astype(f32), ln_scale.astype(f32), ln_bias.astype(f32),
+            prev.astype(f32), time_mix, kr_t)
+    return _pallas(functools.partial(_channel_mix_in_kernel, ln_eps=ln_eps), plan,
+                   "decode_channel_mix_in", out_shape, args)
+
+
+def mix_out(u, w_t, base, gate=None, *, blocks: Optional[DecodeBlockSizes] = None, interpret: bool = False):
+    """base + [sigmoid(gate) *] (u @ w_t^T): u [B, in] in w_t's dtype, w_t [C, in], base [B, C]
+    float32, gate [B, C] (optional). Returns [B, C] float32; the product is rounded to w_t's
+    dtype before the gate and the sum, as an XLA product in that dtype."""
+    B, inp = u.shape
+    C = w_t.shape[0]
+    _check("mix_out", w_t=(w_t, (C, inp)), base=(base, (B, C)),
+           **({} if gate is None else {"gate": (gate, (B, C))}))
+    plan = _plan(B, C, inp, 1, w_t.dtype, blocks, interpret)
+    args = (u.astype(plan.dtype), w_t, base.astype(jnp.float32)) + (() if gate is None else (gate,))
+    return _pallas(_mix_out_kernel, plan, "decode_mix_out",
+                   jax.ShapeDtypeStruct((B, C), jnp.float32), args)
+
+
+# ----------------------------------------------------------------------------------------
+# Plain-JAX references: the same functions, as rwkv2_jax.decode_step's XLA path computes them.
+
+
+def _ln_reference(x, scale, bias, ln_eps):
+    mu = jnp.mean(x, -1, keepdims=True)
+    var = jnp.maximum(jnp.mean(x * x, -1, keepdims=True) - mu * mu, 0.0)
+    return (x - mu) * (lax.rsqrt(var + ln_eps) * scale) + bias
+
+
+def _dot(x, w_t):
+    return lax.dot_general(x.astype(w_t.dtype), w_t, (((1,), (1,)), ((), ())),
+                           precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32).astype(w_t.dtype)
+
+
+def _mixed_reference(x, ln_scale, ln_bias, prev_l, time_mix, w_t, ln_eps):
+    y = _ln_reference(x.astype(jnp.float32), ln_scale, ln_bias, ln_eps)
+    tm = time_mix.astype(jnp.float32)
+    return y, _dot(y * tm + prev_l * (1.0 - tm), w_t)
+
+
+def time_mix_in_reference(x, ln_scale, ln_bias, prev, time_mix, kvr_t, aa, bb, pp, w_log, u_log, layer, *,
+                          k_clamp, log_eps, ln_eps):
+    from rwkv2_jax.wkv import WKVState, wkv_step
+
+    B, C = x.shape
+    rows = slice(int(layer[0]) * B, int(layer[0]) * B + B)
+    y, kvr = _mixed_reference(x, ln_scale, ln_bias, prev[rows], time_mix, kvr_t, ln_eps)
+    kvr = kvr.astype(jnp.float32)
+    k, v, r = kvr[:, :C], kvr[:, C:2 * C], kvr[:, 2 * C:]
+    if k_clamp is not None:
+        k = jnp.minimum(k, k_clamp)
+    st, out = wkv_step(WKVState(aa[rows], bb[rows], pp[rows]), k, v, w_log, u_log, log_eps)
+    new = [a.at[rows].set(s) for a, s in zip((aa, bb, pp), st)]
+    return (y, (jax.nn.sigmoid(r) * out).astype(kvr_t.dtype), *new)
+
+
+def channel_mix_in_reference(x, ln_scale, ln_bias, prev, time_mix, kr_t, layer, *, ln_eps):
+    B, C = x.shape
+    rows = slice(int(layer[0]) * B, int(layer[0]) * B + B)
+    y, kr = _mixed_reference(x, ln_scale, ln_bias, prev[rows], time_mix, kr_t, ln_eps)
+    return y, jnp.square(jax.nn.relu(kr[:, :4 * C])), kr[:, 4 * C:]
+
+
+def mix_out_reference(u, w_t, base, gate=None):
+    y = _dot(u, w_t).astype(jnp.float32)
+    if gate is not None:
+        y = jax.nn.sigmoid(gate.astype(jnp.float32)) * y
+    return base.astype(jnp.float32) + y

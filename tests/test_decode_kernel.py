@@ -1,0 +1,156 @@
+"""The fused decode kernels (pallas_kernels.decode), run by the Pallas interpreter on CPU.
+
+Each kernel against its plain-JAX reference on fresh random inputs (the seed is in every
+failure message): float32 to float32 rounding, bf16 weights to one bf16 rounding of a
+product's output; widths that are not powers of two (one and several column blocks), B = 1
+and B > 1, both numeric options of the WKV step (clamp, k_eps), the state updated in place
+for one layer only. The decode step built from them is compared with the per-operation step
+in tests/test_generate.py. A last test lowers the kernels to Triton IR for CUDA.
+"""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import decode
+from pallas_kernels.decode import DecodeBlockSizes
+from tests.triton_ir import assert_no_scalar_select, lower_to_triton_ir
+
+# Small blocks so that small widths still run several column blocks and row blocks.
+SMALL = DecodeBlockSizes(block_out=4, block_in=16)
+L = 3  # layers in the stacked state
+LN_EPS = 1e-5
+
+
+@pytest.fixture
+def seed():
+    return int(np.random.SeedSequence().entropy % 2**31)
+
+
+def inputs(seed, B, C, dtype, layer=1):
+    rng = np.random.default_rng(seed)
+    f = lambda *s, scale=1.0: jnp.asarray(rng.normal(0, scale, s), jnp.float32)  # noqa: E731
+    return dict(
+        x=f(B, C, scale=2.0) + 0.5, ln_scale=1.0 + f(C, scale=0.2), ln_bias=f(C, scale=0.1),
+        prev=f(L * B, C), time_mix=jnp.asarray(rng.uniform(0, 1, C), jnp.float32),
+        kvr_t=(f(3 * C, C) * (3.0 / math.sqrt(C))).astype(dtype),
+        kr_t=(f(5 * C, C) / math.sqrt(C)).astype(dtype),
+        aa=f(L * B, C), bb=jnp.abs(f(L * B, C)) + 0.1, pp=f(L * B, C, scale=3.0),
+        w_log=-jnp.exp(f(C)), u_log=f(C, scale=0.5), layer=jnp.asarray([layer], jnp.int32))
+
+
+def close(a, b, dtype, what):
+    """float32: elementwise to 2e-5 of the array's scale; bf16: to 2e-2 as a whole (a product's
+    output rounded to bf16 one ulp (0.4-0.8%) apart when float32 sums differ in order)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, what
+    assert np.all(np.isfinite(a)), what
+    if jnp.dtype(dtype) == jnp.float32:
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * np.max(np.abs(b)), err_msg=what)
+    else:
+        assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(b), what
+
+
+CASES = [  # B, C, dtype, blocks
+    (1, 24, jnp.float32, None),  # C = 3 * 8: three column blocks of 8, 6 programs
+    (3, 96, jnp.float32, SMALL),  # 6 column blocks, 24 programs
+    (2, 64, jnp.bfloat16, None),  # one column block
+    (1, 40, jnp.bfloat16, SMALL),  # block_in 16 -> 8 (the largest power of two dividing 40)
+]
+
+
+@pytest.mark.parametrize("B,C,dtype,blocks", CASES)
+@pytest.mark.parametrize("k_clamp,k_eps", [(60.0, 1e-9), (None, 0.0)])
+def test_time_mix_in(seed, B, C, dtype, blocks, k_clamp, k_eps):
+    a = inputs(seed, B, C, dtype)
+    log_eps = math.log(k_eps) if k_eps > 0 else None
+    if k_clamp is not None:  # some K beyond the clamp: a large x along one matrix row
+        a["kvr_t"] = a["kvr_t"].at[0].multiply(40.0)
+    args = [a[k] for k in ("x", "ln_scale", "ln_bias", "prev", "time_mix", "kvr_t", "aa", "bb", "pp",
+                           "w_log", "u_log", "layer")]
+    kw = dict(k_clamp=k_clamp, log_eps=log_eps, ln_eps=LN_EPS)
+    got = jax.jit(lambda *x: decode.time_mix_in(*x, **kw, blocks=blocks, interpret=True))(*args)
+    want = decode.time_mix_in_reference(*args, **kw)
+    msg = f"seed={seed} B={B} C={C} {jnp.dtype(dtype).name} k_clamp={k_clamp}"
+    assert got[1].dtype == dtype
+    for name, g, w in zip(("x_ln", "rwkv", "aa", "bb", "pp"), got, want):
+        close(g, w, dtype if name != "x_ln" else jnp.float32, f"{name} {msg}")
+    rows = np.arange(L * B) // B != 1  # the other layers' state: untouched, bit for bit
+    for name, g, before in zip(("aa", "bb", "pp"), got[2:], (a["aa"], a["bb"], a["pp"])):
+        np.testing.assert_array_equal(np.asarray(g)[rows], np.asarray(before)[rows], err_msg=f"{name} {msg}")
+
+
+@pytest.mark.parametrize("B,C,dtype,blocks", CASES)
+def test_channel_mix_in(seed, B, C, dtype, blocks):
+    a = inputs(seed, B, C, dtype, layer=2)
+    args = [a[k] for k in ("x", "ln_scale", "ln_bias", "prev", "time_mix", "kr_t", "layer")]
+    got = jax.jit(lambda *x: decode.channel_mix_in(*x, ln_eps=LN_EPS, blocks=blocks, interpret=True))(*args)
+    want = decode.channel_mix_in_reference(*args, ln_eps=LN_EPS)
+    msg = f"seed={seed} B={B} C={C} {jnp.dtype(dtype).name}"
+    assert got[1].shape == (B, 4 * C) and got[1].dtype == dtype and got[2].dtype == dtype
+    assert float(jnp.min(got[1].astype(jnp.float32))) >= 0.0  # relu^2
+    for name, g, w in zip(("x_ln", "relu(k)^2", "r"), got, want):
+        close(g, w, dtype if name != "x_ln" else jnp.float32, f"{name} {msg}")
+
+
+@pytest.mark.parametrize("B,C,dtype,blocks", CASES)
+@pytest.mark.parametrize("wide,gated", [(False, False), (True, True)])
+def test_mix_out(seed, B, C, dtype, blocks, wide, gated):
+    rng = np.random.default_rng(seed)
+    inp = 4 * C if wide else C
+    u = jnp.asarray(rng.normal(0, 1, (B, inp)), dtype)
+    w = jnp.asarray(rng.normal(0, 1, (C, inp)) / math.sqrt(inp), dtype)
+    base = jnp.asarray(rng.normal(0, 1, (B, C)), jnp.float32)
+    gate = jnp.asarray(rng.normal(0, 2, (B, C)), dtype) if gated else None
+    got = jax.jit(lambda *x: decode.mix_out(*x, blocks=blocks, interpret=True))(u, w, base, gate)
+    want = decode.mix_out_reference(u, w, base, gate)
+    assert got.dtype == jnp.float32
+    close(got, want, dtype, f"seed={seed} B={B} C={C} in={inp} {jnp.dtype(dtype).name} gated={gated}")
+
+
+def test_supported_and_bad_inputs():
+    assert decode.supported(1, 1024) and decode.supported(16, 768) and decode.supported(2, 24)
+    assert not decode.supported(17, 1024)  # more rows than the kernels keep in registers
+    assert not decode.supported(1, 20)  # no power-of-two block of >= 8 columns divides 20
+    assert not decode.supported(1, 8 * 17, DecodeBlockSizes(block_in=8))  # 17 blocks of 8 > 16
+    a = inputs(0, 1, 24, jnp.float32)
+    with pytest.raises(ValueError, match=r"kvr_t has shape \(24, 24\), expected \(72, 24\)"):
+        decode.time_mix_in(a["x"], a["ln_scale"], a["ln_bias"], a["prev"], a["time_mix"], a["kvr_t"][:24],
+                           a["aa"], a["bb"], a["pp"], a["w_log"], a["u_log"], a["layer"],
+                           k_clamp=60.0, log_eps=None, ln_eps=LN_EPS, interpret=True)
+    with pytest.raises(ValueError, match=r"B=1, C=20 not supported"):
+        decode.mix_out(jnp.zeros((1, 20)), jnp.zeros((20, 20)), jnp.zeros((1, 20)), interpret=True)
+    with pytest.raises(ValueError, match="block_in=24 must be a power of two"):
+        DecodeBlockSizes(block_in=24)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_lowers_to_triton(dtype, monkeypatch, capsys):
+    """The three kernels lower to Triton IR for CUDA at L24-D1024's shapes: no scalar select,
+    and every weight block is loaded before the first reduction (a reduction's barrier would
+    otherwise leave one memory latency per block; docs/PERF.md)."""
+    B, C = 1, 1024
+    a = inputs(0, B, C, dtype)
+    a["prev"], a["aa"], a["bb"], a["pp"] = (jnp.zeros((24 * B, C)),) * 4
+    kw = dict(monkeypatch=monkeypatch, capsys=capsys, kernel_module="pallas_kernels.decode")
+    tm = lambda *x: decode.time_mix_in(*x, k_clamp=60.0, log_eps=math.log(1e-9), ln_eps=LN_EPS)  # noqa: E731
+    cm = lambda *x: decode.channel_mix_in(*x, ln_eps=LN_EPS)  # noqa: E731
+    u4, w4 = jnp.zeros((B, 4 * C), dtype), jnp.zeros((C, 4 * C), dtype)
+    cases = [
+        (tm, [a[k] for k in ("x", "ln_scale", "ln_bias", "prev", "time_mix", "kvr_t", "aa", "bb", "pp",
+                             "w_log", "u_log", "layer")], 3 * 2),  # 3 matrices x 2 blocks of 512
+        (cm, [a[k] for k in ("x", "ln_scale", "ln_bias", "prev", "time_mix", "kr_t", "layer")], 5 * 2),
+        (decode.mix_out, [u4, w4, a["x"], a["x"].astype(dtype)], 8),
+    ]
+    for fn, args, n_weight_blocks in cases:
+        ir = lower_to_triton_ir(fn, args, **kw)
+        assert_no_scalar_select(ir)
+        body = ir[ir.index("tt.func"):]
+        first_reduce = body.index("tt.reduce")
+        # weight blocks are the 2-D loads ([bo, bi]; bo = 4 rows by default)
+        loads = re.findall(r"tt\.load[^\n]*tensor<4x512x", body[:first_reduce])
+        assert len(loads) >= n_weight_blocks, (fn, len(loads))
