@@ -56,6 +56,9 @@ class StepSpec:
     # kernels per layer (pallas_kernels.decode) where the width allows.
     fused: bool = True
     fused_blocks: Optional[object] = None  # pallas_kernels.decode.DecodeBlockSizes (None: defaults)
+    # Experimental (not yet measured on a GPU): each layer as one kernel with grid barriers
+    # between its phases (pallas_kernels.decode.layer_step) instead of four kernels.
+    fused_layer: bool = False
 
 
 def spec_of(model) -> StepSpec:
@@ -184,9 +187,24 @@ def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> 
     aa, bb, pp = flat(state.aa), flat(state.bb), flat(state.pp)
     x = jnp.take(dparams["emb"], token, axis=0).astype(jnp.float32)  # [B, C]
     new_att, new_ffn = [], []
+    sync = jnp.zeros((L + 1,), jnp.int32)  # fused_layer: barrier counters, then a status word
     for i, blk in enumerate(dparams["blocks"]):
         layer = jnp.full((1,), i, jnp.int32)
         ln1, ln2 = blk["ln1"], blk["ln2"]
+        if spec.fused_layer:
+            pre = "pre" in blk
+            first = blk["pre"] if pre else blk["att"]
+            lp = dict(ln1_s=ln1["scale"], ln1_b=ln1["bias"], ln2_s=ln2["scale"], ln2_b=ln2["bias"],
+                      tm1=first["time_mix"], w1=first["kr_t"] if pre else first["kvr_t"],
+                      w_log=None if pre else first["w_log"], u_log=None if pre else first["u_log"],
+                      w2=first["value_t"] if pre else first["output_t"], tm2=blk["ffn"]["time_mix"],
+                      w3=blk["ffn"]["kr_t"], w4=blk["ffn"]["value_t"])
+            x, x_ln, x_ln2, aa, bb, pp, sync = decode.layer_step(
+                x, lp, prev_att, prev_ffn, aa, bb, pp, layer, sync, pre=pre, k_clamp=cfg.k_clamp,
+                log_eps=log_eps, ln_eps=ln_eps, **kw)
+            new_att.append(x_ln)
+            new_ffn.append(x_ln2)
+            continue
         if "pre" in blk:
             p = blk["pre"]
             x_ln, ksq, r = decode.channel_mix_in(x, ln1["scale"], ln1["bias"], prev_att, p["time_mix"],
@@ -206,6 +224,8 @@ def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> 
         new_ffn.append(x_ln2)
     x = _layer_norm(x, dparams["ln_out"])
     logits = _matvec(spec, x, dparams["head_t"]).astype(jnp.float32)
+    if spec.fused_layer:  # a grid barrier gave up (pallas_kernels.decode.MAX_SPINS): no result
+        logits = jnp.where(sync[L] > 0, jnp.nan, logits)
     unflat = lambda a: a.reshape(L, B, C)  # noqa: E731
     return logits, State(jnp.stack(new_att), jnp.stack(new_ffn), unflat(aa), unflat(bb), unflat(pp))
 

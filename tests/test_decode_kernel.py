@@ -154,3 +154,93 @@ def test_lowers_to_triton(dtype, monkeypatch, capsys):
         # weight blocks are the 2-D loads ([bo, bi]; bo = 4 rows by default)
         loads = re.findall(r"tt\.load[^\n]*tensor<4x512x", body[:first_reduce])
         assert len(loads) >= n_weight_blocks, (fn, len(loads))
+
+
+def _layer_params(seed, C, dtype, pre):
+    rng = np.random.default_rng(seed + 1)
+    f = lambda *s, scale=1.0: jnp.asarray(rng.normal(0, scale, s), jnp.float32)  # noqa: E731
+    w = lambda o, i, scale=1.0: (f(o, i) * (scale / math.sqrt(i))).astype(dtype)  # noqa: E731
+    return dict(ln1_s=1.0 + f(C, scale=0.2), ln1_b=f(C, scale=0.1), ln2_s=1.0 + f(C, scale=0.2),
+                ln2_b=f(C, scale=0.1), tm1=jnp.asarray(rng.uniform(0, 1, C), jnp.float32),
+                w1=w(5 * C if pre else 3 * C, C, 3.0), w_log=-jnp.exp(f(C)), u_log=f(C, scale=0.5),
+                w2=w(C, 4 * C if pre else C), tm2=jnp.asarray(rng.uniform(0, 1, C), jnp.float32),
+                w3=w(5 * C, C), w4=w(C, 4 * C))
+
+
+@pytest.mark.parametrize("B,C,dtype,blocks,max_programs", [
+    (1, 24, jnp.float32, None, None),
+    (3, 96, jnp.float32, SMALL, 8),  # 24 programs of 4 rows > 8: 6 programs of 16 rows
+    (2, 64, jnp.bfloat16, None, None),
+])
+@pytest.mark.parametrize("pre", [False, True])
+def test_layer_step(seed, B, C, dtype, blocks, max_programs, pre):
+    """The one-kernel layer (its phases, run as separate calls by the interpreter) is the four
+    kernels' references composed: outputs, state in place (other layers untouched), sync kept."""
+    a = inputs(seed, B, C, dtype)
+    p = _layer_params(seed, C, dtype, pre)
+    sync = jnp.zeros((L + 1,), jnp.int32)
+    got = jax.jit(lambda *x: decode.layer_step(
+        *x, pre=pre, k_clamp=60.0, log_eps=math.log(1e-9), ln_eps=LN_EPS, blocks=blocks,
+        max_programs=max_programs, interpret=True))(a["x"], p, a["prev"], a["prev"] * 0.5, a["aa"], a["bb"],
+                                                    a["pp"], a["layer"], sync)
+    # the same layer from the references
+    kw = dict(ln_eps=LN_EPS)
+    if pre:
+        x_ln1, ksq1, r1 = decode.channel_mix_in_reference(a["x"], p["ln1_s"], p["ln1_b"], a["prev"], p["tm1"],
+                                                         p["w1"], a["layer"], **kw)
+        x_mid = decode.mix_out_reference(ksq1, p["w2"], x_ln1, r1)
+        aa, bb, pp = a["aa"], a["bb"], a["pp"]
+    else:
+        x_ln1, rwkv, aa, bb, pp = decode.time_mix_in_reference(
+            a["x"], p["ln1_s"], p["ln1_b"], a["prev"], p["tm1"], p["w1"], a["aa"], a["bb"], a["pp"],
+            p["w_log"], p["u_log"], a["layer"], k_clamp=60.0, log_eps=math.log(1e-9), **kw)
+        x_mid = decode.mix_out_reference(rwkv, p["w2"], x_ln1)
+    x_ln2, ksq, r = decode.channel_mix_in_reference(x_mid, p["ln2_s"], p["ln2_b"], a["prev"] * 0.5, p["tm2"],
+                                                    p["w3"], a["layer"], **kw)
+    x_out = decode.mix_out_reference(ksq, p["w4"], x_ln2, r)
+    msg = f"seed={seed} B={B} C={C} {jnp.dtype(dtype).name} pre={pre}"
+    for name, g, w in zip(("x_out", "x_ln1", "x_ln2", "aa", "bb", "pp"), got, (x_out, x_ln1, x_ln2, aa, bb, pp)):
+        close(g, w, dtype if name not in ("x_ln1",) else jnp.float32, f"{name} {msg}")
+    rows = np.arange(L * B) // B != 1
+    for name, g, before in zip(("aa", "bb", "pp"), got[3:6], (a["aa"], a["bb"], a["pp"])):
+        np.testing.assert_array_equal(np.asarray(g)[rows], np.asarray(before)[rows], err_msg=f"{name} {msg}")
+    np.testing.assert_array_equal(np.asarray(got[6]), 0)  # no barrier ran (interpreted), status 0
+
+
+def test_layer_step_needs_few_enough_programs():
+    a = inputs(0, 1, 24, jnp.float32)
+    p = _layer_params(0, 24, jnp.float32, False)
+    with pytest.raises(ValueError, match="C=24 needs more than max_programs=2 programs"):
+        decode.layer_step(a["x"], p, a["prev"], a["prev"], a["aa"], a["bb"], a["pp"], a["layer"],
+                          jnp.zeros((L + 1,), jnp.int32), pre=False, k_clamp=60.0, log_eps=None,
+                          ln_eps=LN_EPS, max_programs=2, interpret=True)
+
+
+@pytest.mark.parametrize("pre", [False, True])
+def test_layer_step_lowers_to_triton(pre, monkeypatch, capsys):
+    """The one-kernel layer lowers to Triton IR for CUDA (L24-D1024, bf16, 128 programs): three
+    grid barriers, each one arrive and acquire-release atomic reads at GPU scope in a loop
+    between CTA barriers, and the next phase's weights loaded before each barrier."""
+    B, C = 1, 1024
+    p = _layer_params(0, C, jnp.bfloat16, pre)
+    st = jnp.zeros((24 * B, C))
+
+    def fn(x, p, st, sync):
+        return decode.layer_step(x, p, st, st, st, st, st, jnp.zeros((1,), jnp.int32), sync, pre=pre,
+                                 k_clamp=60.0, log_eps=math.log(1e-9), ln_eps=LN_EPS, max_programs=132)
+
+    ir = lower_to_triton_ir(fn, (jnp.zeros((B, C)), p, st, jnp.zeros((25,), jnp.int32)),
+                            kernel_module="pallas_kernels.decode", monkeypatch=monkeypatch, capsys=capsys)
+    assert_no_scalar_select(ir)
+    body = ir[ir.index("tt.func"):]
+    atomics = re.findall(r"tt\.atomic_rmw (\w+), (\w+), (\w+)", body)
+    assert atomics and all(sem == "acq_rel" and scope == "gpu" for _, sem, scope in atomics), atomics
+    assert body.count("scf.while") == 3
+    arrives = [m.start() for m in re.finditer(r"tt\.atomic_rmw add, acq_rel, gpu, %\w+, %c1_i32", body)]
+    assert len(arrives) == 3, len(arrives)
+    # the weights of the phase after each barrier ([8, 512] blocks at 128 programs) are loaded before it
+    loads = [m.start() for m in re.finditer(r"tt\.load[^\n]*tensor<8x512x", body)]
+    # [8, 512] weight blocks per phase: 3 (or 5) x [C, C]; [C, C] (or [C, 4C]); 5 x [C, C]; [C, 4C]
+    per_phase = [10 if pre else 6, 8 if pre else 2, 10, 8]
+    for i, arrive in enumerate(arrives):  # before barrier i: phases 0 .. i + 1
+        assert sum(1 for x in loads if x < arrive) >= sum(per_phase[: i + 2]), i
