@@ -379,8 +379,8 @@ def mix_out(u, w_t, base, gate=None, *, blocks: Optional[DecodeBlockSizes] = Non
 # the previous one produced (a LayerNorm, or a product's full output). `layer_step` runs the
 # four phases in one launch instead: at most one program per SM (all resident at once), a
 # grid barrier between phases (an arrive counter in global memory: a CTA barrier, one
-# acquire-release atomic add per program, then spinning on acquire-release atomic reads until
-# every program has arrived), and every program issues the next phase's weight loads
+# acquire-release atomic add per program, volatile reads until every program has arrived,
+# one acquire-release atomic after them, a CTA barrier: cooperative groups' grid sync), and every program issues the next phase's weight loads
 # *before* it computes the current phase and waits at the barrier, so the weights stream
 # without the launch gap and memory latency of a new kernel. Each program keeps the same
 # channels in all phases, so only the vectors every program reads (sigmoid(R)*wkv, x_mid,
@@ -401,17 +401,20 @@ def _grid_barrier(sync_ref, slot, n_arrived: int):
     """Wait until n_arrived arrivals are counted in sync_ref[slot] (this program's included)."""
     status = sync_ref.shape[0] - 1
     plgpu.debug_barrier()  # every thread's stores of this phase happen before the arrive
-    plgpu.atomic_add(sync_ref, slot, 1)
-    failed = plgpu.atomic_add(sync_ref, status, 0)  # an earlier barrier gave up: do not wait
+    plgpu.atomic_add(sync_ref, slot, 1)  # arrive (one thread; acquire-release: a fence before it)
+
+    def read(i):  # relaxed: no fence per spin
+        return plgpu.load(sync_ref.at[i], volatile=True)
 
     def cond(c):
         return (c[0] < n_arrived) & (c[1] < MAX_SPINS)
 
     def body(c):
-        return plgpu.atomic_add(sync_ref, slot, 0), c[1] + 1
+        return read(slot), c[1] + 1
 
-    init = (plgpu.atomic_add(sync_ref, slot, 0), failed * MAX_SPINS)
-    _, spins = lax.while_loop(cond, body, init)
+    # An earlier barrier of the step gave up (status set): do not wait.
+    _, spins = lax.while_loop(cond, body, (read(slot), read(status) * MAX_SPINS))
+    # The acquire after the wait (an acquire-release atomic; it also records a give-up).
     plgpu.atomic_max(sync_ref, status, (spins >= MAX_SPINS).astype(jnp.int32))
     plgpu.debug_barrier()
 
