@@ -173,61 +173,74 @@ def _fused_ok(spec: StepSpec, dparams, B: int) -> bool:
     return w.dtype == spec.dtype and decode.supported(B, spec.config.n_embd, spec.fused_blocks)
 
 
+def _layer_four_kernels(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, kw):
+    """One layer as four kernels -> (x after it, ln1 output, ln2 output, WKV state (aa, bb, pp))."""
+    ln1, ln2, log_eps = blk["ln1"], blk["ln2"], _log_eps(cfg)
+    if "pre" in blk:  # ffnPre: a channel mix in place of the time mix
+        p = blk["pre"]
+        x_ln, ksq, r = decode.channel_mix_in(x, ln1["scale"], ln1["bias"], prev_att, p["time_mix"],
+                                             p["kr_t"], layer, ln_eps=LN_EPS, **kw)
+        x = decode.mix_out(ksq, p["value_t"], x_ln, r, **kw)
+    else:
+        p = blk["att"]
+        x_ln, rwkv, *wkv = decode.time_mix_in(
+            x, ln1["scale"], ln1["bias"], prev_att, p["time_mix"], p["kvr_t"], *wkv,
+            p["w_log"], p["u_log"], layer, k_clamp=cfg.k_clamp, log_eps=log_eps, ln_eps=LN_EPS, **kw)
+        x = decode.mix_out(rwkv, p["output_t"], x_ln, **kw)
+    p = blk["ffn"]
+    x_ln2, ksq, r = decode.channel_mix_in(x, ln2["scale"], ln2["bias"], prev_ffn, p["time_mix"],
+                                          p["kr_t"], layer, ln_eps=LN_EPS, **kw)
+    return decode.mix_out(ksq, p["value_t"], x_ln2, r, **kw), x_ln, x_ln2, tuple(wkv)
+
+
+def _layer_one_kernel(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, sync, kw):
+    """The same layer as one kernel with grid barriers (experimental) -> (..., sync)."""
+    pre = "pre" in blk
+    first = blk["pre"] if pre else blk["att"]
+    lp = dict(ln1_s=blk["ln1"]["scale"], ln1_b=blk["ln1"]["bias"], ln2_s=blk["ln2"]["scale"],
+              ln2_b=blk["ln2"]["bias"], tm1=first["time_mix"], w1=first["kr_t"] if pre else first["kvr_t"],
+              w_log=None if pre else first["w_log"], u_log=None if pre else first["u_log"],
+              w2=first["value_t"] if pre else first["output_t"], tm2=blk["ffn"]["time_mix"],
+              w3=blk["ffn"]["kr_t"], w4=blk["ffn"]["value_t"])
+    x, x_ln, x_ln2, *wkv, sync = decode.layer_step(
+        x, lp, prev_att, prev_ffn, *wkv, layer, sync, pre=pre, k_clamp=cfg.k_clamp,
+        log_eps=_log_eps(cfg), ln_eps=LN_EPS, **kw)
+    return x, x_ln, x_ln2, tuple(wkv), sync
+
+
+def _log_eps(cfg: RWKVConfig) -> Optional[float]:
+    return math.log(cfg.k_eps) if cfg.k_eps > 0 else None
+
+
 def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> Tuple[jax.Array, State]:
-    """rnn_step as four Pallas kernels per layer (pallas_kernels.decode): the same function."""
+    """rnn_step as four Pallas kernels per layer (pallas_kernels.decode), or one with
+    spec.fused_layer: the same function."""
     from pallas_kernels import decode
 
-    cfg = spec.config
     L, B, C = state.aa.shape
     kw = dict(interpret=spec.matvec == "pallas_interpret", blocks=spec.fused_blocks)
-    ln_eps = LN_EPS
-    log_eps = math.log(cfg.k_eps) if cfg.k_eps > 0 else None
     flat = lambda a: a.astype(jnp.float32).reshape(L * B, C)  # noqa: E731 - a reshape, no copy
     prev_att, prev_ffn = flat(state.x_att), flat(state.x_ffn)
-    aa, bb, pp = flat(state.aa), flat(state.bb), flat(state.pp)
+    wkv = (flat(state.aa), flat(state.bb), flat(state.pp))  # updated in place, layer by layer
+    sync = jnp.zeros((L + 1,), jnp.int32)  # fused_layer: barrier counters, then a status word
     x = jnp.take(dparams["emb"], token, axis=0).astype(jnp.float32)  # [B, C]
     new_att, new_ffn = [], []
-    sync = jnp.zeros((L + 1,), jnp.int32)  # fused_layer: barrier counters, then a status word
     for i, blk in enumerate(dparams["blocks"]):
         layer = jnp.full((1,), i, jnp.int32)
-        ln1, ln2 = blk["ln1"], blk["ln2"]
         if spec.fused_layer:
-            pre = "pre" in blk
-            first = blk["pre"] if pre else blk["att"]
-            lp = dict(ln1_s=ln1["scale"], ln1_b=ln1["bias"], ln2_s=ln2["scale"], ln2_b=ln2["bias"],
-                      tm1=first["time_mix"], w1=first["kr_t"] if pre else first["kvr_t"],
-                      w_log=None if pre else first["w_log"], u_log=None if pre else first["u_log"],
-                      w2=first["value_t"] if pre else first["output_t"], tm2=blk["ffn"]["time_mix"],
-                      w3=blk["ffn"]["kr_t"], w4=blk["ffn"]["value_t"])
-            x, x_ln, x_ln2, aa, bb, pp, sync = decode.layer_step(
-                x, lp, prev_att, prev_ffn, aa, bb, pp, layer, sync, pre=pre, k_clamp=cfg.k_clamp,
-                log_eps=log_eps, ln_eps=ln_eps, **kw)
-            new_att.append(x_ln)
-            new_ffn.append(x_ln2)
-            continue
-        if "pre" in blk:
-            p = blk["pre"]
-            x_ln, ksq, r = decode.channel_mix_in(x, ln1["scale"], ln1["bias"], prev_att, p["time_mix"],
-                                                 p["kr_t"], layer, ln_eps=ln_eps, **kw)
-            x = decode.mix_out(ksq, p["value_t"], x_ln, r, **kw)
+            x, x_ln, x_ln2, wkv, sync = _layer_one_kernel(decode, spec.config, blk, x, prev_att, prev_ffn,
+                                                          wkv, layer, sync, kw)
         else:
-            p = blk["att"]
-            x_ln, rwkv, aa, bb, pp = decode.time_mix_in(
-                x, ln1["scale"], ln1["bias"], prev_att, p["time_mix"], p["kvr_t"], aa, bb, pp,
-                p["w_log"], p["u_log"], layer, k_clamp=cfg.k_clamp, log_eps=log_eps, ln_eps=ln_eps, **kw)
-            x = decode.mix_out(rwkv, p["output_t"], x_ln, **kw)
-        p = blk["ffn"]
-        x_ln2, ksq, r = decode.channel_mix_in(x, ln2["scale"], ln2["bias"], prev_ffn, p["time_mix"],
-                                              p["kr_t"], layer, ln_eps=ln_eps, **kw)
-        x = decode.mix_out(ksq, p["value_t"], x_ln2, r, **kw)
+            x, x_ln, x_ln2, wkv = _layer_four_kernels(decode, spec.config, blk, x, prev_att, prev_ffn,
+                                                      wkv, layer, kw)
         new_att.append(x_ln)
         new_ffn.append(x_ln2)
     x = _layer_norm(x, dparams["ln_out"])
     logits = _matvec(spec, x, dparams["head_t"]).astype(jnp.float32)
     if spec.fused_layer:  # a grid barrier gave up (pallas_kernels.decode.MAX_SPINS): no result
         logits = jnp.where(sync[L] > 0, jnp.nan, logits)
-    unflat = lambda a: a.reshape(L, B, C)  # noqa: E731
-    return logits, State(jnp.stack(new_att), jnp.stack(new_ffn), unflat(aa), unflat(bb), unflat(pp))
+    aa, bb, pp = (a.reshape(L, B, C) for a in wkv)
+    return logits, State(jnp.stack(new_att), jnp.stack(new_ffn), aa, bb, pp)
 
 
 def rnn_step(spec: StepSpec, dparams, token: jax.Array, state: State) -> Tuple[jax.Array, State]:
