@@ -235,6 +235,9 @@ def sweep(args, copy_bw):
     # (block sizes, which passes, shapes): variants of the defaults (docstring of WKVBlockSizes).
     variants = [
         (W(), "both", (big, prefill, long)),
+        # session 5, not yet timed: the parallel-in-time forward (checked against the reference first)
+        (W(lookback_chunk=32), "fwd", (big, long)),
+        (W(lookback_chunk=16), "fwd", (big,)),
         (W(unroll=24), "fwd", (big,)),  # session 4: 54.8 us, but ~3x the compile time
         (W(unroll=32), "fwd", (big,)),  # a 64-step loop body (two blocks per iteration)
         (W(approx_math=False), "both", (big,)),
@@ -258,6 +261,15 @@ def sweep(args, copy_bw):
             diff = {f.name: getattr(bs, f.name) for f in dataclasses.fields(bs)
                     if getattr(bs, f.name) != getattr(WKVBlockSizes(), f.name)}
             fwd = jax.jit(lambda k, v, td, tf, bs=bs: wkv(k, v, td, tf, block_sizes=bs, interpret=args.smoke))
+            if bs.lookback_chunk:  # a new kernel: its output against the plain-JAX reference first
+                rng = np.random.default_rng(0)
+                k, v = (jnp.asarray(rng.normal(0, 3, (B, min(T, 4096), C)), jnp.float32) for _ in range(2))
+                td = jnp.asarray(rng.uniform(-3, 1.5, C), jnp.float32)
+                tf = jnp.asarray(rng.normal(-1.2, 1, C), jnp.float32)
+                ref = jax.jit(lambda *a: wkv_reference(*a, k_clamp=60.0, k_eps=1e-9))(k, v, td, tf)
+                err = float(jnp.max(jnp.abs(fwd(k, v, td, tf) - ref)) / jnp.max(jnp.abs(v)))
+                print(f"check {diff} at ({B}, {C}, {min(T, 4096)}): max |out - reference| / max|v| = {err:.1e} "
+                      f"{'PASS' if err < 1e-5 else 'FAIL'}", flush=True)
             fb = vjp_fn(lambda k, v, td, tf, bs=bs: wkv(k, v, td, tf, block_sizes=bs, interpret=args.smoke))
             bench_row(f"{diff or 'default'} [{plan.n_chunks} chunks]", fwd if which != "fb" else None,
                       fb if which != "fwd" else None, B, C, T, jnp.float32, copy_bw, args,
