@@ -35,6 +35,9 @@ and instructions per step (docs/PERF.md). When B*C/block_c programs would not fi
 is split into chunks: a first kernel computes each chunk's local end state (from a zero state), and the
 main kernel folds the local states of the earlier chunks (decay d^L per chunk) into its
 starting state before its own pass (the backward does the same in reverse).
+Experimental, off by default and not yet timed on a GPU: `WKVBlockSizes.lookback_chunk` runs
+the linear mode's forward without gradient or state parallel in time, one program per short
+chunk, with decoupled look-back (`_fwd_lookback_kernel`).
 
 Two numeric modes, both exact implementations of the same function:
 * "linear" (the default of `wkv` when `k_clamp` is set, <= 64): plain float32 sums of
