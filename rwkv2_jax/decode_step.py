@@ -132,6 +132,10 @@ def _matvec(spec: StepSpec, x, w_t):
     return lax.dot_general(x, w_t.astype(spec.dtype), (((1,), (1,)), ((), ())), precision=spec.precision)
 
 
+def _log_eps(cfg: RWKVConfig) -> Optional[float]:
+    return math.log(cfg.k_eps) if cfg.k_eps > 0 else None
+
+
 def _layer_norm(x, p):
     """The model's LayerNorm (rwkv2_jax.model), applied to its params p {"scale", "bias"}."""
     return model_layer_norm("ln").apply({"params": p}, x)
@@ -158,7 +162,7 @@ def _time_mix(spec: StepSpec, p, x, prev, wkv_state: WKVState):
     if cfg.k_clamp is not None:
         k = jnp.minimum(k, cfg.k_clamp)
     v, r = kvr[:, C: 2 * C].astype(jnp.float32), kvr[:, 2 * C:]
-    log_eps = math.log(cfg.k_eps) if cfg.k_eps > 0 else None
+    log_eps = _log_eps(cfg)
     wkv_state, wkv = wkv_step(wkv_state, k, v, p["w_log"], p["u_log"], log_eps)
     out = _matvec(spec, jax.nn.sigmoid(r.astype(jnp.float32)) * wkv, p["output_t"])
     return out.astype(jnp.float32), wkv_state
@@ -206,10 +210,6 @@ def _layer_one_kernel(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, sync,
         x, lp, prev_att, prev_ffn, *wkv, layer, sync, pre=pre, k_clamp=cfg.k_clamp,
         log_eps=_log_eps(cfg), ln_eps=LN_EPS, **kw)
     return x, x_ln, x_ln2, tuple(wkv), sync
-
-
-def _log_eps(cfg: RWKVConfig) -> Optional[float]:
-    return math.log(cfg.k_eps) if cfg.k_eps > 0 else None
 
 
 def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> Tuple[jax.Array, State]:
