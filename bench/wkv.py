@@ -2,6 +2,7 @@
 
     python3 bench/wkv.py                  # checks, copy bandwidth, the table (markdown)
     python3 bench/wkv.py --sweep          # also time block-size variants of the kernel
+    python3 bench/wkv.py --sweep-only lookback --no-check   # those variants and the defaults only
     python3 bench/wkv.py --smoke          # tiny shapes in interpret mode (CPU, checks the script)
 
 Times are medians over repeats of N back-to-back calls followed by one block (per-call time
@@ -49,6 +50,9 @@ def parse_args():
                    help="seconds of back-to-back calls per repeat (sets N)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="k and v dtype")
     p.add_argument("--sweep", action="store_true", help="also time block-size variants")
+    p.add_argument("--sweep-only", default=None, metavar="TEXT",
+                   help="only the sweep variants whose changed block sizes contain TEXT (e.g. lookback), "
+                        "and the defaults to compare; no table")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--no-baselines", action="store_true", help="time only the Pallas kernel")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
@@ -260,6 +264,8 @@ def sweep(args, copy_bw):
             seen.add((B, C, T, plan, which))
             diff = {f.name: getattr(bs, f.name) for f in dataclasses.fields(bs)
                     if getattr(bs, f.name) != getattr(WKVBlockSizes(), f.name)}
+            if args.sweep_only and diff and args.sweep_only not in str(diff):
+                continue
             fwd = jax.jit(lambda k, v, td, tf, bs=bs: wkv(k, v, td, tf, block_sizes=bs, interpret=args.smoke))
             if bs.lookback_chunk:  # a new kernel: its output against the plain-JAX reference first
                 rng = np.random.default_rng(0)
@@ -291,8 +297,8 @@ def main():
     ok = None if args.no_check else check(args)
     copy_bw = copy_bandwidth(args.smoke)
     print(f"copy bandwidth (read + write): {copy_bw / 1e9:.0f} GB/s")
-    rows = table(args, copy_bw)
-    if args.sweep:
+    rows = [] if args.sweep_only else table(args, copy_bw)
+    if args.sweep or args.sweep_only:
         sweep(args, copy_bw)
     verdict = "not run (--no-check)" if ok is None else ("PASS" if ok else "FAIL")
     print(f"\n## Summary: {dev.device_kind}, copy {copy_bw / 1e9:.0f} GB/s, correctness {verdict}")

@@ -696,20 +696,28 @@ def _fwd_lookback_kernel(k_ref, v_ref, td_ref, tf_ref, _ticket_in, _flag_in, tic
     def read_flag(m):
         return plgpu.load(flag_ref.at[m * P + pidx], volatile=True)
 
-    def cond(c):
-        return (c[0] >= 0) & (c[1] == 0)
+    def wait_flag(m):  # spin until chunk m has published (flag >= 1); returns the flag
+        return lax.while_loop(lambda x: x < 1, lambda _: read_flag(m), read_flag(m))
 
-    def body(c):
-        m, _, sa, sb, f = c
-        lax.while_loop(lambda x: x < 1, lambda _: read_flag(m), read_flag(m))
-        level = plgpu.atomic_max(flag_ref, m * P + pidx, m * 0)  # the acquire
-        _cta_barrier(plan)
-        incl = level >= 2
-        xa = jnp.where(incl, incl_ref[m, b, 0, cs], agg_ref[m, b, 0, cs])
-        xb = jnp.where(incl, incl_ref[m, b, 1, cs], agg_ref[m, b, 1, cs])
-        return m - 1, incl.astype(jnp.int32), sa + f * xa, sb + f * xb, f * dL
+    # Walk back to the nearest chunk with an inclusive prefix (-1: none, sum aggregates to
+    # chunk 0). Scalars only: Triton 3.6 (jaxlib 0.11's) crashes in its layout pass on an
+    # atomic inside an scf.while, so the one acquire is after the walk.
+    def walk(c):
+        m, _ = c
+        found = wait_flag(m) >= 2
+        return jnp.where(found, m, m - 1), found
 
-    _, _, A0, B0, _ = lax.while_loop(cond, body, (j - 1, j * 0, zero, zero, jnp.ones_like(zero)))
+    m0, _ = lax.while_loop(lambda c: (c[0] >= 0) & ~c[1], walk, (j - 1, j < 0))
+    plgpu.atomic_max(flag_ref, jnp.maximum(m0, 0) * P + pidx, j * 0)  # the acquire
+    _cta_barrier(plan)
+    has_incl = m0 >= 0
+    A0 = jnp.where(has_incl, incl_ref[jnp.maximum(m0, 0), b, 0, cs], zero)
+    B0 = jnp.where(has_incl, incl_ref[jnp.maximum(m0, 0), b, 1, cs], zero)
+
+    def add_aggregate(m, s):  # Horner over the later chunks: S <- S * d^L + aggregate(m)
+        return s[0] * dL + agg_ref[m, b, 0, cs], s[1] * dL + agg_ref[m, b, 1, cs]
+
+    A0, B0 = lax.fori_loop(m0 + 1, j, add_aggregate, (A0, B0))
     if _LOOKBACK_PUBLISH_INCLUSIVE:
         publish(incl_ref, dL * A0 + A, dL * B0 + Bs, 2)
     dp = jnp.ones_like(zero)
