@@ -181,11 +181,10 @@ def sweep_fused(model, log, steps=64):
         return jax.lax.fori_loop(0, steps, body, (jnp.zeros((1,), jnp.int32), state))
 
     # In order of interest (the sweep of session 5 timed the defaults, block_out 2 and 8, 8 warps).
+    # Session 5 (H200) also timed block_in 1024, (block_out 2, block_in 1024, 2 warps) and
+    # (block_out 8, 8 warps): none beat the defaults (docs/PERF.md).
     variants = [("per-operation step", None), (f"fused {DecodeBlockSizes()}", DecodeBlockSizes()),
-                ("one kernel per layer (experimental), 8 warps", "layer")] + [
-        (f"fused {b}", b) for b in (DecodeBlockSizes(block_in=1024),
-                                     DecodeBlockSizes(block_out=2, block_in=1024, num_warps=2),
-                                     DecodeBlockSizes(block_out=8, num_warps=8))]
+                ("one kernel per layer (experimental), 8 warps", "layer")]
     for name, blocks in variants:
         t0 = time.perf_counter()
         spec = spec_of(model)
@@ -255,7 +254,7 @@ def gpu_main(args, log) -> int:
 
     models = {"float32": f32, "bfloat16": with_weight_dtype(f32, jnp.bfloat16)}
     try:
-        if not args.skip_checks:
+        if not args.skip_checks or args.sweep_fused:  # the sweep's variants are checked first
             fused_check(models, prompt, log)
     except Exception as err:
         log(f"# check of the fused decode step failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
@@ -374,8 +373,8 @@ def main(argv=None) -> int:
                    "(the checks and set-up before it are not counted)")
     p.add_argument("--skip-checks", action="store_true", help="no correctness checks before the timings "
                    "(for a re-timing of code whose checks passed on this card)")
-    p.add_argument("--sweep-fused", action="store_true", help="time the fused decode step's block sizes "
-                   "(bf16, B=1) after the checks, instead of the table")
+    p.add_argument("--sweep-fused", action="store_true", help="time the fused decode step's variants "
+                   "(bf16, B=1) after checking them (also with --skip-checks), instead of the table")
     p.add_argument("--cpu-layers", type=int, default=6)
     p.add_argument("--cpu-width", type=int, default=512)
     p.add_argument("--cpu-vocab", type=int, default=50277)

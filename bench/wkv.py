@@ -239,9 +239,17 @@ def sweep(args, copy_bw):
     # (block sizes, which passes, shapes): variants of the defaults (docstring of WKVBlockSizes).
     variants = [
         (W(), "both", (big, prefill, long)),
-        # session 5, not yet timed: the parallel-in-time forward (checked against the reference first)
-        (W(lookback_chunk=32), "fwd", (big, long)),
-        (W(lookback_chunk=16), "fwd", (big,)),
+        # the parallel-in-time forward (checked against the reference first). Session 6, H100,
+        # (8, 1024, 1024) (serial: 59.4 us): L = 32 / 16 with one warp per 32 channels 86.8 /
+        # 68.5 us; 128 channels and 4 warps per program: L = 8 / 16 / 32 77.3 / 64.7 / 62.0 us
+        # (and 508 vs 572 us at T = 65,536); 64 channels, 2 warps, L = 16: 67.0; 256 channels,
+        # 8 warps, L = 16: 74.6. Next: whole 2-4 KB rows per program (DRAM page locality?).
+        (W(lookback_chunk=32, block_c=128, num_warps=4), "fwd", (big, long)),
+        (W(lookback_chunk=8, block_c=1024, num_warps=32), "fwd", (big, long)),
+        (W(lookback_chunk=8, block_c=1024, num_warps=16), "fwd", (big,)),
+        (W(lookback_chunk=16, block_c=512, num_warps=16), "fwd", (big, long)),
+        (W(lookback_chunk=8, block_c=512, num_warps=4), "fwd", (big,)),
+        (W(lookback_chunk=32, block_c=256, num_warps=8), "fwd", (big,)),
         (W(unroll=24), "fwd", (big,)),  # session 4: 54.8 us, but ~3x the compile time
         (W(unroll=32), "fwd", (big,)),  # a 64-step loop body (two blocks per iteration)
         (W(approx_math=False), "both", (big,)),
