@@ -2,7 +2,7 @@
 
     python3 bench/wkv.py                  # checks, copy bandwidth, the table (markdown)
     python3 bench/wkv.py --sweep          # also time block-size variants of the kernel
-    python3 bench/wkv.py --sweep-only lookback --no-check   # those variants and the defaults only
+    python3 bench/wkv.py --sweep-only unroll --no-check     # those variants and the defaults only
     python3 bench/wkv.py --smoke          # tiny shapes in interpret mode (CPU, checks the script)
 
 Times are medians over repeats of N back-to-back calls followed by one block (per-call time
@@ -51,7 +51,7 @@ def parse_args():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="k and v dtype")
     p.add_argument("--sweep", action="store_true", help="also time block-size variants")
     p.add_argument("--sweep-only", default=None, metavar="TEXT",
-                   help="only the sweep variants whose changed block sizes contain TEXT (e.g. lookback), "
+                   help="only the sweep variants whose changed block sizes contain TEXT (e.g. unroll), "
                         "and the defaults to compare; no table")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--no-baselines", action="store_true", help="time only the Pallas kernel")
@@ -239,17 +239,6 @@ def sweep(args, copy_bw):
     # (block sizes, which passes, shapes): variants of the defaults (docstring of WKVBlockSizes).
     variants = [
         (W(), "both", (big, prefill, long)),
-        # the parallel-in-time forward (checked against the reference first). Session 6, H100,
-        # (8, 1024, 1024) (serial: 59.4 us): L = 32 / 16 with one warp per 32 channels 86.8 /
-        # 68.5 us; 128 channels and 4 warps per program: L = 8 / 16 / 32 77.3 / 64.7 / 62.0 us
-        # (and 508 vs 572 us at T = 65,536); 64 channels, 2 warps, L = 16: 67.0; 256 channels,
-        # 8 warps, L = 16: 74.6. Next: whole 2-4 KB rows per program (DRAM page locality?).
-        (W(lookback_chunk=32, block_c=128, num_warps=4), "fwd", (big, long)),
-        (W(lookback_chunk=8, block_c=1024, num_warps=32), "fwd", (big, long)),
-        (W(lookback_chunk=8, block_c=1024, num_warps=16), "fwd", (big,)),
-        (W(lookback_chunk=16, block_c=512, num_warps=16), "fwd", (big, long)),
-        (W(lookback_chunk=8, block_c=512, num_warps=4), "fwd", (big,)),
-        (W(lookback_chunk=32, block_c=256, num_warps=8), "fwd", (big,)),
         (W(unroll=24), "fwd", (big,)),  # session 4: 54.8 us, but ~3x the compile time
         (W(unroll=32), "fwd", (big,)),  # a 64-step loop body (two blocks per iteration)
         (W(approx_math=False), "both", (big,)),
@@ -275,15 +264,6 @@ def sweep(args, copy_bw):
             if args.sweep_only and diff and args.sweep_only not in str(diff):
                 continue
             fwd = jax.jit(lambda k, v, td, tf, bs=bs: wkv(k, v, td, tf, block_sizes=bs, interpret=args.smoke))
-            if bs.lookback_chunk:  # a new kernel: its output against the plain-JAX reference first
-                rng = np.random.default_rng(0)
-                k, v = (jnp.asarray(rng.normal(0, 3, (B, min(T, 4096), C)), jnp.float32) for _ in range(2))
-                td = jnp.asarray(rng.uniform(-3, 1.5, C), jnp.float32)
-                tf = jnp.asarray(rng.normal(-1.2, 1, C), jnp.float32)
-                ref = jax.jit(lambda *a: wkv_reference(*a, k_clamp=60.0, k_eps=1e-9))(k, v, td, tf)
-                err = float(jnp.max(jnp.abs(fwd(k, v, td, tf) - ref)) / jnp.max(jnp.abs(v)))
-                print(f"check {diff} at ({B}, {C}, {min(T, 4096)}): max |out - reference| / max|v| = {err:.1e} "
-                      f"{'PASS' if err < 1e-5 else 'FAIL'}", flush=True)
             fb = vjp_fn(lambda k, v, td, tf, bs=bs: wkv(k, v, td, tf, block_sizes=bs, interpret=args.smoke))
             bench_row(f"{diff or 'default'} [{plan.n_chunks} chunks]", fwd if which != "fb" else None,
                       fb if which != "fwd" else None, B, C, T, jnp.float32, copy_bw, args,

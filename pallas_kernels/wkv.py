@@ -35,9 +35,9 @@ and instructions per step (docs/PERF.md). When B*C/block_c programs would not fi
 is split into chunks: a first kernel computes each chunk's local end state (from a zero state), and the
 main kernel folds the local states of the earlier chunks (decay d^L per chunk) into its
 starting state before its own pass (the backward does the same in reverse).
-Experimental, off by default and not yet timed on a GPU: `WKVBlockSizes.lookback_chunk` runs
-the linear mode's forward without gradient or state parallel in time, one program per short
-chunk, with decoupled look-back (`_fwd_lookback_kernel`).
+A parallel-in-time forward (one program per chunk of 8-32 steps, start states by decoupled
+look-back over published chunk aggregates) was correct on the H100 but never faster at
+(8, 1024, 1024) (62 vs 59 us at best) and was removed (docs/PERF.md, session 6).
 
 Two numeric modes, both exact implementations of the same function:
 * "linear" (the default of `wkv` when `k_clamp` is set, <= 64): plain float32 sums of
@@ -115,10 +115,6 @@ class WKVBlockSizes:
                   gradients stay as close to the reference as without it (H100 check,
                   session 4: max rel. err 1.6e-6 vs 1.5e-6). The interpreter computes
                   exp2(K*log2(e)) and 1/den, so CPU tests see the same rounding of K.
-    lookback_chunk: EXPERIMENT, not yet timed on a GPU (0 = off): the linear mode's forward
-                  without gradient or state runs parallel in time, one program per chunk of
-                  this many steps and `block_c` channels, with decoupled look-back
-                  (`_fwd_lookback_kernel`).
     """
 
     # Defaults from `python3 bench/wkv.py --sweep` (H200, docs/PERF.md): unroll 32 cut the
@@ -144,15 +140,12 @@ class WKVBlockSizes:
     chunk_to: int = 512
     min_chunk: int = 64
     approx_math: bool = True
-    lookback_chunk: int = 0
 
     def __post_init__(self):
         if self.block_c < 1 or self.block_c & (self.block_c - 1):
             raise ValueError(f"WKVBlockSizes: {self.block_c=} must be a power of two")
         if min(self.unroll, self.unroll_train, self.min_chunk, self.min_programs, self.chunk_to) < 1:
             raise ValueError(f"WKVBlockSizes: positive sizes needed, got {self}")
-        if self.lookback_chunk < 0:
-            raise ValueError(f"WKVBlockSizes: lookback_chunk={self.lookback_chunk} must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +167,6 @@ class _Plan:
     num_stages: int
     interpret: bool
     approx_math: bool = False
-    lookback_chunk: int = 0
 
     @property
     def n_cb(self) -> int:
@@ -222,7 +214,7 @@ def _make_plan(B, T, C, *, k_clamp, k_eps, linear, blocks: WKVBlockSizes, interp
         n_chunks=n_chunks, chunk=chunk, linear=linear,
         k_clamp=None if k_clamp is None else float(k_clamp), k_eps=float(k_eps),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret,
-        approx_math=blocks.approx_math, lookback_chunk=blocks.lookback_chunk,
+        approx_math=blocks.approx_math,
     )
 
 
@@ -639,111 +631,6 @@ def _fwd_kernel(*refs, plan: _Plan, state_in: bool, state_out: bool, save: bool)
             ref[chunk, b, cs] = x
 
 
-# Test hook: False makes every look-back walk the aggregates back to chunk 0 (in the
-# interpreter, programs run one by one, so an inclusive prefix is otherwise always ready).
-_LOOKBACK_PUBLISH_INCLUSIVE = True
-
-
-def _cta_barrier(plan: _Plan):
-    if not plan.interpret:  # no interpreter rule; the interpreter runs programs one by one
-        plgpu.debug_barrier()
-
-
-def _fwd_lookback_kernel(k_ref, v_ref, td_ref, tf_ref, _ticket_in, _flag_in, ticket_ref, flag_ref,
-                         agg_ref, incl_ref, out_ref, *, plan: _Plan):
-    """EXPERIMENT: forward without state, linear mode, parallel in time (not yet timed on a GPU).
-
-    One program per (chunk of L = lookback_chunk steps, batch row, block of channels). It
-    takes a ticket from an atomic counter (chunk-major: every program it may wait for has
-    started), loads its L rows at once, scans them from a zero state (keeping each step's
-    numerator and denominator without the start state), publishes the chunk's aggregate
-    (end state from zero; flag 1), finds its start state by decoupled look-back (walking
-    back over aggregates, decayed by d^L per chunk, until an inclusive prefix, flag 2), then
-    publishes its own inclusive prefix and writes its L outputs. Publishing: stores, CTA
-    barrier, an acquire-release atomic on the flag; reading: spin on volatile loads, then an
-    acquire-release atomic, then the loads.
-    """
-    L = plan.lookback_chunk
-    P = plan.B * plan.n_cb
-    t = plgpu.atomic_add(ticket_ref, jnp.int32(0), jnp.int32(1))
-    j = lax.div(t, P)
-    pidx = t - j * P
-    b = lax.div(pidx, plan.n_cb)
-    cs = pl.ds(pl.multiple_of((pidx - b * plan.n_cb) * plan.bc, plan.bc), plan.bc)
-    w, u_log = _params(td_ref, tf_ref, cs)
-    d, u = jnp.exp(w), jnp.exp(u_log)
-    start = j * L
-    rows = [_load_kv(k_ref, v_ref, b, cs)(start + i) for i in range(L)]
-    zero = jnp.zeros((plan.bc,), jnp.float32)
-    A, Bs = zero, zero
-    nums, dens = [], []
-    for kraw, v in rows:
-        kk = _exp_k(plan, _clamp(plan, kraw))
-        ukk = u * kk
-        nums.append(A + ukk * v)
-        dens.append(Bs + ukk + plan.k_eps)
-        A, Bs = d * A + kk * v, d * Bs + kk
-
-    def publish(ref, a, bs, level):
-        ref[j, b, 0, cs] = a
-        ref[j, b, 1, cs] = bs
-        _cta_barrier(plan)
-        plgpu.atomic_max(flag_ref, j * P + pidx, j * 0 + level)
-
-    publish(agg_ref, A, Bs, 1)
-    dL = jnp.exp(L * w)
-
-    def read_flag(m):
-        return plgpu.load(flag_ref.at[m * P + pidx], volatile=True)
-
-    def wait_flag(m):  # spin until chunk m has published (flag >= 1); returns the flag
-        return lax.while_loop(lambda x: x < 1, lambda _: read_flag(m), read_flag(m))
-
-    # Walk back to the nearest chunk with an inclusive prefix (-1: none, sum aggregates to
-    # chunk 0). Scalars only: Triton 3.6 (jaxlib 0.11's) crashes in its layout pass on an
-    # atomic inside an scf.while, so the one acquire is after the walk.
-    def walk(c):
-        m, _ = c
-        found = wait_flag(m) >= 2
-        return jnp.where(found, m, m - 1), found
-
-    m0, _ = lax.while_loop(lambda c: (c[0] >= 0) & ~c[1], walk, (j - 1, j < 0))
-    plgpu.atomic_max(flag_ref, jnp.maximum(m0, 0) * P + pidx, j * 0)  # the acquire
-    _cta_barrier(plan)
-    has_incl = m0 >= 0
-    A0 = jnp.where(has_incl, incl_ref[jnp.maximum(m0, 0), b, 0, cs], zero)
-    B0 = jnp.where(has_incl, incl_ref[jnp.maximum(m0, 0), b, 1, cs], zero)
-
-    def add_aggregate(m, s):  # Horner over the later chunks: S <- S * d^L + aggregate(m)
-        return s[0] * dL + agg_ref[m, b, 0, cs], s[1] * dL + agg_ref[m, b, 1, cs]
-
-    A0, B0 = lax.fori_loop(m0 + 1, j, add_aggregate, (A0, B0))
-    if _LOOKBACK_PUBLISH_INCLUSIVE:
-        publish(incl_ref, dL * A0 + A, dL * B0 + Bs, 2)
-    dp = jnp.ones_like(zero)
-    for i in range(L):
-        out_ref[b, start + i, cs] = (nums[i] + dp * A0) * _recip(plan, dens[i] + dp * B0)
-        dp = dp * d
-
-
-def _forward_lookback(plan: _Plan, k, v, td, tf):
-    """out [B, T, C] of `_fwd_lookback_kernel` on channel-padded arrays (T padded inside)."""
-    B, T, C, L = plan.B, plan.T, plan.C, plan.lookback_chunk
-    n = -(-T // L)
-    if n * L != T:  # padded steps: exp(K) = 0, v = 0
-        k = jnp.pad(k, ((0, 0), (0, n * L - T), (0, 0)), constant_values=-1e30)
-        v = jnp.pad(v, ((0, 0), (0, n * L - T), (0, 0)))
-    P = B * plan.n_cb
-    outs = (_sds((1,), jnp.int32), _sds((n * P,), jnp.int32), _sds((n, B, 2, C)), _sds((n, B, 2, C)),
-            _sds((B, n * L, C)))
-    res = pl.pallas_call(
-        functools.partial(_fwd_lookback_kernel, plan=plan), out_shape=outs, grid=(n * P,),
-        input_output_aliases={4: 0, 5: 1}, interpret=plan.interpret, name="wkv_fwd_lookback",
-        compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
-    )(k, v, td, tf, jnp.zeros((1,), jnp.int32), jnp.zeros((n * P,), jnp.int32))
-    return res[4][:, :T]
-
-
 def _bwd_refs(refs, plan):
     it = iter(refs)
     k_ref, v_ref, g_ref, td_ref, tf_ref = (next(it) for _ in range(5))
@@ -878,8 +765,6 @@ def _backward(plan: _Plan, k, v, td, tf, ckpts, g, final_ct):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _wkv_core(plan, k, v, td, tf):
-    if plan.lookback_chunk and plan.linear:
-        return _forward_lookback(plan, k, v, td, tf)
     return _forward(plan, k, v, td, tf, None, save=False, state_out=False)[0]
 
 

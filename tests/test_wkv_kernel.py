@@ -9,7 +9,6 @@ channel block, several time chunks, a ragged last chunk and the unrolled loop's 
 
 import dataclasses
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -367,50 +366,3 @@ def test_model_runs_the_kernel_under_jit_grad_and_vmap(release_files, rng):
     one_row = lambda t: ker.module.apply({"params": ker.params}, t[None])[0][0]  # noqa: E731
     np.testing.assert_allclose(jax.jit(jax.vmap(one_row))(jnp.asarray(tokens)), ref(tokens),
                                rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("inclusive", [True, False])
-def test_lookback_forward(seed, inclusive, monkeypatch):
-    """The experimental parallel-in-time forward (WKVBlockSizes.lookback_chunk): outputs vs
-    the reference for T a multiple of the chunk or not, shorter than one chunk, several
-    channel blocks (one padded), bf16 and approx_math off; the walk over aggregates back to
-    chunk 0 (inclusive=False) as well as the inclusive-prefix path. Gradients still come
-    from the serial kernels (the forward that saves) and match the reference."""
-    import pallas_kernels.wkv  # noqa: F401 - the module, not the function pallas_kernels.wkv
-    import sys
-
-    monkeypatch.setattr(sys.modules["pallas_kernels.wkv"], "_LOOKBACK_PUBLISH_INCLUSIVE", inclusive)
-    for i, (B, T, C, L, blocks, dtype) in enumerate([
-        (2, 64, 40, 16, SMALL, jnp.float32),  # 4 chunks, 5 channel blocks of 8
-        (1, 37, 12, 8, SMALL, jnp.float32),  # T not a multiple of the chunk
-        (3, 5, 33, 16, WKVBlockSizes(), jnp.float32),  # one partial chunk, a padded block of 32
-        (2, 30, 16, 8, dataclasses.replace(SMALL, approx_math=False), jnp.bfloat16),
-    ]):
-        blocks = dataclasses.replace(blocks, lookback_chunk=L)
-        args, g = make_inputs(seed + i, B, T, C, "far_above_clamp" if i == 0 else "normal", dtype)
-        out = jax.jit(lambda *a: wkv(*a, interpret=True, block_sizes=blocks))(*args)
-        ref = wkv_reference(*args, k_clamp=60.0, k_eps=1e-9)
-        msg = f"seed={seed + i} {B=} {T=} {C=} {L=} {inclusive=}"
-        assert out.shape == (B, T, C) and out.dtype == jnp.float32, msg
-        assert rel_err(out, ref) < 1e-5, f"{rel_err(out, ref)} {msg}"
-    _, grads = vjp_all(lambda *a: wkv(*a, interpret=True, block_sizes=blocks), args, g)
-    _, grads_ref = vjp_all(lambda *a: wkv_reference(*a, k_clamp=60.0, k_eps=1e-9), args, g)
-    for x, r in zip(grads, grads_ref):
-        assert rel_err(x, r) < 1e-2, msg  # bf16 inputs: gradients rounded to bf16
-
-
-def test_lookback_lowers_to_triton(monkeypatch, capsys):
-    """The look-back forward lowers for CUDA: a ticket, flags published and read with
-    acquire-release atomics at GPU scope, spins on volatile loads, no scalar selects."""
-    B, T, C = 8, 256, 64
-    k = jnp.zeros((B, T, C))
-    td = tf = jnp.zeros(C)
-    blocks = WKVBlockSizes(lookback_chunk=32)
-    ir = lower_to_triton_ir(lambda *a: wkv(*a, block_sizes=blocks), (k, k, td, tf),
-                            kernel_module="pallas_kernels.wkv", monkeypatch=monkeypatch, capsys=capsys)
-    assert ir.count("tt.func public") == 1 and "wkv_fwd_lookback" in ir
-    assert_no_scalar_select(ir)
-    body = ir[ir.index("tt.func"):]
-    atomics = re.findall(r"tt\.atomic_rmw (\w+), (\w+), (\w+)", body)
-    assert len(atomics) == 4 and all(sem == "acq_rel" and scope == "gpu" for _, sem, scope in atomics), atomics
-    assert body.count("scf.while") == 2 and "isVolatile = true" in body
