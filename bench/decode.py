@@ -143,19 +143,17 @@ def fused_check(models, prompt, log):
             _, state = prefill(model, [prompt[i: i + 9] for i in range(B)])
             token = jnp.asarray(prompt[9: 9 + B], jnp.int32)
             want = step(dataclasses.replace(spec, fused=False), decode_params(model), token, state)
-            for what, variant in (("fused", spec), ("one kernel per layer (experimental)",
-                                                    dataclasses.replace(spec, fused_layer=True))):
-                got = step(variant, decode_params(model), token, state)
-                errs = {}
-                for f, a, b in [("logits", got[0], want[0]),
-                                *zip(("x_att", "x_ffn", "aa", "bb", "pp"), got[1], want[1])]:
-                    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-                    errs[f] = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-                tol = 1e-5 if name == "float32" else 2e-2
-                good = errs["logits"] <= tol and errs["x_att"] <= tol and errs["x_ffn"] <= tol  # NaN fails
-                ok &= good
-                log(f"# check: {what} vs per-operation decode step, {name}, B={B}: "
-                    + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()) + (" PASS" if good else " FAIL"))
+            got = step(spec, decode_params(model), token, state)
+            errs = {}
+            for f, a, b in [("logits", got[0], want[0]),
+                            *zip(("x_att", "x_ffn", "aa", "bb", "pp"), got[1], want[1])]:
+                a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+                errs[f] = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+            tol = 1e-5 if name == "float32" else 2e-2
+            good = errs["logits"] <= tol and errs["x_att"] <= tol and errs["x_ffn"] <= tol  # NaN fails
+            ok &= good
+            log(f"# check: fused vs per-operation decode step, {name}, B={B}: "
+                + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()) + (" PASS" if good else " FAIL"))
     return ok
 
 
@@ -181,17 +179,16 @@ def sweep_fused(model, log, steps=64):
         return jax.lax.fori_loop(0, steps, body, (jnp.zeros((1,), jnp.int32), state))
 
     # In order of interest (the sweep of session 5 timed the defaults, block_out 2 and 8, 8 warps).
-    # Session 5 (H200) also timed block_in 1024, (block_out 2, block_in 1024, 2 warps) and
-    # (block_out 8, 8 warps): none beat the defaults (docs/PERF.md).
-    variants = [("per-operation step", None), (f"fused {DecodeBlockSizes()}", DecodeBlockSizes()),
-                ("one kernel per layer (experimental), 8 warps", "layer")]
+    # Session 5 (H200): block_out 2 or 8 and 8 warps were no faster than the defaults;
+    # session 6: one kernel per layer with grid barriers was slower (docs/PERF.md).
+    variants = [("per-operation step", None), (f"fused {DecodeBlockSizes()}", DecodeBlockSizes())] + [
+        (f"fused {b}", b) for b in (DecodeBlockSizes(block_in=1024),
+                                     DecodeBlockSizes(block_out=2, block_in=1024, num_warps=2))]
     for name, blocks in variants:
         t0 = time.perf_counter()
         spec = spec_of(model)
         if blocks is None:
             spec = dataclasses.replace(spec, fused=False)
-        elif blocks == "layer":
-            spec = dataclasses.replace(spec, fused_layer=True)
         else:
             spec = dataclasses.replace(spec, fused_blocks=blocks)
         f = jax.jit(functools.partial(loop, spec))

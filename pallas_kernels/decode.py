@@ -13,8 +13,9 @@ product that consumes or produces it, leaving four kernels per layer:
     mix_out         x_next = ln2(x_mid) + sigmoid(R) * (W_value @ relu(K)^2)
 
 (a v2 "ffnPre" block is channel_mix_in with ln1 and mix_out with ln1's output as its base).
-`layer_step` (experimental, not yet run on a GPU) runs the same four phases in one kernel
-with grid barriers between them; see its section below.
+One kernel per layer with grid barriers between the phases (each phase's weights loaded
+before the barrier) was correct on an H200 but slower (0.60 vs 0.50 ms per token) and was
+removed (docs/PERF.md, session 6).
 Every function here computes exactly what `rwkv2_jax.decode_step`'s XLA path computes, with
 the same roundings: inputs of a product in the weights' dtype, products summed in float32
 and the sum rounded to the weights' dtype once, everything else float32; only the order of
@@ -62,7 +63,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-__all__ = ["DecodeBlockSizes", "supported", "time_mix_in", "channel_mix_in", "mix_out", "layer_step",
+__all__ = ["DecodeBlockSizes", "supported", "time_mix_in", "channel_mix_in", "mix_out",
            "time_mix_in_reference", "channel_mix_in_reference", "mix_out_reference"]
 
 MAX_BATCH = 16  # rows of x: B accumulators per matrix live in registers
@@ -376,156 +377,6 @@ def mix_out(u, w_t, base, gate=None, *, blocks: Optional[DecodeBlockSizes] = Non
     args = (u.astype(plan.dtype), w_t, base.astype(jnp.float32)) + (() if gate is None else (gate,))
     return _pallas(_mix_out_kernel, plan, "decode_mix_out",
                    jax.ShapeDtypeStruct((B, C), jnp.float32), args)
-
-
-# ----------------------------------------------------------------------------------------
-# Experimental: a whole layer in one kernel.
-#
-# The four kernels above are separate launches because each phase needs the whole vector
-# the previous one produced (a LayerNorm, or a product's full output). `layer_step` runs the
-# four phases in one launch instead: at most one program per SM (all resident at once), a
-# grid barrier between phases (an arrive counter in global memory: a CTA barrier, one
-# acquire-release atomic add per program, volatile reads until every program has arrived,
-# one acquire-release atomic after them, a CTA barrier: cooperative groups' grid sync), and every program issues the next phase's weight loads
-# *before* it computes the current phase and waits at the barrier, so the weights stream
-# without the launch gap and memory latency of a new kernel. Each program keeps the same
-# channels in all phases, so only the vectors every program reads (sigmoid(R)*wkv, x_mid,
-# relu(K)^2) go through memory between programs. Data written before a barrier is read after
-# it only, for the first time in the launch (no stale L1 line can exist).
-#
-# A barrier that waits more than MAX_SPINS atomic reads (~10 ms: a program not resident, which
-# would otherwise hang) gives up and sets the status word; later barriers of the step then do
-# not wait, and the caller turns the logits into NaN. The Pallas interpreter runs programs one after another, so a barrier cannot be
-# interpreted: with interpret=True the phases run as four calls of the same kernel (one phase
-# each), which tests the phases' arithmetic and data flow but not the barrier.
-# Not yet measured on a GPU (docs/PERF.md); the model uses it only when asked (StepSpec).
-
-MAX_SPINS = 1 << 14
-
-
-def _grid_barrier(sync_ref, slot, n_arrived: int):
-    """Wait until n_arrived arrivals are counted in sync_ref[slot] (this program's included)."""
-    status = sync_ref.shape[0] - 1
-    plgpu.debug_barrier()  # every thread's stores of this phase happen before the arrive
-    plgpu.atomic_add(sync_ref, slot, 1)  # arrive (one thread; acquire-release: a fence before it)
-
-    def read(i):  # relaxed: no fence per spin
-        return plgpu.load(sync_ref.at[i], volatile=True)
-
-    def cond(c):
-        return (c[0] < n_arrived) & (c[1] < MAX_SPINS)
-
-    def body(c):
-        return read(slot), c[1] + 1
-
-    # An earlier barrier of the step gave up (status set): do not wait.
-    _, spins = lax.while_loop(cond, body, (read(slot), read(status) * MAX_SPINS))
-    # The acquire after the wait (an acquire-release atomic; it also records a give-up).
-    plgpu.atomic_max(sync_ref, status, (spins >= MAX_SPINS).astype(jnp.int32))
-    plgpu.debug_barrier()
-
-
-_LAYER_IN = ("layer", "x", "ln1_s", "ln1_b", "ln2_s", "ln2_b", "prev_att", "prev_ffn", "tm1", "w1",
-             "w_log", "u_log", "w2", "tm2", "w3", "w4")
-_LAYER_OUT = ("aa", "bb", "pp", "sync", "x_out", "x_ln1", "x_ln2", "s1", "r1", "x_mid", "ksq", "r")
-
-
-def _layer_kernel(*refs, plans, phases, pre, k_clamp, log_eps, ln_eps, n_alias):
-    n_in = len(_LAYER_IN)
-    R = dict(zip(_LAYER_IN, refs[:n_in]))
-    R.update(zip(_LAYER_OUT, refs[n_in + n_alias:]))  # aliased inputs are read through the outputs
-    layer = R["layer"][0]
-    p_in1, p_out1, p_in3, p_out4 = plans
-    weights = (lambda: _load_weights(R["w1"], p_in1), lambda: _load_weights(R["w2"], p_out1),
-               lambda: _load_weights(R["w3"], p_in3), lambda: _load_weights(R["w4"], p_out4))
-
-    def run(phase, ws):
-        if phase == 0 and pre:  # ffnPre: channel mix with ln1 -> relu(K)^2 in s1, R in r1
-            _channel_mix_in_body(p_in1, ws, layer, R["x"], R["ln1_s"], R["ln1_b"], R["prev_att"], R["tm1"],
-                                 R["x_ln1"], R["s1"], R["r1"], ln_eps=ln_eps)
-        elif phase == 0:  # time mix in -> sigmoid(R) * wkv in s1
-            _time_mix_in_body(p_in1, ws, layer, R["x"], R["ln1_s"], R["ln1_b"], R["prev_att"], R["tm1"],
-                              R["aa"], R["bb"], R["pp"], R["w_log"], R["u_log"], R["x_ln1"], R["s1"],
-                              R["aa"], R["bb"], R["pp"], k_clamp=k_clamp, log_eps=log_eps, ln_eps=ln_eps)
-        elif phase == 1:
-            _mix_out_body(p_out1, ws, R["s1"], R["x_ln1"], R["r1"] if pre else None, R["x_mid"])
-        elif phase == 2:
-            _channel_mix_in_body(p_in3, ws, layer, R["x_mid"], R["ln2_s"], R["ln2_b"], R["prev_ffn"],
-                                 R["tm2"], R["x_ln2"], R["ksq"], R["r"], ln_eps=ln_eps)
-        else:
-            _mix_out_body(p_out4, ws, R["ksq"], R["x_ln2"], R["r"], R["x_out"])
-
-    ws = weights[phases[0]]()
-    for i, phase in enumerate(phases):
-        nxt = weights[phases[i + 1]]() if i + 1 < len(phases) else None  # issued before this phase
-        run(phase, ws)
-        if nxt is not None:
-            _grid_barrier(R["sync"], layer, (i + 1) * p_in1.grid[0])
-        ws = nxt
-
-
-def layer_step(x, params, prev_att, prev_ffn, aa, bb, pp, layer, sync, *, pre: bool,
-               k_clamp: Optional[float], log_eps: Optional[float], ln_eps: float,
-               blocks: Optional[DecodeBlockSizes] = None, max_programs: Optional[int] = None,
-               interpret: bool = False):
-    """One layer of the decode step in one kernel (experimental; see the comment above).
-
-    x [B, C] float32 (the residual entering the layer); params: ln1_s, ln1_b, ln2_s, ln2_b,
-    tm1 (time mix of the attention, or of the ffnPre if `pre`), w1 (kvr_t [3C, C], or the
-    ffnPre's kr_t [5C, C]), w_log, u_log [C] (unused if `pre`), w2 (output_t [C, C], or the
-    ffnPre's value_t [C, 4C]), tm2, w3 (kr_t [5C, C]), w4 (value_t [C, 4C]); prev_att,
-    prev_ffn, aa, bb, pp [L*B, C]; layer int32 [1]; sync int32 [L + 1], zeros before the
-    step's first layer (barrier counters per layer, then the status word: 1 if a barrier gave
-    up). Returns (x_out, ln1(x), ln2(x_mid), aa, bb, pp, sync); aa, bb, pp and sync are
-    updated in place (input_output_aliases).
-    """
-    B, C = x.shape
-    dt = params["w1"].dtype
-    blocks = blocks or DecodeBlockSizes(num_warps=8)
-    if max_programs is None:
-        dev = jax.devices()[0]
-        max_programs = getattr(dev, "core_count", 0) if dev.platform == "gpu" else 0
-        max_programs = max_programs or 128
-    bo = blocks.block_out
-    while C // bo > max_programs and C % (2 * bo) == 0:
-        bo *= 2
-    if C // bo > max_programs:
-        raise ValueError(f"layer_step: C={C} needs more than max_programs={max_programs} programs")
-    blocks = dataclasses.replace(blocks, block_out=bo)
-    p_in1 = _plan(B, C, C, 5 if pre else 3, dt, blocks, interpret)
-    plans = (p_in1, _plan(B, C, 4 * C if pre else C, 1, dt, blocks, interpret),
-             _plan(B, C, C, 5, dt, blocks, interpret), _plan(B, C, 4 * C, 1, dt, blocks, interpret))
-    f32 = jnp.float32
-    zeros_c = jnp.zeros((C,), f32)
-    ins = (layer.astype(jnp.int32), x.astype(f32), params["ln1_s"], params["ln1_b"], params["ln2_s"],
-           params["ln2_b"], prev_att, prev_ffn, params["tm1"], params["w1"],
-           zeros_c if pre else params["w_log"], zeros_c if pre else params["u_log"],
-           params["w2"], params["tm2"], params["w3"], params["w4"])
-    outs = (jax.ShapeDtypeStruct(aa.shape, f32), jax.ShapeDtypeStruct(bb.shape, f32),
-            jax.ShapeDtypeStruct(pp.shape, f32), jax.ShapeDtypeStruct(sync.shape, jnp.int32),
-            jax.ShapeDtypeStruct((B, C), f32), jax.ShapeDtypeStruct((B, C), f32), jax.ShapeDtypeStruct((B, C), f32),
-            jax.ShapeDtypeStruct((B, 4 * C if pre else C), dt), jax.ShapeDtypeStruct((B, C), dt),
-            jax.ShapeDtypeStruct((B, C), f32), jax.ShapeDtypeStruct((B, 4 * C), dt), jax.ShapeDtypeStruct((B, C), dt))
-    kw = dict(plans=plans, pre=pre, k_clamp=k_clamp, log_eps=log_eps, ln_eps=ln_eps)
-
-    def call(phases, alias_in):
-        n = len(ins)
-        return pl.pallas_call(
-            functools.partial(_layer_kernel, phases=phases, n_alias=len(alias_in), **kw),
-            out_shape=outs, grid=p_in1.grid, interpret=interpret, name="decode_layer",
-            input_output_aliases={n + i: i for i in range(len(alias_in))},
-            compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
-        )(*ins, *alias_in)
-
-    if not interpret:
-        res = call((0, 1, 2, 3), (aa.astype(f32), bb.astype(f32), pp.astype(f32), sync))
-    else:  # one phase per call, every output carried to the next call (no barrier)
-        res = tuple(jnp.zeros(o.shape, o.dtype) for o in outs)
-        res = (aa.astype(f32), bb.astype(f32), pp.astype(f32), sync) + res[4:]
-        for phase in range(4):
-            res = call((phase,), res)
-    aa, bb, pp, sync, x_out, x_ln1, x_ln2 = res[:7]
-    return x_out, x_ln1, x_ln2, aa, bb, pp, sync
 
 
 # ----------------------------------------------------------------------------------------

@@ -56,9 +56,6 @@ class StepSpec:
     # kernels per layer (pallas_kernels.decode) where the width allows.
     fused: bool = True
     fused_blocks: Optional[object] = None  # pallas_kernels.decode.DecodeBlockSizes (None: defaults)
-    # Experimental (not yet measured on a GPU): each layer as one kernel with grid barriers
-    # between its phases (pallas_kernels.decode.layer_step) instead of four kernels.
-    fused_layer: bool = False
 
 
 def spec_of(model) -> StepSpec:
@@ -197,24 +194,8 @@ def _layer_four_kernels(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, kw)
     return decode.mix_out(ksq, p["value_t"], x_ln2, r, **kw), x_ln, x_ln2, tuple(wkv)
 
 
-def _layer_one_kernel(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, sync, kw):
-    """The same layer as one kernel with grid barriers (experimental) -> (..., sync)."""
-    pre = "pre" in blk
-    first = blk["pre"] if pre else blk["att"]
-    lp = dict(ln1_s=blk["ln1"]["scale"], ln1_b=blk["ln1"]["bias"], ln2_s=blk["ln2"]["scale"],
-              ln2_b=blk["ln2"]["bias"], tm1=first["time_mix"], w1=first["kr_t"] if pre else first["kvr_t"],
-              w_log=None if pre else first["w_log"], u_log=None if pre else first["u_log"],
-              w2=first["value_t"] if pre else first["output_t"], tm2=blk["ffn"]["time_mix"],
-              w3=blk["ffn"]["kr_t"], w4=blk["ffn"]["value_t"])
-    x, x_ln, x_ln2, *wkv, sync = decode.layer_step(
-        x, lp, prev_att, prev_ffn, *wkv, layer, sync, pre=pre, k_clamp=cfg.k_clamp,
-        log_eps=_log_eps(cfg), ln_eps=LN_EPS, **kw)
-    return x, x_ln, x_ln2, tuple(wkv), sync
-
-
 def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> Tuple[jax.Array, State]:
-    """rnn_step as four Pallas kernels per layer (pallas_kernels.decode), or one with
-    spec.fused_layer: the same function."""
+    """rnn_step as four Pallas kernels per layer (pallas_kernels.decode): the same function."""
     from pallas_kernels import decode
 
     L, B, C = state.aa.shape
@@ -222,23 +203,16 @@ def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> 
     flat = lambda a: a.astype(jnp.float32).reshape(L * B, C)  # noqa: E731 - a reshape, no copy
     prev_att, prev_ffn = flat(state.x_att), flat(state.x_ffn)
     wkv = (flat(state.aa), flat(state.bb), flat(state.pp))  # updated in place, layer by layer
-    sync = jnp.zeros((L + 1,), jnp.int32)  # fused_layer: barrier counters, then a status word
     x = jnp.take(dparams["emb"], token, axis=0).astype(jnp.float32)  # [B, C]
     new_att, new_ffn = [], []
     for i, blk in enumerate(dparams["blocks"]):
         layer = jnp.full((1,), i, jnp.int32)
-        if spec.fused_layer:
-            x, x_ln, x_ln2, wkv, sync = _layer_one_kernel(decode, spec.config, blk, x, prev_att, prev_ffn,
-                                                          wkv, layer, sync, kw)
-        else:
-            x, x_ln, x_ln2, wkv = _layer_four_kernels(decode, spec.config, blk, x, prev_att, prev_ffn,
-                                                      wkv, layer, kw)
+        x, x_ln, x_ln2, wkv = _layer_four_kernels(decode, spec.config, blk, x, prev_att, prev_ffn,
+                                                  wkv, layer, kw)
         new_att.append(x_ln)
         new_ffn.append(x_ln2)
     x = _layer_norm(x, dparams["ln_out"])
     logits = _matvec(spec, x, dparams["head_t"]).astype(jnp.float32)
-    if spec.fused_layer:  # a grid barrier gave up (pallas_kernels.decode.MAX_SPINS): no result
-        logits = jnp.where(sync[L] > 0, jnp.nan, logits)
     aa, bb, pp = (a.reshape(L, B, C) for a in wkv)
     return logits, State(jnp.stack(new_att), jnp.stack(new_ffn), aa, bb, pp)
 

@@ -387,30 +387,6 @@ def test_fused_decode_step(release_files, variant, dtype, rng):
             assert np.linalg.norm(a - b) <= tol * np.linalg.norm(b), name
 
 
-def test_one_kernel_per_layer_decode_step(release_files, rng):
-    """The experimental one-kernel layer (StepSpec.fused_layer; its phases interpreted as
-    separate calls): the same step as the per-operation one, one Pallas call per layer (the
-    ffn_pre checkpoint: an ffnPre layer and time-mix layers)."""
-    variant = "ffn_pre"
-    import dataclasses
-
-    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
-
-    m = rw.load_torch(release_files[variant], verbose=False).replace(wkv_impl="pallas_interpret")
-    spec = dataclasses.replace(spec_of(m), fused_layer=True)
-    B = 2
-    _, state = m.prefill(rng.integers(1, V, (B, 6)))
-    token = jnp.asarray(rng.integers(0, V, B), jnp.int32)
-    jaxpr = str(jax.make_jaxpr(rnn_step, static_argnums=0)(spec, decode_params(m), token, state))
-    assert len(re.findall(r"name=decode_layer", jaxpr)) == 4 * SMALL["n_layer"]  # interpreted: 4 calls
-    step = jax.jit(rnn_step, static_argnums=0)
-    logits, new = step(spec, decode_params(m), token, state)
-    want_logits, want = step(dataclasses.replace(spec, fused=False), decode_params(m), token, state)
-    for name, a, b in [("logits", logits, want_logits), *zip(rw.State._fields, new, want)]:
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b), name
-
-
 def test_fused_decode_generates_the_same_tokens(release_files):
     """generate with the fused step == with the per-operation step (greedy, float32), batched and
     one by one; Model(fused_decode=False) and replace() carry the choice."""
