@@ -178,7 +178,6 @@ def sweep_fused(model, log, steps=64):
             return jnp.argmax(logits, -1).astype(jnp.int32), st
         return jax.lax.fori_loop(0, steps, body, (jnp.zeros((1,), jnp.int32), state))
 
-    # In order of interest (the sweep of session 5 timed the defaults, block_out 2 and 8, 8 warps).
     # Session 5 (H200): block_out 2 or 8 and 8 warps were no faster than the defaults;
     # session 6: one kernel per layer with grid barriers was slower (docs/PERF.md).
     variants = [("per-operation step", None), (f"fused {DecodeBlockSizes()}", DecodeBlockSizes())] + [
@@ -370,8 +369,8 @@ def main(argv=None) -> int:
                    "(the checks and set-up before it are not counted)")
     p.add_argument("--skip-checks", action="store_true", help="no correctness checks before the timings "
                    "(for a re-timing of code whose checks passed on this card)")
-    p.add_argument("--sweep-fused", action="store_true", help="time the fused decode step's variants "
-                   "(bf16, B=1) after checking them (also with --skip-checks), instead of the table")
+    p.add_argument("--sweep-fused", action="store_true", help="time the fused decode step's block sizes "
+                   "(bf16, B=1) after checking the step (also with --skip-checks), instead of the table")
     p.add_argument("--cpu-layers", type=int, default=6)
     p.add_argument("--cpu-width", type=int, default=512)
     p.add_argument("--cpu-vocab", type=int, default=50277)
