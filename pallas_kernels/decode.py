@@ -214,14 +214,7 @@ def _time_mix_in_kernel(layer_ref, x_ref, scale_ref, bias_ref, prev_ref, tmix_re
                         aa_ref, bb_ref, pp_ref, wlog_ref, ulog_ref,
                         xln_ref, rwkv_ref, aa_out, bb_out, pp_out, *, plan: _Plan, k_clamp, log_eps, ln_eps):
     ws = _load_weights(w_ref, plan)
-    _time_mix_in_body(plan, ws, layer_ref[0], x_ref, scale_ref, bias_ref, prev_ref, tmix_ref,
-                      aa_ref, bb_ref, pp_ref, wlog_ref, ulog_ref, xln_ref, rwkv_ref, aa_out, bb_out, pp_out,
-                      k_clamp=k_clamp, log_eps=log_eps, ln_eps=ln_eps)
-
-
-def _time_mix_in_body(plan: _Plan, ws, layer, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref,
-                      aa_ref, bb_ref, pp_ref, wlog_ref, ulog_ref, xln_ref, rwkv_ref, aa_out, bb_out, pp_out,
-                      *, k_clamp, log_eps, ln_eps):
+    layer = layer_ref[0]
     r0 = pl.program_id(0) * plan.bo
     rows = pl.ds(r0, plan.bo)
     # This program's channels of the state and parameters, also loaded before any reduction.
@@ -261,12 +254,7 @@ def _time_mix_in_body(plan: _Plan, ws, layer, x_ref, scale_ref, bias_ref, prev_r
 def _channel_mix_in_kernel(layer_ref, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, w_ref,
                            xln_ref, ksq_ref, r_ref, *, plan: _Plan, ln_eps):
     ws = _load_weights(w_ref, plan)
-    _channel_mix_in_body(plan, ws, layer_ref[0], x_ref, scale_ref, bias_ref, prev_ref, tmix_ref,
-                         xln_ref, ksq_ref, r_ref, ln_eps=ln_eps)
-
-
-def _channel_mix_in_body(plan: _Plan, ws, layer, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref,
-                         xln_ref, ksq_ref, r_ref, *, ln_eps):
+    layer = layer_ref[0]
     r0 = pl.program_id(0) * plan.bo
     rows = pl.ds(r0, plan.bo)
     scale, bias = scale_ref[rows], bias_ref[rows]
@@ -283,12 +271,8 @@ def _channel_mix_in_body(plan: _Plan, ws, layer, x_ref, scale_ref, bias_ref, pre
 
 def _mix_out_kernel(u_ref, w_ref, base_ref, *rest, plan: _Plan):
     gate_ref, o_ref = rest if len(rest) == 2 else (None, rest[0])
-    _mix_out_body(plan, _load_weights(w_ref, plan), u_ref, base_ref, gate_ref, o_ref)
-
-
-def _mix_out_body(plan: _Plan, ws, u_ref, base_ref, gate_ref, o_ref):
+    ws = _load_weights(w_ref, plan)[0]
     f32, bo, bi = jnp.float32, plan.bo, plan.bi
-    ws = ws[0]
     rows = pl.ds(pl.program_id(0) * bo, bo)
     us = [[u_ref[b, pl.ds(j * bi, bi)] for j in range(plan.n_blocks)] for b in range(plan.B)]
     base = [base_ref[b, rows] for b in range(plan.B)]
