@@ -23,7 +23,21 @@ Known lowering pitfall (see _NO_SCALAR_SELECT below): never `jnp.where` between 
 Python literals inside these kernels; the Triton lowering miscompiles it and interpret
 mode cannot see it. tests/test_wkv_kernel.py reads the lowered Triton IR for this.
 
-Algorithm. One program owns `block_c` channels of one batch row and walks its time range
+Algorithm. In the linear mode without state, when time is not chunked (B*C/block_c >=
+min_programs) and T is a multiple of the tile (the model's GPT mode in training and
+evaluation at B*C >= 8192), the forward and the backward split time across the warps of a
+program (`_fwd_tile_kernel`, `_bwd_tile_kernel`; `WKVBlockSizes.time_split`): a program owns
+`block_c` (32) channels of one batch row and walks time in tiles of P*S steps, warp p taking
+sub-chunk p of each tile. Each warp runs its S steps from a zero state, the warps exchange
+their local sums once (an exclusive scan over the P sub-chunks with weights D^j, D = d^S: all
+terms non-negative in the forward, so no cancellation), then each warp runs its S steps again
+from its true start state, writing out (backward: the same in reverse for the adjoints). Four
+warps per 32 channels instead of one keep four times the rows in flight: on the H100 at
+(8, 1024, 1024) forward 59.6 -> 48.0 us, forward+backward 172.7 -> 115.0 us (session 7,
+docs/PERF.md). Every other case (log mode, state in or out, time chunks, T not a multiple of
+the tile) runs the serial kernels described next.
+
+Serial kernels. One program owns `block_c` channels of one batch row and walks its time range
 with a sequential loop over blocks of `unroll` time steps, whose rows were loaded one block
 earlier (prefetch in the loop carry), which keeps about `2*unroll` row loads in flight per
 program, so that the loop does not wait on load latency. The forward's loop body runs two
@@ -108,6 +122,12 @@ class WKVBlockSizes:
     min_programs: split time into chunks while B * C / block_c programs are fewer than this...
     chunk_to:     ...aiming at this many programs in all,
     min_chunk:    but never with chunks shorter than this many steps.
+    time_split:   linear mode without state, one time chunk, T a multiple of time_split *
+                  unroll (forward) or time_split * unroll_train (forward that saves, and
+                  backward): warps per program, each walking one sub-chunk of `unroll` (or
+                  `unroll_train`) steps of every tile (`_fwd_tile_kernel`; module doc). The
+                  program has time_split warps whatever num_warps says. 1: the serial
+                  kernels always.
     approx_math:  linear mode on the GPU: exp(K) as one `ex2.approx.ftz` of K*log2(e) and
                   1/den as one `rcp.approx.ftz` (inline PTX) instead of libdevice's expf
                   and a division: about half the instructions per step. Relative error of
@@ -131,6 +151,10 @@ class WKVBlockSizes:
     # 59.2 with approx_math). unroll 24 gave 54.8 us but a ~3x longer Triton compile (185 s
     # vs 56 s on a 2-core CPU), 32 (a 64-step loop body) 89 us: the default is 16. With
     # these defaults: 59.2 / 171.1 us forward / forward+backward at (8, 1024, 1024).
+    # Session 7 (H100, bench/wkv.py --sweep and --trials): time_split 4 (the tile kernels)
+    # 48.0 / 115.0 us against 59.6 / 172.7 for time_split 1 in the same run; time_split 2
+    # 47.6-52.0 / 126.5-127.6, 8: 46.6-78.6 / 129.0-131.1; unroll 8 with time_split 4 or 8 no
+    # faster (48.0-53.0 us); unroll_train 8 127.3 us.
     block_c: int = 32
     unroll: int = 16
     unroll_train: int = 16
@@ -140,10 +164,13 @@ class WKVBlockSizes:
     chunk_to: int = 512
     min_chunk: int = 64
     approx_math: bool = True
+    time_split: int = 4
 
     def __post_init__(self):
         if self.block_c < 1 or self.block_c & (self.block_c - 1):
             raise ValueError(f"WKVBlockSizes: {self.block_c=} must be a power of two")
+        if self.time_split < 1 or self.time_split & (self.time_split - 1):
+            raise ValueError(f"WKVBlockSizes: {self.time_split=} must be a power of two")
         if min(self.unroll, self.unroll_train, self.min_chunk, self.min_programs, self.chunk_to) < 1:
             raise ValueError(f"WKVBlockSizes: positive sizes needed, got {self}")
 
@@ -167,6 +194,7 @@ class _Plan:
     num_stages: int
     interpret: bool
     approx_math: bool = False
+    time_split: int = 1
 
     @property
     def n_cb(self) -> int:
@@ -214,7 +242,7 @@ def _make_plan(B, T, C, *, k_clamp, k_eps, linear, blocks: WKVBlockSizes, interp
         n_chunks=n_chunks, chunk=chunk, linear=linear,
         k_clamp=None if k_clamp is None else float(k_clamp), k_eps=float(k_eps),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret,
-        approx_math=blocks.approx_math,
+        approx_math=blocks.approx_math, time_split=blocks.time_split,
     )
 
 
@@ -631,6 +659,168 @@ def _fwd_kernel(*refs, plan: _Plan, state_in: bool, state_out: bool, save: bool)
             ref[chunk, b, cs] = x
 
 
+def _uses_tiles(plan: _Plan, state_in: bool, state_out: bool, save: bool) -> bool:
+    """Whether a forward runs `_fwd_tile_kernel` (else `_fwd_kernel`)."""
+    tile = plan.time_split * (plan.unroll_train if save else plan.unroll)
+    return (plan.time_split > 1 and plan.linear and plan.n_chunks == 1 and not state_in
+            and not state_out and plan.T % tile == 0)
+
+
+def _fwd_tile_kernel(k_ref, v_ref, td_ref, tf_ref, out_ref, *ck_refs, plan: _Plan):
+    """The linear-mode forward with time split across the program's warps.
+
+    Time is walked in tiles of P*S steps (P = time_split warps; S = unroll, or unroll_train
+    when it saves checkpoints). Warp p
+    owns the sub-chunk [P*S*j + p*S, P*S*j + (p+1)*S) of tile j: each value is a [P, bc]
+    array whose row p lives on warp p (one channel per thread), loaded as a strided row set.
+    Per tile: (1) each sub-chunk's local end state from a zero state (S steps, all P warps at
+    once); (2) the state at each sub-chunk's start, an exclusive scan over rows:
+    start_p = D^p * carry + sum_{i<p} D^(p-1-i) * local_i with D = d^S (and the next tile's
+    carry likewise); (3) the S steps again from those starts, writing out. So one program
+    keeps P times the rows in flight of `_fwd_kernel` (P warps instead of one), at the cost
+    of two more multiply-adds per step and one exchange between the warps per tile (the
+    local sums of A and B through shared memory). With `ck_refs` it
+    saves the state at every sub-chunk start: the checkpoints of `_fwd_kernel(save=True)`.
+    """
+    b, cs, _ = _program(plan)
+    w, u_log = _params(td_ref, tf_ref, cs)
+    P, S, bc = plan.time_split, (plan.unroll_train if ck_refs else plan.unroll), plan.bc
+    d, u, eps = jnp.exp(w)[None], jnp.exp(u_log)[None], plan.k_eps
+    # Scan weights, [i, p, channel] (summed over i, axis 0: Triton puts the warps on axis 1):
+    # W[i, p] = D^(p-1-i) for i < p (else 0), Wn[i, p] = D^(P-1-i); Dp[p] = D^p.
+    i_i = lax.broadcasted_iota(jnp.int32, (P, P, bc), 0)
+    p_i = lax.broadcasted_iota(jnp.int32, (P, P, bc), 1)
+    Sw = S * w
+    W = jnp.where(i_i < p_i, jnp.exp((p_i - 1 - i_i).astype(jnp.float32) * Sw[None, None]),
+                  jnp.zeros((P, P, bc), jnp.float32))
+    # The carry is a [P, bc] array of P equal rows, so that the next tile's carry comes from
+    # the same broadcast of the local states as the starts (one exchange between warps).
+    Wn = jnp.exp((P - 1 - i_i).astype(jnp.float32) * Sw[None, None])
+    row = lax.broadcasted_iota(jnp.int32, (P, bc), 0).astype(jnp.float32)
+    Dp = jnp.exp(row * Sw[None])
+    DP = jnp.exp(P * Sw)[None]
+
+    def rows_at(tile, s):
+        return pl.ds(tile * (P * S) + s, P, stride=S)
+
+    def load(tile):
+        return tuple((k_ref[b, rows_at(tile, s), cs].astype(jnp.float32),
+                      v_ref[b, rows_at(tile, s), cs].astype(jnp.float32)) for s in range(S))
+
+    def run_tile(carry, rows, tile):
+        A0, B0 = carry  # [P, bc], P equal rows: the state before the tile
+        ek = [_exp_k(plan, _clamp(plan, kraw)) for kraw, _ in rows]
+        kv = [e * v for e, (_, v) in zip(ek, rows)]
+        LA = LB = jnp.zeros((P, bc), jnp.float32)
+        for s in range(S):
+            LA, LB = d * LA + kv[s], d * LB + ek[s]
+        LA, LB = LA[:, None], LB[:, None]
+        A = jnp.sum(W * LA, axis=0) + Dp * A0
+        Bs = jnp.sum(W * LB, axis=0) + Dp * B0
+        nxt = (jnp.sum(Wn * LA, axis=0) + DP * A0, jnp.sum(Wn * LB, axis=0) + DP * B0)
+        if ck_refs:
+            ck_rows = pl.ds(tile * P, P)
+            ck_refs[0][b, ck_rows, cs] = A
+            ck_refs[1][b, ck_rows, cs] = Bs
+        for s in range(S):
+            ukk = u * ek[s]
+            r = _recip(plan, Bs + ukk + eps)
+            out_ref[b, rows_at(tile, s), cs] = (A + ukk * rows[s][1]) * r
+            A, Bs = d * A + kv[s], d * Bs + ek[s]
+        return nxt
+
+    # One tile per loop iteration: two (ping-pong, as `_time_loop` does for the serial kernel)
+    # were no faster on the H100 (47.0 vs 43.8 us, session 7) and took ~4x longer to compile.
+    z = jnp.zeros((P, bc), jnp.float32)
+    _time_loop(1, 0, plan.T // (P * S), load, run_tile, (z, z), ping_pong=False)
+
+
+def _bwd_tile_kernel(k_ref, v_ref, g_ref, td_ref, tf_ref, ckA_ref, ckB_ref,
+                     dk_ref, dv_ref, du_ref, dw_ref, *, plan: _Plan):
+    """The linear-mode backward with time split across the program's warps.
+
+    Tiles of P*S steps (P = time_split, S = unroll_train, the checkpoint interval) are
+    walked in reverse; warp p owns sub-chunk p of each tile, as in `_fwd_tile_kernel`.
+    Per tile: (1) each sub-chunk recomputes its forward from its checkpoint (state before
+    each step, 1/den, out: registers only); (2) its local adjoints of the sums at its start,
+    from a zero adjoint at its end (GA_{t-1} = d*GA_t + g_t/den_t, GB_{t-1} = d*GB_t -
+    g_t*out_t/den_t); (3) the true adjoint at each sub-chunk's end, a reverse exclusive scan
+    over rows: E_p = D^(P-1-p) * carry + sum_{i>p} D^(i-1-p) * local_i (D = d^S); (4) the S
+    steps in reverse from E_p, writing dk, dv. The time_decay gradient uses the recomputed
+    states instead of the serial kernel's GA', GB' recurrences:
+    d/d(log d) = d * sum_t (A_t * GA_{t+1} + B_t * GB_{t+1}) (A_t, B_t the sums before step t).
+    """
+    b, cs, _ = _program(plan)
+    w, u_log = _params(td_ref, tf_ref, cs)
+    P, S, bc = plan.time_split, plan.unroll_train, plan.bc
+    d1 = jnp.exp(w)
+    d, u, eps = d1[None], jnp.exp(u_log)[None], plan.k_eps
+    # Scan weights, [p, i, channel]: W[p, i] = D^(i-1-p) for i > p (else 0), De[p] = D^(P-1-p),
+    # Wn[i] = D^i. (The forward's layout, [i, p] with P equal carry rows, made forward+backward
+    # slower here: 126.5 vs 115.2 us at (8, 1024, 1024) on the H100, session 7.)
+    p_i = lax.broadcasted_iota(jnp.int32, (P, P, bc), 0)
+    i_i = lax.broadcasted_iota(jnp.int32, (P, P, bc), 1)
+    Sw = S * w
+    W = jnp.where(i_i > p_i, jnp.exp((i_i - 1 - p_i).astype(jnp.float32) * Sw[None, None]),
+                  jnp.zeros((P, P, bc), jnp.float32))
+    row = lax.broadcasted_iota(jnp.int32, (P, bc), 0).astype(jnp.float32)
+    De = jnp.exp((P - 1 - row) * Sw[None])
+    Wn = jnp.exp(row * Sw[None])
+    DP = jnp.exp(P * Sw)
+    n_tiles = plan.T // (P * S)
+
+    def rows_at(tile, s):
+        return pl.ds(tile * (P * S) + s, P, stride=S)
+
+    def load(i):
+        tile = n_tiles - 1 - i
+        rows = tuple((k_ref[b, rows_at(tile, s), cs].astype(jnp.float32),
+                      v_ref[b, rows_at(tile, s), cs].astype(jnp.float32),
+                      g_ref[b, rows_at(tile, s), cs]) for s in range(S))
+        ck_rows = pl.ds(tile * P, P)
+        return rows, (ckA_ref[b, ck_rows, cs], ckB_ref[b, ck_rows, cs])
+
+    def run_tile(carry, fetched, i):
+        CA, CB, du, dw = carry  # CA, CB [bc]: adjoints of the sums after the tile
+        rows, (A, Bs) = fetched
+        tile = n_tiles - 1 - i
+        ek, x, out, As, Bss = [], [], [], [], []
+        for kraw, v, g in rows:  # forward recompute from the checkpoints
+            e = _exp_k(plan, _clamp(plan, kraw))
+            ukk = u * e
+            r = _recip(plan, Bs + ukk + eps)
+            o = (A + ukk * v) * r
+            ek.append(e), x.append(g * r), out.append(o), As.append(A), Bss.append(Bs)
+            A, Bs = d * A + e * v, d * Bs + e
+        LA = LB = jnp.zeros((P, bc), jnp.float32)
+        for s in reversed(range(S)):
+            LA, LB = d * LA + x[s], d * LB - x[s] * out[s]
+        GA = jnp.sum(W * LA[None], axis=1) + De * CA[None]
+        GB = jnp.sum(W * LB[None], axis=1) + De * CB[None]
+        nxt = (jnp.sum(Wn * LA, axis=0) + DP * CA, jnp.sum(Wn * LB, axis=0) + DP * CB)
+        for s in reversed(range(S)):
+            kraw, v, _ = rows[s]
+            direct = u * ek[s] * x[s]
+            dv = ek[s] * GA + direct
+            dk = ek[s] * (v * GA + GB) + direct * (v - out[s])
+            mask = _clamp_grad(plan, kraw)
+            if mask is not None:
+                dk = dk * mask
+            dk_ref[b, rows_at(tile, s), cs] = dk.astype(dk_ref.dtype)
+            dv_ref[b, rows_at(tile, s), cs] = dv.astype(dv_ref.dtype)
+            du = du + direct * (v - out[s])
+            dw = dw + As[s] * GA + Bss[s] * GB
+            GA, GB = d * GA + x[s], d * GB - x[s] * out[s]
+        return (*nxt, du, dw)
+
+    z, zz = jnp.zeros((bc,), jnp.float32), jnp.zeros((P, bc), jnp.float32)
+    # One tile per loop iteration: two made forward+backward slower on the H100 (148.6 vs
+    # 115.3 us at (8, 1024, 1024), session 7).
+    _, _, du, dw = _time_loop(1, 0, n_tiles, load, run_tile, (z, z, zz, zz), ping_pong=False)
+    du_ref[0, b, cs] = jnp.sum(du, axis=0)
+    dw_ref[0, b, cs] = jnp.sum(dw, axis=0) * d1
+
+
 def _bwd_refs(refs, plan):
     it = iter(refs)
     k_ref, v_ref, g_ref, td_ref, tf_ref = (next(it) for _ in range(5))
@@ -729,6 +919,11 @@ def _forward(plan: _Plan, k, v, td, tf, state0, *, save: bool, state_out: bool):
         )
     out_shapes = ([_sds((B, T, C))] + [_sds((B, plan.n_ckpt, C))] * plan.n_state * save
                   + [_sds((NC, B, C))] * 3 * state_out)
+    if _uses_tiles(plan, state0 is not None, state_out, save):
+        outs = _call(dataclasses.replace(plan, num_warps=plan.time_split),
+                     functools.partial(_fwd_tile_kernel, plan=plan), out_shapes, k, v, td, tf,
+                     name="wkv_fwd_tiles")
+        return outs[0], (tuple(outs[1:]) if save else None), None
     kernel = functools.partial(
         _fwd_kernel, plan=plan, state_in=state0 is not None, state_out=state_out, save=save,
     )
@@ -751,6 +946,11 @@ def _backward(plan: _Plan, k, v, td, tf, ckpts, g, final_ct):
     state = final_ct is not None
     out_shapes = ([_sds((B, T, C), k.dtype), _sds((B, T, C), v.dtype)]
                   + [_sds((NC, B, C))] * 2 + [_sds((NC, B, C))] * plan.n_carry * state)
+    if _uses_tiles(plan, state, state, save=True):
+        dk, dv, du, dw = _call(dataclasses.replace(plan, num_warps=plan.time_split),
+                               functools.partial(_bwd_tile_kernel, plan=plan), out_shapes,
+                               k, v, g, td, tf, *ckpts, name="wkv_bwd_tiles")
+        return dk, dv, du.sum((0, 1)), dw.sum((0, 1)), None
     outs = _call(
         plan, functools.partial(_bwd_kernel, plan=plan, state=state), out_shapes,
         k, v, g, td, tf, *ckpts, *(final_ct or ()), *local, name="wkv_bwd",

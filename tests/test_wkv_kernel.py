@@ -366,3 +366,108 @@ def test_model_runs_the_kernel_under_jit_grad_and_vmap(release_files, rng):
     one_row = lambda t: ker.module.apply({"params": ker.params}, t[None])[0][0]  # noqa: E731
     np.testing.assert_allclose(jax.jit(jax.vmap(one_row))(jnp.asarray(tokens)), ref(tokens),
                                rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------
+# The time-split kernels (`_fwd_tile_kernel`, `_bwd_tile_kernel`): linear mode, no state,
+# one time chunk, T a multiple of the tile. The cases above are too short or chunked for them.
+
+TILES = dict(min_programs=1)  # never chunk in time, so the tile kernels can run
+
+
+@pytest.fixture
+def tile_calls(monkeypatch):
+    """Counts the traces of each tile kernel (to prove a case ran them, or did not)."""
+    import pallas_kernels.wkv  # noqa: F401 - the module, not the function of the same name
+    import sys
+
+    module = sys.modules["pallas_kernels.wkv"]
+    calls = {"fwd": 0, "bwd": 0}
+    for key, name in (("fwd", "_fwd_tile_kernel"), ("bwd", "_bwd_tile_kernel")):
+        original = getattr(module, name)
+
+        def counted(*refs, _original=original, _key=key, **kw):
+            calls[_key] += 1
+            return _original(*refs, **kw)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+TILE_CASES = [
+    # (B, T, C, K kind, blocks, dtype, tiles used); tile = time_split * unroll (no gradient)
+    # or time_split * unroll_train (forward that saves, and backward)
+    pytest.param(2, 64, 40, "normal", WKVBlockSizes(block_c=8, unroll=4, unroll_train=4, time_split=4, **TILES),
+                 jnp.float32, True, id="P4-S4-padded-C"),
+    pytest.param(1, 96, 12, "far_above_clamp", WKVBlockSizes(block_c=8, unroll=8, unroll_train=4, time_split=2, **TILES),
+                 jnp.float32, True, id="P2-clamped-K-S8-S4"),
+    pytest.param(3, 64, 20, "normal", WKVBlockSizes(block_c=8, unroll=4, unroll_train=4, time_split=8, **TILES),
+                 jnp.bfloat16, True, id="P8-bf16"),
+    pytest.param(1, 32, 33, "normal", WKVBlockSizes(unroll=8, unroll_train=8, time_split=4, **TILES),
+                 jnp.float32, True, id="one-tile-C33"),
+    pytest.param(1, 72, 8, "normal", WKVBlockSizes(block_c=8, unroll=4, unroll_train=4, time_split=4, **TILES),
+                 jnp.float32, False, id="T-not-a-multiple"),
+]
+
+
+@pytest.mark.parametrize("B,T,C,k_kind,blocks,dtype,tiles", TILE_CASES)
+def test_time_split_kernels_match_reference_and_float64(seed, tile_calls, B, T, C, k_kind, blocks, dtype, tiles):
+    """Outputs of the forward without gradient, and the output and four gradients through the
+    forward that saves and the backward, vs the reference and float64; where T is not a
+    multiple of the tile the serial kernels run instead (same checks)."""
+    args, g = make_inputs(seed, B, T, C, k_kind, dtype)
+    kernel = lambda *a: wkv(*a, interpret=True, block_sizes=blocks)
+    out_nograd = kernel(*args)
+    assert tile_calls["fwd"] == int(tiles) and tile_calls["bwd"] == 0, tile_calls
+    out, grads = vjp_all(kernel, args, g)
+    assert tile_calls == {"fwd": 2 * tiles, "bwd": int(tiles)}, tile_calls
+    out_ref, grads_ref = vjp_all(lambda *a: wkv_reference(*a), args, g)
+    out64, *grads64 = numpy_wkv_grads(*args, g, 60.0, 1e-9)
+    msg = f"seed={seed}"
+    for x in (out_nograd, out):
+        assert x.shape == (B, T, C) and x.dtype == jnp.float32
+        assert rel_err(x, out_ref) < 1e-5, f"out vs reference: {rel_err(x, out_ref)} {msg}"
+        assert rel_err(x, out64) < 1e-5, f"out vs float64: {rel_err(x, out64)} {msg}"
+    tol = 1e-2 if dtype == jnp.bfloat16 else 1e-4
+    for name, x, a, r, r64 in zip(["dk", "dv", "dtime_decay", "dtime_first"], grads, args, grads_ref, grads64):
+        assert x.shape == a.shape and x.dtype == a.dtype, (name, x.shape, x.dtype)
+        assert rel_err(x, r) < tol, f"{name} vs reference: {rel_err(x, r)} {msg}"
+        assert rel_err(x, r64) < tol, f"{name} vs float64: {rel_err(x, r64)} {msg}"
+    if k_kind == "far_above_clamp":  # the clamp cuts: K's gradient is exactly 0 there
+        cut = np.asarray(args[0]) > 60.0
+        assert cut.any() and np.all(np.asarray(grads[0])[cut] == 0), msg
+
+
+def test_time_split_kernels_under_jit_and_vmap(seed, tile_calls):
+    """vmap over batch rows adds a grid axis to the tile kernels; jit and grad through them."""
+    B, T, C = 3, 32, 16
+    blocks = WKVBlockSizes(block_c=8, unroll=4, unroll_train=4, time_split=4, **TILES)
+    (k, v, td, tf), g = make_inputs(seed, B, T, C)
+    one = lambda k1, v1: wkv(k1[None], v1[None], td, tf, interpret=True, block_sizes=blocks)[0]
+    out = jax.jit(jax.vmap(one))(k, v)
+    assert rel_err(out, wkv_reference(k, v, td, tf)) < 1e-5, f"seed={seed}"
+    loss = lambda f: (lambda k, v: (f(k, v) * g).sum())
+    grads = jax.jit(jax.grad(loss(jax.vmap(one)), argnums=(0, 1)))(k, v)
+    grads_ref = jax.grad(loss(lambda k, v: wkv_reference(k, v, td, tf)), argnums=(0, 1))(k, v)
+    for x, r in zip(grads, grads_ref):
+        assert rel_err(x, r) < 1e-4, f"seed={seed}"
+    assert tile_calls["fwd"] >= 2 and tile_calls["bwd"] >= 1, tile_calls
+
+
+def test_time_split_kernels_lower_to_triton(monkeypatch, capsys):
+    """The tile kernels at the default sizes lower for CUDA (strided row loads, the cross-warp
+    sums), with the linear mode's inline ex2/rcp and no scalar-literal select."""
+    B, T, C = 1, 128, 40  # two tiles of 4 x 16 steps, two channel blocks (one padded)
+    k = jnp.zeros((B, T, C))
+    td = tf = jnp.zeros(C)
+    blocks = WKVBlockSizes(**TILES)  # B * C this small would otherwise chunk time (serial kernels)
+    fwd = lower_to_triton_ir(lambda *a: wkv(*a, block_sizes=blocks), (k, k, td, tf), kernel_module="pallas_kernels.wkv",
+                             monkeypatch=monkeypatch, capsys=capsys)
+    grad = lower_to_triton_ir(jax.grad(lambda *a: wkv(*a, block_sizes=blocks).sum(), argnums=(0, 1, 2, 3)), (k, k, td, tf),
+                              kernel_module="pallas_kernels.wkv", monkeypatch=monkeypatch, capsys=capsys)
+    for ir, names in ((fwd, ["wkv_fwd_tiles"]), (grad, ["wkv_fwd_tiles", "wkv_bwd_tiles"])):
+        assert ir.count("tt.func public") == len(names), ir.count("tt.func public")
+        for name in names:
+            assert f"@{name}" in ir, name
+        assert_no_scalar_select(ir)
+        assert ir.count("ex2.approx.ftz.f32") > 0 and ir.count("rcp.approx.ftz.f32") > 0
