@@ -3,6 +3,7 @@
     python3 bench/wkv.py                  # checks, copy bandwidth, the table (markdown)
     python3 bench/wkv.py --sweep          # also time block-size variants of the kernel
     python3 bench/wkv.py --sweep-only unroll --no-check     # those variants and the defaults only
+    python3 bench/wkv.py --trials 5       # each row on 5 fresh allocations: median (range)
     python3 bench/wkv.py --smoke          # tiny shapes in interpret mode (CPU, checks the script)
 
 Times are medians over repeats of N back-to-back calls followed by one block (per-call time
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,6 +55,10 @@ def parse_args():
     p.add_argument("--sweep-only", default=None, metavar="TEXT",
                    help="only the sweep variants whose changed block sizes contain TEXT (e.g. unroll), "
                         "and the defaults to compare; no table")
+    p.add_argument("--trials", type=int, default=1,
+                   help="time each row this many times, each on freshly allocated inputs; the cell "
+                        "shows the median and the range (the H100 gave one kernel 42-57 us "
+                        "between allocations, session 7)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--no-baselines", action="store_true", help="time only the Pallas kernel")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
@@ -167,24 +173,28 @@ def floor_bytes(B, T, C, itemsize):
 
 def bench_row(name, fwd, fb, B, C, T, dtype, copy_bw, args, n_sets):
     itemsize = jnp.dtype(dtype).itemsize
-    sets = [make_inputs(s, B, T, C, "normal", dtype) for s in range(n_sets)]
-    fwd_args = [a for a, _ in sets]
-    fb_args = [(*a, g) for a, g in sets]
     b_fwd, b_fb = floor_bytes(B, T, C, itemsize)
     cells, compile_s = [], []
-    for fn, fa, nbytes in ((fwd, fwd_args, b_fwd), (fb, fb_args, b_fb)):
+    for which, fn, nbytes in ((0, fwd, b_fwd), (1, fb, b_fb)):
         if fn is None:
             cells.append("- | -")
             continue
         try:
-            t = time_fn(fn, fa, args.reps, args.min_time)
-            compile_s.append(f"{time_fn.first_call:.0f}s")
+            times = []
+            for trial in range(getattr(args, "trials", 1)):  # fresh inputs, fresh addresses
+                sets = [make_inputs(s + 1000 * trial, B, T, C, "normal", dtype) for s in range(n_sets)]
+                fa = [a if which == 0 else (*a, g) for a, g in sets]
+                times.append(time_fn(fn, fa, args.reps, args.min_time))
+                if trial == 0:
+                    compile_s.append(f"{time_fn.first_call:.0f}s")
+                del sets, fa
+            t = statistics.median(times)
             gbs = nbytes / t / 1e9
-            cells.append(f"{t * 1e6:,.1f} | {gbs:,.0f} ({100 * gbs * 1e9 / copy_bw:.0f}%)")
+            spread = f" ({min(times) * 1e6:,.1f}–{max(times) * 1e6:,.1f})" if len(times) > 1 else ""
+            cells.append(f"{t * 1e6:,.1f}{spread} | {gbs:,.0f} ({100 * gbs * 1e9 / copy_bw:.0f}%)")
         except Exception as e:  # noqa: BLE001 - one failure must not end the run
             print(f"  {name} B={B} C={C} T={T}: {type(e).__name__}: {str(e)[:300]}")
             cells.append("failed | -")
-    del sets, fwd_args, fb_args
     row = f"| {name} | {B} | {C} | {T} | {cells[0]} | {cells[1]} |"
     print(row + f" compile+first call: {'/'.join(compile_s)}", flush=True)
     return row
@@ -235,19 +245,17 @@ def sweep(args, copy_bw):
     forward+backward (compiling a backward costs 7-29 s), everything else both."""
     print("\n## Sweep (pallas, k_clamp=60, float32): block sizes vs time")
     W = WKVBlockSizes
-    big, prefill, long = (8, 1024, 1024), (1, 1024, 1024), (1, 1024, 65536)
+    big = (8, 1024, 1024)
     # (block sizes, which passes, shapes): variants of the defaults (docstring of WKVBlockSizes).
     variants = [
-        (W(), "both", (big, prefill, long)),
-        (W(unroll=24), "fwd", (big,)),  # session 4: 54.8 us, but ~3x the compile time
-        (W(unroll=32), "fwd", (big,)),  # a 64-step loop body (two blocks per iteration)
-        (W(approx_math=False), "both", (big,)),
-        (W(unroll_train=12), "fb", (big,)),
-        (W(num_stages=2), "both", (big,)),
-        (W(block_c=64, num_warps=2, min_programs=1), "fwd", (big,)),
-        (W(min_programs=1024, chunk_to=1024), "both", (big,)),
-        (W(min_programs=2048, chunk_to=2048), "both", (big, long)),
-        (W(min_chunk=32, chunk_to=1024), "fwd", (prefill,)),
+        (W(), "both", (big,)),
+        # Session 7: the forward and backward with time split across warps (`_fwd_tile_kernel`,
+        # `_bwd_tile_kernel`); time_split 1 is the serial kernels (the defaults before).
+        (W(time_split=1), "both", (big,)),
+        (W(time_split=2), "both", (big,)),
+        (W(time_split=8), "both", (big,)),
+        (W(unroll=8), "fwd", (big,)),
+        (W(unroll_train=8), "fb", (big,)),
     ]
     if args.smoke:
         variants = [(bs, which, ((2, 40, 64),)) for bs, which, _ in variants]
@@ -265,7 +273,18 @@ def sweep(args, copy_bw):
                 continue
             fwd = jax.jit(lambda k, v, td, tf, bs=bs: wkv(k, v, td, tf, block_sizes=bs, interpret=args.smoke))
             fb = vjp_fn(lambda k, v, td, tf, bs=bs: wkv(k, v, td, tf, block_sizes=bs, interpret=args.smoke))
-            bench_row(f"{diff or 'default'} [{plan.n_chunks} chunks]", fwd if which != "fb" else None,
+            # Each variant's forward output against the reference first (one fresh input).
+            # Each variant against the reference first (one fresh input): the forward output,
+            # and the four gradients where forward+backward is timed.
+            (k, v, td, tf), g = make_inputs(B + C + T, B, T, C)
+            err = rel_err(fwd(k, v, td, tf), jax.jit(wkv_reference)(k, v, td, tf))
+            if which != "fwd":
+                (_, grads), (_, grads_ref) = fb(k, v, td, tf, g), vjp_fn(wkv_reference)(k, v, td, tf, g)
+                err = max([err] + [rel_err(a, b) for a, b in zip(grads, grads_ref)])
+            label = (f"{diff or 'default'} [{plan.n_chunks} chunks] "
+                     f"(max rel err {err:.1e}{'' if err < 1e-4 else ' FAIL'})")
+            del k, v, g
+            bench_row(label, fwd if which != "fb" else None,
                       fb if which != "fwd" else None, B, C, T, jnp.float32, copy_bw, args,
                       3 if B * T * C < (1 << 24) else 1)
 
