@@ -9,6 +9,7 @@ channel block, several time chunks, a ragged last chunk and the unrolled loop's 
 
 import dataclasses
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -378,10 +379,7 @@ TILES = dict(min_programs=1)  # never chunk in time, so the tile kernels can run
 @pytest.fixture
 def tile_calls(monkeypatch):
     """Counts the traces of each tile kernel (to prove a case ran them, or did not)."""
-    import pallas_kernels.wkv  # noqa: F401 - the module, not the function of the same name
-    import sys
-
-    module = sys.modules["pallas_kernels.wkv"]
+    module = sys.modules["pallas_kernels.wkv"]  # the module (pallas_kernels.wkv is the function)
     calls = {"fwd": 0, "bwd": 0}
     for key, name in (("fwd", "_fwd_tile_kernel"), ("bwd", "_bwd_tile_kernel")):
         original = getattr(module, name)
