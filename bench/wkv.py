@@ -57,8 +57,8 @@ def parse_args():
                         "and the defaults to compare; no table")
     p.add_argument("--trials", type=int, default=1,
                    help="time each row this many times, each on freshly allocated inputs; the cell "
-                        "shows the median and the range (the H100 gave one kernel 42-57 us "
-                        "between allocations, session 7)")
+                        "shows the median and the range (one kernel took 41-73 us on H100s "
+                        "depending on the allocation, session 7)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--no-baselines", action="store_true", help="time only the Pallas kernel")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
@@ -256,6 +256,8 @@ def sweep(args, copy_bw):
         (W(time_split=8), "both", (big,)),
         (W(unroll=8), "fwd", (big,)),
         (W(unroll_train=8), "fb", (big,)),
+        # 64 time chunks instead of 16 at B = 1, T = 65,536 (session 7: 490 vs 576 us forward).
+        (W(chunk_to=2048), "both", ((1, 1024, 65536),)),
     ]
     if args.smoke:
         variants = [(bs, which, ((2, 40, 64),)) for bs, which, _ in variants]
@@ -273,7 +275,6 @@ def sweep(args, copy_bw):
                 continue
             fwd = jax.jit(lambda k, v, td, tf, bs=bs: wkv(k, v, td, tf, block_sizes=bs, interpret=args.smoke))
             fb = vjp_fn(lambda k, v, td, tf, bs=bs: wkv(k, v, td, tf, block_sizes=bs, interpret=args.smoke))
-            # Each variant's forward output against the reference first (one fresh input).
             # Each variant against the reference first (one fresh input): the forward output,
             # and the four gradients where forward+backward is timed.
             (k, v, td, tf), g = make_inputs(B + C + T, B, T, C)
