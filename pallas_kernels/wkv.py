@@ -666,6 +666,12 @@ def _uses_tiles(plan: _Plan, state_in: bool, state_out: bool, save: bool) -> boo
             and not state_out and plan.T % tile == 0)
 
 
+def _tile_rows(P: int, S: int, tile, s):
+    """Time rows of step s of every sub-chunk of a tile: row p of the [P, bc] block is step
+    P*S*tile + p*S + s, the layout both tile kernels (and their checkpoints) share."""
+    return pl.ds(tile * (P * S) + s, P, stride=S)
+
+
 def _fwd_tile_kernel(k_ref, v_ref, td_ref, tf_ref, out_ref, *ck_refs, plan: _Plan):
     """The linear-mode forward with time split across the program's warps.
 
@@ -700,8 +706,7 @@ def _fwd_tile_kernel(k_ref, v_ref, td_ref, tf_ref, out_ref, *ck_refs, plan: _Pla
     Dp = jnp.exp(row * Sw[None])
     DP = jnp.exp(P * Sw)[None]
 
-    def rows_at(tile, s):
-        return pl.ds(tile * (P * S) + s, P, stride=S)
+    rows_at = functools.partial(_tile_rows, P, S)
 
     def load(tile):
         return tuple((k_ref[b, rows_at(tile, s), cs].astype(jnp.float32),
@@ -769,8 +774,7 @@ def _bwd_tile_kernel(k_ref, v_ref, g_ref, td_ref, tf_ref, ckA_ref, ckB_ref,
     DP = jnp.exp(P * Sw)
     n_tiles = plan.T // (P * S)
 
-    def rows_at(tile, s):
-        return pl.ds(tile * (P * S) + s, P, stride=S)
+    rows_at = functools.partial(_tile_rows, P, S)
 
     def load(i):
         tile = n_tiles - 1 - i
