@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import re
 import sys
 import tempfile
@@ -50,29 +49,22 @@ def kernel_group(name: str) -> str:
 
 
 def summarize(trace_dir: str, units: int, wall_s: float, top: int):
-    from jax.profiler import ProfileData
+    from bench.timing import gpu_kernel_events
 
-    files = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
-    if not files:
+    events = gpu_kernel_events(trace_dir)
+    if events is None:
         print("no trace written")
         return
-    data = ProfileData.from_file(files[0])
     groups = collections.defaultdict(lambda: [0, 0.0])
     names = collections.defaultdict(lambda: [0, 0.0])
     busy, first, last = 0.0, None, None
-    for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if not line.name.startswith("Stream"):  # skip derived lines (XLA Ops, XLA Modules)
-                continue
-            for ev in line.events:
-                for g in (groups[kernel_group(ev.name)], names[ev.name]):
-                    g[0] += 1
-                    g[1] += ev.duration_ns
-                busy += ev.duration_ns
-                first = ev.start_ns if first is None else min(first, ev.start_ns)
-                last = ev.start_ns + ev.duration_ns if last is None else max(last, ev.start_ns + ev.duration_ns)
+    for name, start, dur in events:
+        for g in (groups[kernel_group(name)], names[name]):
+            g[0] += 1
+            g[1] += dur
+        busy += dur
+        first = start if first is None else min(first, start)
+        last = start + dur if last is None else max(last, start + dur)
     if not groups:
         print("no GPU kernel events in the trace (CPU run?)")
         return

@@ -1,6 +1,8 @@
 """Shared timing helpers for the bench/ scripts."""
 
+import glob
 import statistics
+import tempfile
 import time
 
 import jax
@@ -51,3 +53,40 @@ def copy_bandwidth(smoke):
         print(f"device-to-device {name} of {x.nbytes / 2**30:.3g} GiB: {t * 1e3:.3f} ms, {bw / 1e9:.0f} GB/s")
         best = max(best, bw)
     return best
+
+
+def gpu_kernel_events(trace_dir: str):
+    """[(kernel name, start ns, duration ns)] on the GPU's streams of a jax.profiler trace
+    (None when no trace file was written; [] on a CPU run)."""
+    from jax.profiler import ProfileData
+
+    files = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+    if not files:
+        return None
+    events = []
+    for plane in ProfileData.from_file(files[0]).planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if line.name.startswith("Stream"):  # skip derived lines (XLA Ops, XLA Modules)
+                events += [(ev.name, ev.start_ns, ev.duration_ns) for ev in line.events]
+    return events
+
+
+def device_time(fn, arg_sets, calls: int):
+    """GPU kernel seconds per call, from a jax.profiler trace of `calls` back-to-back calls
+    (the sum of the kernels they ran / calls; None where the trace holds no GPU kernels).
+
+    Unlike wall time per call this does not include the host's dispatch of each call, which
+    is what back-to-back calls of a kernel shorter than the dispatch measure instead."""
+    jax.block_until_ready(fn(*arg_sets[0]))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            out = None
+            for i in range(calls):
+                out = fn(*arg_sets[i % len(arg_sets)])
+            jax.block_until_ready(out)
+        events = gpu_kernel_events(d)
+    if not events:
+        return None
+    return sum(dur for _, _, dur in events) / calls / 1e9

@@ -4,13 +4,22 @@
     python3 bench/wkv.py --sweep          # also time block-size variants of the kernel
     python3 bench/wkv.py --sweep-only unroll --no-check     # those variants and the defaults only
     python3 bench/wkv.py --trials 5       # each row on 5 fresh allocations: median (range)
+    python3 bench/wkv.py --wall-only      # no profiler traces: wall time per call only
     python3 bench/wkv.py --smoke          # tiny shapes in interpret mode (CPU, checks the script)
 
-Times are medians over repeats of N back-to-back calls followed by one block (per-call time
-= repeat time / N), after a compile-and-warm-up call, rotating over three input sets where
-they fit so the L2 cache does not hold the inputs. "GB/s" is the fewest bytes the operation
-must move (inputs read once, outputs written once: forward k, v, out; backward k, v, g, dk,
-dv) over the time, and "%copy" compares it with this card's measured device-to-device copy.
+Each cell has two times per call, after a compile-and-warm-up call, rotating over three input
+sets where they fit so the L2 cache does not hold the inputs:
+* "GPU": the kernels' own time, from a jax.profiler trace of back-to-back calls (the sum of
+  the GPU kernels they ran / calls). This is the kernel's speed, and what a call costs inside
+  a jitted model.
+* "wall": the median over repeats of N back-to-back calls followed by one block (repeat time
+  / N). It includes the host's dispatch of each call: the script prints that floor (a
+  jitted call of four inputs running one tiny kernel; 36-49 us on the H200 host of session
+  8), and a kernel shorter than it is timed as the dispatch, not as itself.
+Slow rows (over 0.1 s a call: the baselines) are not traced; their cell is the wall time.
+"GB/s" is the fewest bytes the operation must move (inputs read once, outputs written once:
+forward k, v, out; backward k, v, g, dk, dv) over the GPU time (else the wall time), and
+"%copy" compares it with this card's measured device-to-device copy.
 Implementations: the Pallas kernel (pallas_kernels.wkv), the plain-JAX O(T) scan
 (rwkv2_jax.wkv.wkv_reference) and the original O(T^2) convolution
 (rwkv2_jax.wkv.wkv_convolution, skipped where its [T, T, C] weights would not fit).
@@ -31,7 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.timing import copy_bandwidth, time_fn  # noqa: E402
+from bench.timing import copy_bandwidth, device_time, time_fn  # noqa: E402
 
 from pallas_kernels import WKVBlockSizes, wkv, wkv_with_state  # noqa: E402
 from pallas_kernels.wkv import _make_plan  # noqa: E402
@@ -53,12 +62,14 @@ def parse_args():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="k and v dtype")
     p.add_argument("--sweep", action="store_true", help="also time block-size variants")
     p.add_argument("--sweep-only", default=None, metavar="TEXT",
-                   help="only the sweep variants whose changed block sizes contain TEXT (e.g. unroll), "
-                        "and the defaults to compare; no table")
+                   help="only the sweep variants whose changed block sizes contain TEXT (e.g. unroll; "
+                        "several texts separated by |), and the defaults to compare; no table")
     p.add_argument("--trials", type=int, default=1,
-                   help="time each row this many times, each on freshly allocated inputs; the cell "
-                        "shows the median and the range (one kernel took 41-73 us on H100s "
-                        "depending on the allocation, session 7)")
+                   help="time each Pallas row this many times, each on freshly allocated inputs; "
+                        "the cell shows the median and the range (baselines: once)")
+    p.add_argument("--wall-only", action="store_true",
+                   help="no profiler traces: only the wall time per call of back-to-back calls "
+                        "(which includes the host's dispatch of each call)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--no-baselines", action="store_true", help="time only the Pallas kernel")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
@@ -171,7 +182,19 @@ def floor_bytes(B, T, C, itemsize):
     return fwd, fwd + bwd
 
 
-def bench_row(name, fwd, fb, B, C, T, dtype, copy_bw, args, n_sets):
+def time_cell(gpus, walls, nbytes, copy_bw) -> str:
+    """"GPU median (range); wall median (range) | GB/s (%copy)" in µs, over the trials."""
+    def stat(ts):
+        spread = f" ({min(ts) * 1e6:,.1f}–{max(ts) * 1e6:,.1f})" if len(ts) > 1 else ""
+        return f"{statistics.median(ts) * 1e6:,.1f}{spread}"
+
+    t = statistics.median(gpus or walls)
+    gbs = nbytes / t / 1e9
+    times = f"GPU {stat(gpus)}; wall {stat(walls)}" if gpus else f"wall {stat(walls)}"
+    return f"{times} | {gbs:,.0f} ({100 * gbs * 1e9 / copy_bw:.0f}%)"
+
+
+def bench_row(name, fwd, fb, B, C, T, dtype, copy_bw, args, n_sets, trials=None):
     itemsize = jnp.dtype(dtype).itemsize
     b_fwd, b_fb = floor_bytes(B, T, C, itemsize)
     cells, compile_s = [], []
@@ -180,18 +203,19 @@ def bench_row(name, fwd, fb, B, C, T, dtype, copy_bw, args, n_sets):
             cells.append("- | -")
             continue
         try:
-            times = []
-            for trial in range(getattr(args, "trials", 1)):  # fresh inputs, fresh addresses
+            walls, gpus = [], []
+            for trial in range(trials or args.trials):  # fresh inputs, fresh addresses
                 sets = [make_inputs(s + 1000 * trial, B, T, C, "normal", dtype) for s in range(n_sets)]
                 fa = [a if which == 0 else (*a, g) for a, g in sets]
-                times.append(time_fn(fn, fa, args.reps, args.min_time))
+                walls.append(time_fn(fn, fa, args.reps, args.min_time))
                 if trial == 0:
                     compile_s.append(f"{time_fn.first_call:.0f}s")
+                if not args.wall_only and walls[-1] < 0.1:
+                    gpu = device_time(fn, fa, max(3, min(200, int(args.min_time / walls[-1]))))
+                    if gpu is not None:
+                        gpus.append(gpu)
                 del sets, fa
-            t = statistics.median(times)
-            gbs = nbytes / t / 1e9
-            spread = f" ({min(times) * 1e6:,.1f}–{max(times) * 1e6:,.1f})" if len(times) > 1 else ""
-            cells.append(f"{t * 1e6:,.1f}{spread} | {gbs:,.0f} ({100 * gbs * 1e9 / copy_bw:.0f}%)")
+            cells.append(time_cell(gpus, walls, nbytes, copy_bw))
         except Exception as e:  # noqa: BLE001 - one failure must not end the run
             print(f"  {name} B={B} C={C} T={T}: {type(e).__name__}: {str(e)[:300]}")
             cells.append("failed | -")
@@ -228,10 +252,10 @@ def table(args, copy_bw):
         if args.no_baselines:
             continue
         rows.append(bench_row("plain-JAX scan", jax.jit(wkv_reference), vjp_fn(wkv_reference),
-                              B, C, T, dtype, copy_bw, args, 1))
+                              B, C, T, dtype, copy_bw, args, 1, trials=1))
         if T * T * C * 4 <= CONV_MAX_BYTES:
             rows.append(bench_row("O(T²) convolution", jax.jit(wkv_convolution),
-                                  vjp_fn(wkv_convolution), B, C, T, dtype, copy_bw, args, 1))
+                                  vjp_fn(wkv_convolution), B, C, T, dtype, copy_bw, args, 1, trials=1))
         else:
             print(f"| O(T²) convolution | {B} | {C} | {T} | skipped: [T,T,C] weights "
                   f"{T * T * C * 4 / 1e9:.0f} GB | - | - | - |")
@@ -254,6 +278,10 @@ def sweep(args, copy_bw):
         (W(time_split=1), "both", (big,)),
         (W(time_split=2), "both", (big,)),
         (W(time_split=8), "both", (big,)),
+        # Session 8 (H200, GPU time) also tried block_c 16 (time_split 4 or 8) and 8 (16):
+        # two or four times the programs at the same threads, all slower (fwd 41.7-57.0 vs
+        # 29.9 us, fwd+bwd 120.1-190.3 vs 89.3); unroll 32: fwd 32.1 us.
+        (W(block_c=16), "both", (big,)),
         (W(unroll=8), "fwd", (big,)),
         (W(unroll_train=8), "fb", (big,)),
         # 64 time chunks instead of 16 at B = 1, T = 65,536 (session 7: 490 vs 576 us forward).
@@ -271,7 +299,7 @@ def sweep(args, copy_bw):
             seen.add((B, C, T, plan, which))
             diff = {f.name: getattr(bs, f.name) for f in dataclasses.fields(bs)
                     if getattr(bs, f.name) != getattr(WKVBlockSizes(), f.name)}
-            if args.sweep_only and diff and args.sweep_only not in str(diff):
+            if args.sweep_only and diff and not any(t in str(diff) for t in args.sweep_only.split("|")):
                 continue
             fwd = jax.jit(lambda k, v, td, tf, bs=bs: wkv(k, v, td, tf, block_sizes=bs, interpret=args.smoke))
             fb = vjp_fn(lambda k, v, td, tf, bs=bs: wkv(k, v, td, tf, block_sizes=bs, interpret=args.smoke))
@@ -305,6 +333,11 @@ def main():
     ok = None if args.no_check else check(args)
     copy_bw = copy_bandwidth(args.smoke)
     print(f"copy bandwidth (read + write): {copy_bw / 1e9:.0f} GB/s")
+    # The least a back-to-back call costs: a jitted call of four inputs running one tiny kernel
+    # (a kernel shorter than this is timed as the host's dispatch, not as itself).
+    (k, v, td, tf), _ = make_inputs(0, 1, 1, 1024)
+    floor = time_fn(jax.jit(lambda k, v, td, tf: td + tf), [(k, v, td, tf)], args.reps, args.min_time)
+    print(f"dispatch floor (a jitted call of 4 inputs, one tiny kernel): {floor * 1e6:.1f} us per call")
     rows = [] if args.sweep_only else table(args, copy_bw)
     if args.sweep or args.sweep_only:
         sweep(args, copy_bw)
