@@ -33,8 +33,8 @@ their local sums once (an exclusive scan over the P sub-chunks with weights D^j,
 terms non-negative in the forward, so no cancellation), then each warp runs its S steps again
 from its true start state, writing out (backward: the same in reverse for the adjoints). Four
 warps per 32 channels instead of one keep four times the rows in flight: on the H100 at
-(8, 1024, 1024) forward 59.6 -> 48.0 us, forward+backward 172.7 -> 115.0 us (session 7,
-docs/PERF.md). Every other case (log mode, state in or out, time chunks, T not a multiple of
+(8, 1024, 1024) the kernels' GPU time went from 55.2 to 38.0 us forward (88% of the card's
+copy bandwidth) and from 166.7 to 109.5 us forward+backward (sessions 7-8, docs/PERF.md). Every other case (log mode, state in or out, time chunks, T not a multiple of
 the tile) runs the serial kernels described next.
 
 Serial kernels. One program owns `block_c` channels of one batch row and walks its time range
@@ -124,10 +124,11 @@ class WKVBlockSizes:
     min_chunk:    but never with chunks shorter than this many steps.
     time_split:   linear mode without state, one time chunk, T a multiple of time_split *
                   unroll (forward) or time_split * unroll_train (forward that saves, and
-                  backward): warps per program, each walking one sub-chunk of `unroll` (or
-                  `unroll_train`) steps of every tile (`_fwd_tile_kernel`; module doc). The
-                  program has time_split warps whatever num_warps says. 1: the serial
-                  kernels always.
+                  backward): sub-chunks per tile, each of `unroll` (or `unroll_train`)
+                  steps, walked at once by the program's threads (`_fwd_tile_kernel`;
+                  module doc): one thread per sub-chunk and channel, so time_split *
+                  block_c / 32 warps (at least one) whatever num_warps says. 1: the
+                  serial kernels always.
     approx_math:  linear mode on the GPU: exp(K) as one `ex2.approx.ftz` of K*log2(e) and
                   1/den as one `rcp.approx.ftz` (inline PTX) instead of libdevice's expf
                   and a division: about half the instructions per step. Relative error of
@@ -154,7 +155,10 @@ class WKVBlockSizes:
     # Session 7 (H100, bench/wkv.py --sweep and --trials): time_split 4 (the tile kernels)
     # 48.0 / 115.0 us against 59.6 / 172.7 for time_split 1 in the same run; time_split 2
     # 47.6-52.0 / 126.5-127.6, 8: 46.6-78.6 / 129.0-131.1; unroll 8 with time_split 4 or 8 no
-    # faster (48.0-53.0 us); unroll_train 8 127.3 us.
+    # faster (48.0-53.0 us); unroll_train 8 127.3 us. (Session 7's times are wall time per
+    # back-to-back call, which includes the host's ~46 us dispatch of each call.) Session 8,
+    # GPU time from profiler traces: H100 38.0 / 109.5 us (time_split 1: 55.2 / 166.7); on an
+    # H200, block_c 16 or 8 (more, smaller programs) and unroll 32 were slower.
     block_c: int = 32
     unroll: int = 16
     unroll_train: int = 16
@@ -215,6 +219,10 @@ class _Plan:
     @property
     def n_state(self) -> int:  # arrays in a forward state: (A, B) linear, (aa, bb, pp) log
         return 2 if self.linear else 3
+
+    @property
+    def tile_warps(self) -> int:  # warps of a tile kernel's program: one thread per [P, bc] entry
+        return max(1, self.time_split * self.bc // 32)
 
     @property
     def n_carry(self) -> int:  # arrays in a backward carry: GA, GB, GA', GB' (+ q in log mode)
@@ -924,7 +932,7 @@ def _forward(plan: _Plan, k, v, td, tf, state0, *, save: bool, state_out: bool):
     out_shapes = ([_sds((B, T, C))] + [_sds((B, plan.n_ckpt, C))] * plan.n_state * save
                   + [_sds((NC, B, C))] * 3 * state_out)
     if _uses_tiles(plan, state0 is not None, state_out, save):
-        outs = _call(dataclasses.replace(plan, num_warps=plan.time_split),
+        outs = _call(dataclasses.replace(plan, num_warps=plan.tile_warps),
                      functools.partial(_fwd_tile_kernel, plan=plan), out_shapes, k, v, td, tf,
                      name="wkv_fwd_tiles")
         return outs[0], (tuple(outs[1:]) if save else None), None
@@ -951,7 +959,7 @@ def _backward(plan: _Plan, k, v, td, tf, ckpts, g, final_ct):
     out_shapes = ([_sds((B, T, C), k.dtype), _sds((B, T, C), v.dtype)]
                   + [_sds((NC, B, C))] * 2 + [_sds((NC, B, C))] * plan.n_carry * state)
     if _uses_tiles(plan, state, state, save=True):
-        dk, dv, du, dw = _call(dataclasses.replace(plan, num_warps=plan.time_split),
+        dk, dv, du, dw = _call(dataclasses.replace(plan, num_warps=plan.tile_warps),
                                functools.partial(_bwd_tile_kernel, plan=plan), out_shapes,
                                k, v, g, td, tf, *ckpts, name="wkv_bwd_tiles")
         return dk, dv, du.sum((0, 1)), dw.sum((0, 1)), None
