@@ -1,5 +1,6 @@
 """Shared timing helpers for the bench/ scripts."""
 
+import collections
 import glob
 import statistics
 import tempfile
@@ -74,8 +75,9 @@ def gpu_kernel_events(trace_dir: str):
 
 
 def device_time(fn, arg_sets, calls: int):
-    """GPU kernel seconds per call, from a jax.profiler trace of `calls` back-to-back calls
-    (the sum of the kernels they ran / calls; None where the trace holds no GPU kernels).
+    """GPU kernel seconds per call, from a jax.profiler trace of `calls` back-to-back calls:
+    for each kernel, its median duration times how often a call runs it, summed over the
+    kernels (None where the trace holds no GPU kernels).
 
     Unlike wall time per call this does not include the host's dispatch of each call, which
     is what back-to-back calls of a kernel shorter than the dispatch measure instead."""
@@ -89,4 +91,7 @@ def device_time(fn, arg_sets, calls: int):
         events = gpu_kernel_events(d)
     if not events:
         return None
-    return sum(dur for _, _, dur in events) / calls / 1e9
+    by_name = collections.defaultdict(list)
+    for name, _, dur in events:
+        by_name[name].append(dur)
+    return sum(statistics.median(d) * len(d) / calls for d in by_name.values()) / 1e9

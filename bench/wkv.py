@@ -9,9 +9,9 @@
 
 Each cell has two times per call, after a compile-and-warm-up call, rotating over three input
 sets where they fit so the L2 cache does not hold the inputs:
-* "GPU": the kernels' own time, from a jax.profiler trace of back-to-back calls (the sum of
-  the GPU kernels they ran / calls). This is the kernel's speed, and what a call costs inside
-  a jitted model.
+* "GPU": the kernels' own time, from a jax.profiler trace of back-to-back calls (each GPU
+  kernel's median duration times its count per call, summed). This is the kernel's speed,
+  and what a call costs inside a jitted model.
 * "wall": the median over repeats of N back-to-back calls followed by one block (repeat time
   / N). It includes the host's dispatch of each call: the script prints that floor (a
   jitted call of four inputs running one tiny kernel; 36-49 us on the H200 host of session
