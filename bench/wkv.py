@@ -122,6 +122,8 @@ def check(args) -> bool:
         (2, 301, 256, "normal", 60.0, jnp.bfloat16),
         (1, 1, 7, "normal", 60.0, jnp.float32),
     ]
+    if args.smoke:  # the script's paths, not the kernel's correctness (tests/test_wkv_kernel.py)
+        cases = [cases[0], cases[3], cases[5]]
     ok = True
     for i, (B, T, C, k_kind, k_clamp, dtype) in enumerate(cases):
         (k, v, td, tf), g = make_inputs(seed + i, B, T, C, k_kind, dtype)
@@ -137,7 +139,7 @@ def check(args) -> bool:
               + " ".join(f"{e:.1e}" for e in errs) + f" (tol {tol:g})")
 
     # State variant: a real mid-sequence state in, final state out, gradients through both.
-    for k_clamp in (60.0, None):
+    for k_clamp in (60.0,) if args.smoke else (60.0, None):
         B, T, C = 2, 600 if not args.smoke else 60, 128
         (k, v, td, tf), g = make_inputs(seed + 100, B, T, C)
         prev, _ = make_inputs(seed + 101, B, 50, C)
@@ -234,7 +236,7 @@ def table(args, copy_bw):
     if args.sizes:
         sizes = [tuple(int(x) for x in s.split(",")) for s in args.sizes.split(";")]
     if args.smoke:
-        sizes = [(2, 40, 64), (1, 24, 300)]
+        sizes = [(1, 24, 300)]  # time chunks
     interp = args.smoke
     print(f"\n## Timing ({dtype.name} k, v; k_clamp=60 unless said; median of {args.reps})")
     print(TABLE_HEAD)
@@ -244,6 +246,8 @@ def table(args, copy_bw):
                           interpret=False)
         n_sets = 3 if B * T * C * 4 * 6 < 4e9 else 1
         impls = [("pallas", dict(k_clamp=60.0)), ("pallas k_clamp=None", dict(k_clamp=None))]
+        if args.smoke:
+            impls = impls[:1]  # the same script path; the smoke's time goes to interpret mode
         for name, kw in impls:
             fwd = jax.jit(lambda k, v, td, tf, kw=kw: wkv(k, v, td, tf, interpret=interp, **kw))
             fb = vjp_fn(lambda k, v, td, tf, kw=kw: wkv(k, v, td, tf, interpret=interp, **kw))

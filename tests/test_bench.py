@@ -25,7 +25,7 @@ def run(*argv, timeout=600):
 def test_wkv_bench():
     out = run("bench/wkv.py", "--smoke")
     assert "CORRECTNESS: PASS" in out
-    assert "| pallas (1 chunk) |" in out and "| plain-JAX scan |" in out
+    assert "| pallas (4 chunks) |" in out and "| plain-JAX scan |" in out and "| O(T²) convolution |" in out
 
 
 def test_matvec_bench():
