@@ -14,8 +14,8 @@ sets where they fit so the L2 cache does not hold the inputs:
   and what a call costs inside a jitted model.
 * "wall": the median over repeats of N back-to-back calls followed by one block (repeat time
   / N). It includes the host's dispatch of each call: the script prints that floor (a
-  jitted call of four inputs running one tiny kernel; 36-49 us on the H200 host of session
-  8), and a kernel shorter than it is timed as the dispatch, not as itself.
+  jitted call of four inputs running one tiny kernel; 36-54 us on the H100 and H200 hosts of
+  session 8), and a kernel shorter than it is timed as the dispatch, not as itself.
 Slow rows (over 0.1 s a call: the baselines) are not traced; their cell is the wall time.
 "GB/s" is the fewest bytes the operation must move (inputs read once, outputs written once:
 forward k, v, out; backward k, v, g, dk, dv) over the GPU time (else the wall time), and
@@ -282,9 +282,9 @@ def sweep(args, copy_bw):
         (W(time_split=1), "both", (big,)),
         (W(time_split=2), "both", (big,)),
         (W(time_split=8), "both", (big,)),
-        # Session 8 (H200, GPU time) also tried block_c 16 (time_split 4 or 8) and 8 (16):
-        # two or four times the programs at the same threads, all slower (fwd 41.7-57.0 vs
-        # 29.9 us, fwd+bwd 120.1-190.3 vs 89.3); unroll 32: fwd 32.1 us.
+        # Session 8 (H200, GPU time) tried block_c 16 (time_split 4 or 8) and 8 (16): two or
+        # four times the programs at the same threads, all slower (fwd 41.7-57.0 vs 29.9 us,
+        # fwd+bwd 120.1-190.3 vs 89.3); block_c 16 stays here for them. unroll 32: fwd 32.1.
         (W(block_c=16), "both", (big,)),
         (W(unroll=8), "fwd", (big,)),
         (W(unroll_train=8), "fb", (big,)),

@@ -34,8 +34,9 @@ terms non-negative in the forward, so no cancellation), then each warp runs its 
 from its true start state, writing out (backward: the same in reverse for the adjoints). Four
 warps per 32 channels instead of one keep four times the rows in flight: on the H100 at
 (8, 1024, 1024) the kernels' GPU time went from 55.2 to 38.0 us forward (88% of the card's
-copy bandwidth) and from 166.7 to 109.5 us forward+backward (sessions 7-8, docs/PERF.md). Every other case (log mode, state in or out, time chunks, T not a multiple of
-the tile) runs the serial kernels described next.
+copy bandwidth) and from 166.7 to 109.5 us forward+backward (sessions 7-8, docs/PERF.md).
+Every other case (log mode, state in or out, time chunks, T not a multiple of the tile) runs
+the serial kernels described next.
 
 Serial kernels. One program owns `block_c` channels of one batch row and walks its time range
 with a sequential loop over blocks of `unroll` time steps, whose rows were loaded one block
