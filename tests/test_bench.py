@@ -50,3 +50,17 @@ def test_decode_bench_gpu_rows_on_cpu():
               "--prefill-len", "64", "--repeats", "1", "--batches", "1,4")
     assert "checks passed" in out
     assert "prefill T=64" in out and "decode, greedy" in out
+
+
+def test_wkv_bench_cells_use_the_gpu_time_when_traced():
+    """GB/s comes from the kernels' GPU time where a trace gave one (a wall time per call also
+    holds the host's dispatch), and from the wall time where it did not (CPU, slow rows)."""
+    sys.path.insert(0, str(REPO))
+    from bench.wkv import time_cell
+
+    nbytes, copy_bw = 100e6, 3e12
+    traced = time_cell([40e-6, 38e-6, 39e-6], [58e-6, 52e-6, 70e-6], nbytes, copy_bw)
+    assert traced.startswith("GPU 39.0 (38.0–40.0); wall 58.0 (52.0–70.0) |"), traced
+    assert "| 2,564 (85%)" in traced, traced  # 100 MB / 39 us
+    wall = time_cell([], [5e-3], nbytes, copy_bw)
+    assert wall == "wall 5,000.0 | 20 (1%)", wall
