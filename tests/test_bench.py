@@ -52,10 +52,10 @@ def test_decode_bench_gpu_rows_on_cpu():
     assert "prefill T=64" in out and "decode, greedy" in out
 
 
-def test_wkv_bench_cells_use_the_gpu_time_when_traced():
+def test_wkv_bench_cells_use_the_gpu_time_when_traced(monkeypatch):
     """GB/s comes from the kernels' GPU time where a trace gave one (a wall time per call also
     holds the host's dispatch), and from the wall time where it did not (CPU, slow rows)."""
-    sys.path.insert(0, str(REPO))
+    monkeypatch.syspath_prepend(str(REPO))
     from bench.wkv import time_cell
 
     nbytes, copy_bw = 100e6, 3e12
