@@ -26,18 +26,27 @@ from them against the XLA step).
 Work split. A program of `*_in` owns `block_out` rows of each of the G stacked matrices
 (rows r, C + r, 2C + r, ... of W_kvr or W_kr), so it holds K, V and R of the same channels
 and can finish the WKV step (or relu^2) for them itself; a program of `mix_out` owns
-`block_out` output rows. Every program first issues the loads of all its weight blocks (a
-reduction's barrier would otherwise hold the later loads back: one memory latency per block,
-27% slower per token on an H200), then reads the whole input vector (C floats per batch row)
-for the LayerNorm statistics, then walks the columns in blocks of `block_in`, computing the
-mixed input of each block from x, the previous token's x and the LayerNorm parameters, and
-multiplying it with its [block_out, block_in] weight blocks (float32 FMAs, one reduction per
-block, as pallas_kernels/matvec.py's "fma" path; the column loop is unrolled, at most
-MAX_BLOCKS blocks).
+`block_out` output rows. Every load a program makes is issued before its first reduction,
+since a reduction's barrier is also a barrier to moving loads (each load behind one adds a
+memory latency): first its weight blocks, then (`early_loads`) every column block of the
+vectors the LayerNorm and the mix need (x, the previous token's x, the LayerNorm scale and
+bias, time_mix). It then computes the LayerNorm statistics of x and walks the columns in
+blocks of `block_in`, forming the mixed input of each block and multiplying it with its
+[block_out, block_in] weight blocks in float32 FMAs. With `reduce_once` the products are
+accumulated elementwise over the blocks and reduced once per matrix (2 + G reductions per
+*_in program, 1 per mix_out program, instead of 2 + G per column block); both options fall
+back where the values would not fit in the registers (REG_BUDGET: larger B, float32 weights
+in wide blocks). The column loop is unrolled (at most MAX_BLOCKS blocks).
 
-Measured (docs/PERF.md, H200, L24-D1024, bf16, batch 1): 1,908 tokens/s in rw.generate
-against 1,717 with the per-operation step; each kernel runs at 1.1-1.6 TB/s, its time mostly
-launch, one memory latency and the reductions.
+Measured (docs/PERF.md, H200, L24-D1024, bf16, batch 1, rw.generate): 2,219 tokens/s (0.451 ms
+per token) against 1,714 with the per-operation step in the same run; 1,908 before the early
+loads and single reductions (session 5: all loads after the LayerNorm's reductions, one
+reduction per block, 4 x 512 blocks). In a jitted loop of steps the time per step fell 4%
+with the early loads alone, 10% with the single reductions alone, 12% with both, and 3% more
+with 2 x 256 blocks. Per
+kernel (traced): 4.5 us for the time-mix kernel (6.3 MB, 1.4 TB/s), 5.6 us for the channel-mix
+one (10.5 MB), 4.4 us for the value product (8.4 MB), 2.3 us for the output product (2.1 MB):
+still mostly launch, one memory latency and the reductions, not the bytes.
 
 State. `aa`, `bb`, `pp` of all layers are passed whole ([L * B, C]) with the layer index as
 a traced int32 (one compiled kernel for all layers) and updated in place
@@ -69,6 +78,11 @@ __all__ = ["DecodeBlockSizes", "supported", "time_mix_in", "channel_mix_in", "mi
 MAX_BATCH = 16  # rows of x: B accumulators per matrix live in registers
 MAX_BLOCKS = 64  # column blocks per product (unrolled): 4C / block_in
 _MIN_BLOCK = 8
+# 32-bit registers per thread (of 255) for the values a program holds through the kernel:
+# its weights, plus the early-loaded vectors (early_loads) and the [bo, bi] accumulators
+# (reduce_once) where those fit (_Plan.early, _Plan.acc_2d). At B = 1, C = 1024, bf16:
+# time_mix_in 48 + 40 + 48, channel_mix_in 80 + 40 + 80, the value product 64 + 16 + 16.
+REG_BUDGET = 200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +90,17 @@ class DecodeBlockSizes:
     """Launch parameters (static). block_out and block_in are powers of two, reduced to the
     largest power of two that divides C (4C for mix_out's input) when they do not."""
 
-    block_out: int = 4  # rows per matrix per program: C / block_out programs (256 at C = 1024)
-    block_in: int = 512  # columns per block
+    block_out: int = 2  # rows per matrix per program: C / block_out programs (512 at C = 1024)
+    block_in: int = 256  # columns per block
     num_warps: int = 4
+    # Issue the loads of every vector a program needs (x, the previous token's x, the
+    # LayerNorm and mix parameters: all column blocks) with its weights, before the first
+    # reduction, where they fit in the registers (REG_BUDGET).
+    early_loads: bool = True
+    # Accumulate each product elementwise over the column blocks ([block_out, block_in] per
+    # matrix and batch row) and reduce once at the end, where that fits in the registers
+    # (REG_BUDGET); else one reduction per column block.
+    reduce_once: bool = True
 
     def __post_init__(self):
         for name in ("block_out", "block_in"):
@@ -115,10 +137,37 @@ class _Plan:
     dtype: jnp.dtype  # the weights' dtype: inputs and outputs of the products
     num_warps: int
     interpret: bool
+    early_loads: bool
+    reduce_once: bool
 
     @property
     def n_blocks(self) -> int:
         return self.inp // self.bi
+
+    def _regs(self, n: int, itemsize: int = 4) -> float:
+        """32-bit registers per thread for n values spread over the program's threads."""
+        return n * itemsize / 4 / (32 * self.num_warps)
+
+    @property
+    def _weight_regs(self) -> float:
+        return self._regs(self.G * self.bo * self.inp, self.dtype.itemsize)
+
+    @property
+    def _vector_regs(self) -> float:
+        if self.G == 1:  # mix_out: its input vectors u [B, inp], always loaded up front
+            return self._regs(self.B * self.inp, self.dtype.itemsize)
+        return self._regs((3 + 2 * self.B) * self.C)  # ln scale, bias, time_mix; x, prev [B, C]
+
+    @property
+    def early(self) -> bool:
+        """Every vector of the LayerNorm and the mix loaded up front (*_in kernels)."""
+        return self.early_loads and self._weight_regs + self._vector_regs <= REG_BUDGET
+
+    @property
+    def acc_2d(self) -> bool:
+        """[bo, bi] float32 accumulators per matrix and batch row, reduced once at the end."""
+        held = self._weight_regs + (self._vector_regs if self.early or self.G == 1 else 0)
+        return self.reduce_once and held + self._regs(self.G * self.B * self.bo * self.bi) <= REG_BUDGET
 
     @property
     def grid(self):
@@ -132,7 +181,8 @@ def _plan(B, C, inp, G, dtype, blocks, interpret) -> _Plan:
                          f"C a multiple of {_MIN_BLOCK}, C / block_in <= {MAX_BLOCKS // 4})")
     return _Plan(B=B, C=C, inp=inp, G=G, bo=_pow2_divisor(C, blocks.block_out),
                  bi=_pow2_divisor(inp, blocks.block_in), dtype=jnp.dtype(dtype),
-                 num_warps=blocks.num_warps, interpret=interpret)
+                 num_warps=blocks.num_warps, interpret=interpret, early_loads=blocks.early_loads,
+                 reduce_once=blocks.reduce_once)
 
 
 def _pallas(kernel, plan: _Plan, name, out_shape, args, aliases=None):
@@ -160,15 +210,35 @@ def _sigmoid(x):
 # Kernel pieces.
 
 
-def _ln_stats(x_ref, plan: _Plan, ln_eps):
-    """Per batch row b: (mean, 1/sqrt(var + eps)) of x[b] (flax's fast variance)."""
+def _vectors(layer, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, plan: _Plan):
+    """vec(j) -> column block j of (ln scale, ln bias, time_mix as float32, [x[b]], [prev[b]]).
+    With plan.early every block is loaded here, so the loads go out with the weights' (a
+    reduction's barrier is also a barrier to moving loads: each load issued after one adds a
+    memory latency); else each block is loaded where it is used."""
+    def load(j):
+        cols = pl.ds(j * plan.bi, plan.bi)
+        return (scale_ref[cols], bias_ref[cols], tmix_ref[cols].astype(jnp.float32),
+                [x_ref[b, cols] for b in range(plan.B)],
+                [prev_ref[layer * plan.B + b, cols] for b in range(plan.B)])
+
+    if not plan.early:
+        return load
+    loaded = [load(j) for j in range(plan.C // plan.bi)]
+    return lambda j: loaded[j]
+
+
+def _ln_stats(vec, plan: _Plan, ln_eps):
+    """Per batch row b: (mean, 1/sqrt(var + eps)) of x[b] (flax's fast variance). With
+    plan.reduce_once the column blocks are summed elementwise first: two reductions per row."""
     out = []
     for b in range(plan.B):
         s1 = s2 = None
         for j in range(plan.C // plan.bi):
-            xb = x_ref[b, pl.ds(j * plan.bi, plan.bi)]
-            t1, t2 = jnp.sum(xb), jnp.sum(xb * xb)
+            xb = vec(j)[3][b]
+            t1, t2 = (xb, xb * xb) if plan.reduce_once else (jnp.sum(xb), jnp.sum(xb * xb))
             s1, s2 = (t1, t2) if s1 is None else (s1 + t1, s2 + t2)
+        if plan.reduce_once:
+            s1, s2 = jnp.sum(s1), jnp.sum(s2)
         mu = s1 / plan.C
         var = jnp.maximum(s2 / plan.C - mu * mu, 0.0)
         out.append((mu, lax.rsqrt(var + ln_eps)))
@@ -189,19 +259,30 @@ def _load_weights(w_ref, plan: _Plan):
              for j in range(plan.n_blocks)] for g in range(plan.G)]
 
 
-def _mixed_products(ws, layer, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, plan: _Plan, stats):
+def _accumulate(acc, w, u, plan: _Plan):
+    """acc + w [bo, bi] times u [bi] (float32): the [bo] row sums, or with plan.acc_2d the
+    elementwise [bo, bi] products, summed by _finish."""
+    p = w.astype(jnp.float32) * u[None, :]
+    if not plan.acc_2d:
+        p = jnp.sum(p, axis=1)
+    return p if acc is None else acc + p
+
+
+def _finish(acc, plan: _Plan):
+    return jnp.sum(acc, axis=1) if plan.acc_2d else acc
+
+
+def _mixed_products(ws, vec, plan: _Plan, stats):
     """acc[g][b] [bo] float32: ws[g] times xm[b] = ln(x[b])*mix + prev[b]*(1 - mix)."""
-    f32, bi = jnp.float32, plan.bi
-    acc = [[jnp.zeros((plan.bo,), f32) for _ in range(plan.B)] for _ in range(plan.G)]
+    acc = [[None] * plan.B for _ in range(plan.G)]
     for j in range(plan.n_blocks):
-        cols = pl.ds(j * bi, bi)
-        scale, bias, tm = scale_ref[cols], bias_ref[cols], tmix_ref[cols].astype(f32)
+        scale, bias, tm, xs, prevs = vec(j)
         for b in range(plan.B):
-            y = _ln(x_ref[b, cols], stats[b], scale, bias)
-            xm = _round(y * tm + prev_ref[layer * plan.B + b, cols] * (1.0 - tm), plan.dtype)
+            y = _ln(xs[b], stats[b], scale, bias)
+            xm = _round(y * tm + prevs[b] * (1.0 - tm), plan.dtype)
             for g in range(plan.G):
-                acc[g][b] = acc[g][b] + jnp.sum(ws[g][j].astype(f32) * xm[None, :], axis=1)
-    return acc
+                acc[g][b] = _accumulate(acc[g][b], ws[g][j], xm, plan)
+    return [[_finish(a, plan) for a in row] for row in acc]
 
 
 def _store_row(ref, row, rows, value):
@@ -222,8 +303,9 @@ def _time_mix_in_kernel(layer_ref, x_ref, scale_ref, bias_ref, prev_ref, tmix_re
               pp_ref[layer * plan.B + b, rows], x_ref[b, rows]) for b in range(plan.B)]
     w_log, u_log = wlog_ref[rows], ulog_ref[rows]
     scale, bias = scale_ref[rows], bias_ref[rows]
-    stats = _ln_stats(x_ref, plan, ln_eps)
-    acc = _mixed_products(ws, layer, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, plan, stats)
+    vec = _vectors(layer, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, plan)
+    stats = _ln_stats(vec, plan, ln_eps)
+    acc = _mixed_products(ws, vec, plan, stats)
     for b in range(plan.B):
         k = _round(acc[0][b], plan.dtype)
         if k_clamp is not None:
@@ -259,8 +341,9 @@ def _channel_mix_in_kernel(layer_ref, x_ref, scale_ref, bias_ref, prev_ref, tmix
     rows = pl.ds(r0, plan.bo)
     scale, bias = scale_ref[rows], bias_ref[rows]
     x_rows = [x_ref[b, rows] for b in range(plan.B)]
-    stats = _ln_stats(x_ref, plan, ln_eps)
-    acc = _mixed_products(ws, layer, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, plan, stats)
+    vec = _vectors(layer, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, plan)
+    stats = _ln_stats(vec, plan, ln_eps)
+    acc = _mixed_products(ws, vec, plan, stats)
     for b in range(plan.B):
         for g in range(4):  # the four quarters of K ([4C] rows = 4 x C)
             k = jnp.maximum(_round(acc[g][b], plan.dtype), 0.0)
@@ -277,13 +360,12 @@ def _mix_out_kernel(u_ref, w_ref, base_ref, *rest, plan: _Plan):
     us = [[u_ref[b, pl.ds(j * bi, bi)] for j in range(plan.n_blocks)] for b in range(plan.B)]
     base = [base_ref[b, rows] for b in range(plan.B)]
     gate = None if gate_ref is None else [gate_ref[b, rows] for b in range(plan.B)]
-    acc = [jnp.zeros((bo,), f32) for _ in range(plan.B)]
+    acc = [None] * plan.B
     for j in range(plan.n_blocks):
-        w = ws[j].astype(f32)
         for b in range(plan.B):
-            acc[b] = acc[b] + jnp.sum(w * us[b][j].astype(f32)[None, :], axis=1)
+            acc[b] = _accumulate(acc[b], ws[j], us[b][j].astype(f32), plan)
     for b in range(plan.B):
-        y = _round(acc[b], plan.dtype)
+        y = _round(_finish(acc[b], plan), plan.dtype)
         if gate is not None:
             y = _sigmoid(gate[b].astype(f32)) * y
         _store_row(o_ref, b, rows, base[b] + y)

@@ -60,6 +60,9 @@ CASES = [  # B, C, dtype, blocks
     (3, 96, jnp.float32, SMALL),  # 6 column blocks, 24 programs
     (2, 64, jnp.bfloat16, None),  # one column block
     (1, 40, jnp.bfloat16, SMALL),  # block_in 16 -> 8 (the largest power of two dividing 40)
+    # vectors loaded where used, one reduction per column block (what large B falls back to)
+    (3, 96, jnp.float32, DecodeBlockSizes(block_out=4, block_in=16, early_loads=False, reduce_once=False)),
+    (2, 64, jnp.bfloat16, DecodeBlockSizes(block_in=16, early_loads=False, reduce_once=False)),
 ]
 
 
@@ -128,11 +131,28 @@ def test_supported_and_bad_inputs():
         DecodeBlockSizes(block_in=24)
 
 
+def test_register_budget():
+    """Early vector loads and one reduction per matrix where they fit in the registers (the
+    batch-1 step of L24-D1024 gets both in all three kernels); larger B and blocks fall back."""
+    plan = lambda B, inp, G, dtype=jnp.bfloat16, **kw: decode._plan(  # noqa: E731
+        B, 1024, inp, G, dtype, DecodeBlockSizes(**kw), False)
+    wide = dict(block_out=4, block_in=512)
+    for inp, G in ((1024, 3), (1024, 5), (1024, 1), (4096, 1)):
+        for dtype in (jnp.bfloat16, jnp.float32):
+            assert plan(1, inp, G, dtype).acc_2d and plan(1, inp, G, dtype).early, (inp, G, dtype)
+        assert not plan(16, inp, G, **wide).acc_2d, (inp, G)
+        assert not plan(1, inp, G, reduce_once=False).acc_2d
+    assert not plan(16, 1024, 5).early and not plan(1, 1024, 5, early_loads=False).early
+    # float32 weights in wider blocks: the accumulators no longer fit, the early loads do
+    assert plan(1, 1024, 5, jnp.float32, **wide).early and not plan(1, 1024, 5, jnp.float32, **wide).acc_2d
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_lowers_to_triton(dtype, monkeypatch, capsys):
-    """The three kernels lower to Triton IR for CUDA at L24-D1024's shapes: no scalar select,
-    and every weight block is loaded before the first reduction (a reduction's barrier would
-    otherwise leave one memory latency per block; docs/PERF.md)."""
+    """The three kernels lower to Triton IR for CUDA at L24-D1024's shapes: no scalar select;
+    every weight block and every vector block is loaded before the first reduction (a
+    reduction's barrier would otherwise leave one memory latency per block; docs/PERF.md);
+    one reduction per matrix (two more for the LayerNorm statistics)."""
     B, C = 1, 1024
     a = inputs(0, B, C, dtype)
     a["prev"], a["aa"], a["bb"], a["pp"] = (jnp.zeros((24 * B, C)),) * 4
@@ -140,17 +160,28 @@ def test_lowers_to_triton(dtype, monkeypatch, capsys):
     tm = lambda *x: decode.time_mix_in(*x, k_clamp=60.0, log_eps=math.log(1e-9), ln_eps=LN_EPS)  # noqa: E731
     cm = lambda *x: decode.channel_mix_in(*x, ln_eps=LN_EPS)  # noqa: E731
     u4, w4 = jnp.zeros((B, 4 * C), dtype), jnp.zeros((C, 4 * C), dtype)
-    cases = [
+    bo, bi = DecodeBlockSizes().block_out, DecodeBlockSizes().block_in
+    nb = C // bi
+    n_reduce = lambda inp, G: (  # noqa: E731 - one per matrix, or per matrix and column block
+        1 if decode._plan(B, C, inp, G, dtype, None, False).acc_2d else inp // bi) * G + (2 if G > 1 else 0)
+    cases = [  # (function, args, weight blocks, vector blocks, reductions)
         (tm, [a[k] for k in ("x", "ln_scale", "ln_bias", "prev", "time_mix", "kvr_t", "aa", "bb", "pp",
-                             "w_log", "u_log", "layer")], 3 * 2),  # 3 matrices x 2 blocks of 512
-        (cm, [a[k] for k in ("x", "ln_scale", "ln_bias", "prev", "time_mix", "kr_t", "layer")], 5 * 2),
-        (decode.mix_out, [u4, w4, a["x"], a["x"].astype(dtype)], 8),
+                             "w_log", "u_log", "layer")], 3 * nb, 5 * nb, n_reduce(C, 3)),
+        (cm, [a[k] for k in ("x", "ln_scale", "ln_bias", "prev", "time_mix", "kr_t", "layer")], 5 * nb, 5 * nb,
+         n_reduce(C, 5)),
+        (decode.mix_out, [u4, w4, a["x"], a["x"].astype(dtype)], 4 * nb, 4 * nb, n_reduce(4 * C, 1)),
     ]
-    for fn, args, n_weight_blocks in cases:
+    assert n_reduce(C, 5) == 2 + 5  # at the defaults, B = 1: one reduction per matrix, both dtypes
+    for fn, args, n_weight_blocks, n_vector_blocks, n_reduce in cases:
         ir = lower_to_triton_ir(fn, args, **kw)
         assert_no_scalar_select(ir)
         body = ir[ir.index("tt.func"):]
         first_reduce = body.index("tt.reduce")
-        # weight blocks are the 2-D loads ([bo, bi]; bo = 4 rows by default)
-        loads = re.findall(r"tt\.load[^\n]*tensor<4x512x", body[:first_reduce])
+        # weight blocks are the 2-D loads ([bo, bi])
+        loads = re.findall(rf"tt\.load[^\n]*tensor<{bo}x{bi}x", body[:first_reduce])
         assert len(loads) >= n_weight_blocks, (fn, len(loads))
+        # ... and the vectors' column blocks (x, prev, ln scale and bias, time_mix) go out with them
+        loads = re.findall(rf"tt\.load[^\n]*tensor<{bi}x", body[:first_reduce])
+        assert len(loads) >= n_vector_blocks, (fn, len(loads))
+        # one reduction per matrix (and two for the LayerNorm), not per column block
+        assert body.count('"tt.reduce"(') == n_reduce, (fn, body.count('"tt.reduce"('))
