@@ -125,7 +125,7 @@ def gpu_checks(log):
 
 def fused_check(models, prompt, log):
     """The decode step as fused Pallas kernels vs the per-operation step, full size, on the GPU:
-    one step from the state after 9-token prompts, B = 2 (rows differ)."""
+    one step from the state after 9-token prompts, B = 1 and 2 (rows differ)."""
     import dataclasses
 
     import jax
@@ -139,7 +139,7 @@ def fused_check(models, prompt, log):
     ok = True
     for name, model in models.items():
         spec = spec_of(model)
-        for B in (2,):
+        for B in (1, 2):
             _, state = prefill(model, [prompt[i: i + 9] for i in range(B)])
             token = jnp.asarray(prompt[9: 9 + B], jnp.int32)
             want = step(dataclasses.replace(spec, fused=False), decode_params(model), token, state)
@@ -157,8 +157,23 @@ def fused_check(models, prompt, log):
     return ok
 
 
-def sweep_fused(model, log, steps=64):
-    """ms per RNN step (bf16, B = 1) of a jitted loop of greedy steps, per DecodeBlockSizes."""
+def parse_blocks(spec: str):
+    """"4x512,2x256x8" -> [DecodeBlockSizes(4, 512), DecodeBlockSizes(2, 256, num_warps=8)]."""
+    from pallas_kernels.decode import DecodeBlockSizes
+
+    out = []
+    for item in filter(None, spec.split(",")):
+        try:
+            nums = [int(v) for v in item.split("x")]
+            out.append(DecodeBlockSizes(*nums[:2], **({"num_warps": nums[2]} if len(nums) > 2 else {})))
+        except (ValueError, TypeError) as err:
+            raise SystemExit(f"--sweep-blocks: {item!r} is not OUTxIN or OUTxINxWARPS of powers of two ({err})")
+    return out
+
+
+def sweep_fused(model, log, steps=64, blocks_list=None):
+    """ms per RNN step (bf16, B = 1) of a jitted loop of greedy steps, per DecodeBlockSizes
+    (blocks_list: these instead of the default list)."""
     import dataclasses
 
     import jax
@@ -180,25 +195,31 @@ def sweep_fused(model, log, steps=64):
 
     # Session 5 (H200): block_out 2 or 8 and 8 warps were no faster than the defaults;
     # session 6: one kernel per layer with grid barriers was slower (docs/PERF.md).
-    variants = [("per-operation step", None), (f"fused {DecodeBlockSizes()}", DecodeBlockSizes())] + [
-        (f"fused {b}", b) for b in (DecodeBlockSizes(block_in=1024),
-                                     DecodeBlockSizes(block_out=2, block_in=1024, num_warps=2))]
-    for name, blocks in variants:
+    # Session 9: early vector loads and one reduction per matrix (on by default), each alone;
+    # the head through pallas_kernels.matvec instead of XLA's cuBLAS gemv: no faster (removed).
+    default = DecodeBlockSizes()
+    variants = [("per-operation step", dict(fused=False)), (f"fused {default}", {})]
+    for b in blocks_list or (DecodeBlockSizes(early_loads=False, reduce_once=False),
+                             DecodeBlockSizes(reduce_once=False), DecodeBlockSizes(early_loads=False),
+                             DecodeBlockSizes(num_warps=8), DecodeBlockSizes(block_out=4, block_in=512),
+                             DecodeBlockSizes(block_out=2, block_in=512), DecodeBlockSizes(block_out=4, block_in=256)):
+        if b != default:
+            variants.append((f"fused {b}", dict(fused_blocks=b)))
+    one = jax.jit(rnn_step, static_argnums=0)
+    token0 = jnp.ones((1,), jnp.int32)
+    for name, change in variants:
         t0 = time.perf_counter()
-        spec = spec_of(model)
-        if blocks is None:
-            spec = dataclasses.replace(spec, fused=False)
-        else:
-            spec = dataclasses.replace(spec, fused_blocks=blocks)
+        spec = dataclasses.replace(spec_of(model), **change)
         f = jax.jit(functools.partial(loop, spec))
-        token, st = jax.block_until_ready(f(state0))
-        if blocks is None:
-            ref = st
-        # the state after `steps` greedy steps vs the per-operation step's (bf16: rounding apart)
-        dev = max(float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) for a, b in zip(st[:2], ref[:2]))
+        jax.block_until_ready(f(state0))
+        # one step from the same state vs the per-operation step (bf16: rounding apart)
+        logits = one(spec, dparams, token0, state0)[0]
+        if not change.get("fused", True):
+            ref = logits
+        dev = float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref))
         sec = median_time(lambda: jax.block_until_ready(f(state0)), 5)
         log(f"| {name} | {1e3 * sec / steps:.3f} | {steps / sec:,.0f} |  ({time.perf_counter() - t0:.0f} s; "
-            f"x_att/x_ffn after {steps} steps vs per-operation: rel. {dev:.1e})")
+            f"one step's logits vs the per-operation step's: rel. {dev:.1e})")
 
 
 def run_prefill(model, prompts):
@@ -256,7 +277,7 @@ def gpu_main(args, log) -> int:
         log(f"# check of the fused decode step failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
     if args.sweep_fused:
         log("| bf16, B=1, jitted loop of 64 greedy steps | ms/step | tokens/s |\n|---|---:|---:|")
-        sweep_fused(models["bfloat16"], log)
+        sweep_fused(models["bfloat16"], log, blocks_list=parse_blocks(args.sweep_blocks))
         log(f"# total {time.perf_counter() - t_start:.0f} s (--sweep-fused: no table)")
         return 0
     models["bfloat16 per-op"] = models["bfloat16"].replace(fused_decode=False)
@@ -371,6 +392,8 @@ def main(argv=None) -> int:
                    "(for a re-timing of code whose checks passed on this card)")
     p.add_argument("--sweep-fused", action="store_true", help="time the fused decode step's block sizes "
                    "(bf16, B=1) after checking the step (also with --skip-checks), instead of the table")
+    p.add_argument("--sweep-blocks", default="", help="with --sweep-fused: these block sizes instead of the "
+                   "default list, comma-separated OUTxIN or OUTxINxWARPS (e.g. 2x256,4x512x8)")
     p.add_argument("--cpu-layers", type=int, default=6)
     p.add_argument("--cpu-width", type=int, default=512)
     p.add_argument("--cpu-vocab", type=int, default=50277)
