@@ -18,7 +18,7 @@ state)` (tests/test_generate.py checks logits and state against it), and is what
 Where the model runs Pallas kernels (`wkv_impl` "pallas", or "auto" on a GPU) and a step has
 at most 16 rows, `rnn_step` runs each layer as four fused kernels (`pallas_kernels.decode`:
 the LayerNorms, token-shift mixes, WKV step, gates and residuals folded into the products):
-~100 kernels per token instead of ~280 (H200, bf16, batch 1: 0.524 instead of 0.582 ms per
+~100 kernels per token instead of ~280 (H200, bf16, batch 1: 0.451 instead of 0.584 ms per
 token, docs/PERF.md). `Model(fused_decode=False)` keeps the per-operation step below, where the products
 with more inputs than outputs (the channel-mix value matrix, [C, 4C]) of batches up to
 `pallas_kernels.matvec.MAX_BATCH` rows go through the Pallas matrix-vector kernel
