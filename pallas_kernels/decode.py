@@ -43,10 +43,10 @@ per token) against 1,714 with the per-operation step in the same run; 1,908 befo
 loads and single reductions (session 5: all loads after the LayerNorm's reductions, one
 reduction per block, 4 x 512 blocks). In a jitted loop of steps the time per step fell 4%
 with the early loads alone, 10% with the single reductions alone, 12% with both, and 3% more
-with 2 x 256 blocks. Per
-kernel (traced): 4.5 us for the time-mix kernel (6.3 MB, 1.4 TB/s), 5.6 us for the channel-mix
-one (10.5 MB), 4.4 us for the value product (8.4 MB), 2.3 us for the output product (2.1 MB):
-still mostly launch, one memory latency and the reductions, not the bytes.
+with 2 x 256 blocks. Per kernel (traced): 4.5 us for the time-mix kernel (6.3 MB, 1.4 TB/s),
+5.6 us for the channel-mix one (10.5 MB), 4.4 us for the value product (8.4 MB), 2.3 us for
+the output product (2.1 MB): still mostly launch, one memory latency and the reductions, not
+the bytes.
 
 State. `aa`, `bb`, `pp` of all layers are passed whole ([L * B, C]) with the layer index as
 a traced int32 (one compiled kernel for all layers) and updated in place
@@ -80,8 +80,9 @@ MAX_BLOCKS = 64  # column blocks per product (unrolled): 4C / block_in
 _MIN_BLOCK = 8
 # 32-bit registers per thread (of 255) for the values a program holds through the kernel:
 # its weights, plus the early-loaded vectors (early_loads) and the [bo, bi] accumulators
-# (reduce_once) where those fit (_Plan.early, _Plan.acc_2d). At B = 1, C = 1024, bf16:
-# time_mix_in 48 + 40 + 48, channel_mix_in 80 + 40 + 80, the value product 64 + 16 + 16.
+# (reduce_once) where those fit (_Plan.early, _Plan.acc_2d). At B = 1, C = 1024, bf16, the
+# default 2 x 256 blocks: time_mix_in 24 + 40 + 12, channel_mix_in 40 + 40 + 20, the value
+# product 32 + 16 + 4; with 4 x 512 blocks 48 + 40 + 48, 80 + 40 + 80, 64 + 16 + 16.
 REG_BUDGET = 200
 
 
