@@ -64,3 +64,15 @@ def test_wkv_bench_cells_use_the_gpu_time_when_traced(monkeypatch):
     assert "| 2,564 (85%)" in traced, traced  # 100 MB / 39 us
     wall = time_cell([], [5e-3], nbytes, copy_bw)
     assert wall == "wall 5,000.0 | 20 (1%)", wall
+
+
+def test_decode_bench_sweep_blocks(monkeypatch):
+    """--sweep-blocks: OUTxIN[xWARPS][+pf] -> DecodeBlockSizes; anything else a one-line exit."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench.decode import parse_blocks
+    from pallas_kernels.decode import DecodeBlockSizes
+
+    assert parse_blocks("2x256,4x512x8+pf") == [
+        DecodeBlockSizes(2, 256), DecodeBlockSizes(4, 512, num_warps=8, prefetch=True)]
+    with pytest.raises(SystemExit, match=r"'2x24' is not OUTxIN"):
+        parse_blocks("2x24")
