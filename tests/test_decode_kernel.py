@@ -116,7 +116,7 @@ def test_mix_out(seed, B, C, dtype, blocks, wide, gated):
     close(got, want, dtype, f"seed={seed} B={B} C={C} in={inp} {jnp.dtype(dtype).name} gated={gated}")
 
 
-@pytest.mark.parametrize("B,C,dtype,blocks", CASES[:3])
+@pytest.mark.parametrize("B,C,dtype,blocks", [CASES[0], CASES[2]])
 def test_prefetch_changes_nothing(seed, B, C, dtype, blocks):
     """Each kernel, also reading the next kernel's matrix into the L2 cache (`prefetch`), gives
     the same bits; an array the programs cannot split evenly is simply not read."""
