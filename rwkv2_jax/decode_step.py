@@ -184,8 +184,8 @@ def _layer_four_kernels(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, kw,
     With DecodeBlockSizes(prefetch=True) each kernel also reads the next kernel's matrix
     (the last one: next_first, the next layer's first matrix) into the L2 cache."""
     ln1, ln2, log_eps = blk["ln1"], blk["ln2"], _log_eps(cfg)
-    blocks = kw["blocks"]
-    pf = (lambda w: w) if blocks is not None and blocks.prefetch else (lambda w: None)  # noqa: E731
+    prefetching = kw["blocks"] is not None and kw["blocks"].prefetch
+    pf = lambda w: w if prefetching else None  # noqa: E731 - the `prefetch` argument of a kernel
     ffn = blk["ffn"]
     if "pre" in blk:  # ffnPre: a channel mix in place of the time mix
         p = blk["pre"]
@@ -201,8 +201,7 @@ def _layer_four_kernels(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, kw,
         x = decode.mix_out(rwkv, p["output_t"], x_ln, prefetch=pf(ffn["kr_t"]), **kw)
     x_ln2, ksq, r = decode.channel_mix_in(x, ln2["scale"], ln2["bias"], prev_ffn, ffn["time_mix"],
                                           ffn["kr_t"], layer, ln_eps=LN_EPS, prefetch=pf(ffn["value_t"]), **kw)
-    x = decode.mix_out(ksq, ffn["value_t"], x_ln2, r,
-                       prefetch=None if next_first is None else pf(next_first), **kw)
+    x = decode.mix_out(ksq, ffn["value_t"], x_ln2, r, prefetch=pf(next_first), **kw)
     return x, x_ln, x_ln2, tuple(wkv)
 
 
