@@ -52,6 +52,15 @@ def test_decode_bench_gpu_rows_on_cpu():
     assert "prefill T=64" in out and "decode, greedy" in out
 
 
+def test_decode_bench_sweep_on_cpu():
+    """--sweep-fused (the fused decode step's variants, each checked against the per-operation
+    step) on a tiny model with the kernels in interpret mode."""
+    out = run("bench/decode.py", "--gpu-rows", "--sweep-fused", "--skip-checks", "--preset", "L2-D64",
+              "--wkv-impl", "pallas_interpret", "--sweep-blocks", "2x16+pf")
+    assert "PASS" in out and "FAIL" not in out
+    assert "| per-operation step |" in out and "prefetch=True) |" in out
+
+
 def test_wkv_bench_cells_use_the_gpu_time_when_traced(monkeypatch):
     """GB/s comes from the kernels' GPU time where a trace gave one (a wall time per call also
     holds the host's dispatch), and from the wall time where it did not (CPU, slow rows)."""
