@@ -12,8 +12,8 @@
 2. decoding: one jitted step for the whole batch draws a token per row on the device
    (bans, penalties, top-p/top-k/temperature: `rwkv2_jax.sampling`) and feeds it back
    through `rwkv2_jax.decode_step` (the model at T = 1 on transposed, merged matrices).
-   On accelerators `generate` runs the whole loop inside one `lax.while_loop`
-   (`DEVICE_STEPS_PER_ITER` steps per iteration), until
+   On accelerators `generate` runs the whole loop on the device in `lax.while_loop`s
+   (`DEVICE_STEPS_PER_ITER` steps per iteration, then the rest), until
    `max_new_tokens` or until every row has drawn a stop token (on CPU, a Python loop of
    the jitted step: `DECODE_LOOP`); `stream` calls the step once per token and yields ids
    as they come. The state is donated to each call on accelerators.
@@ -58,9 +58,10 @@ DECODE_LOOP_DEFAULT = "device"
 # The host loop checks whether every row has stopped once per this many steps (a sync).
 HOST_CHECK_EVERY = 32
 # Decoding steps per iteration of the device loop. Each iteration of an XLA while loop on a
-# GPU sends its condition to the host; running several steps per iteration pays that once
-# per this many tokens. Steps past max_new_tokens change nothing (token -1, state kept).
-DEVICE_STEPS_PER_ITER = 4
+# GPU sends its condition to the host; running several steps per iteration (an inner loop
+# of known length, which needs no such round trip) pays that once per this many tokens.
+# The remaining n % DEVICE_STEPS_PER_ITER steps run 4, then 1 per iteration.
+DEVICE_STEPS_PER_ITER = 32
 
 
 # --- jitted pieces ----------------------------------------------------------------------
@@ -120,10 +121,12 @@ class _Consts(NamedTuple):
 
 
 def _decode_step(spec: StepSpec, dparams, dec: Decoding, consts: _Consts, static: SamplerStatic,
-                 past_end: Optional[jax.Array] = None):
+                 keep_state: bool = True):
     """Draw a token per row from dec.logits, feed it -> (next Decoding, token [B], -1 where done).
 
-    past_end: a [] bool; where true, every row counts as done (nothing changes but the step).
+    keep_state: a finished row keeps the state after its last returned token (needed only
+    where the state is returned and rows can stop; otherwise its state runs on unused,
+    which spares a select over the whole state per step).
     """
     logits = jnp.where(consts.banned, -jnp.inf, dec.logits)
     if static.penalized:
@@ -132,41 +135,45 @@ def _decode_step(spec: StepSpec, dparams, dec: Decoding, consts: _Consts, static
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(consts.keys, dec.step)
     token = draw(logits, keys, consts.knobs, static)  # [B]
     done = dec.done | consts.stop[token]
-    if past_end is not None:
-        done = done | past_end
-    fed = jnp.where(done, 0, token)  # finished rows feed a valid id; their state is kept below
+    fed = jnp.where(done, 0, token)  # finished rows feed a valid id
     new_logits, new_state = _feed(spec, dparams, dec.state, fed)
     seen, counts = dec.seen, dec.counts
     if static.penalized:
         seen, counts = count_token(seen, counts, token, consts.knobs.penalty_decay, ~done)
-    dec = Decoding(_keep_rows(done, dec.state, new_state), new_logits, seen, counts, done, dec.step + 1)
+    if keep_state:
+        new_state = _keep_rows(done, dec.state, new_state)
+    dec = Decoding(new_state, new_logits, seen, counts, done, dec.step + 1)
     return dec, jnp.where(done, -1, token)
 
 
 def _decode_loop(spec: StepSpec, dparams, dec: Decoding, consts: _Consts, n: jax.Array, *, static, out_len: int,
-                 per_iter: int = 1):
-    """Up to n steps in one lax.while_loop, `per_iter` steps per iteration; stops early once
-    every row is done. out_len >= n + per_iter - 1 (an iteration may run past step n).
+                 per_iter: int = 1, keep_state: bool = True):
+    """n steps in lax.while_loops, stopping early once every row is done: `per_iter` steps
+    per iteration (an inner loop of known length) while that many remain, then 4, then 1
+    (so no step runs past n). out_len >= n.
 
     -> (Decoding, tokens [B, out_len] int32, -1 after a row's end and past step n).
     """
     B = dec.done.shape[0]
 
-    def cond(carry):
-        dec, _ = carry
-        return (dec.step < n) & ~jnp.all(dec.done)
-
-    def body(carry):
+    def one(carry):
         dec, out = carry
-        for _ in range(per_iter):
-            step = dec.step
-            past_end = None if per_iter == 1 else step >= n
-            dec, token = _decode_step(spec, dparams, dec, consts, static, past_end)
-            out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
-        return dec, out
+        step = dec.step
+        dec, token = _decode_step(spec, dparams, dec, consts, static, keep_state)
+        return dec, jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
 
-    out = jnp.full((B, out_len), -1, jnp.int32)
-    return jax.lax.while_loop(cond, body, (dec, out))
+    def loop(carry, per):
+        def cond(carry):
+            dec, _ = carry
+            return (dec.step + per <= n) & ~jnp.all(dec.done)
+
+        body = one if per == 1 else lambda carry: jax.lax.fori_loop(0, per, lambda _, c: one(c), carry)
+        return jax.lax.while_loop(cond, body, carry)
+
+    carry = (dec, jnp.full((B, out_len), -1, jnp.int32))
+    for per in sorted({per_iter, min(per_iter, 4), 1}, reverse=True):
+        carry = loop(carry, per)
+    return carry
 
 
 # --- host side: validation and setup -------------------------------------------------------
@@ -320,19 +327,19 @@ def generate(
     if max_new_tokens == 0:
         return [[] for _ in rows], prompt_state
     dec = _start(logits, prompt_state, params)
+    keep_state = return_state and bool(params.stop_tokens)  # else no row's state is kept or read
     if decode_loop == "device":
-        loop = _jit(_decode_loop, ("spec", "static", "out_len", "per_iter"), ("dec",))
-        per_iter = min(DEVICE_STEPS_PER_ITER, max_new_tokens)
+        loop = _jit(_decode_loop, ("spec", "static", "out_len", "per_iter", "keep_state"), ("dec",))
         dec, out = loop(spec_of(model), decode_params(model), dec, consts, jnp.asarray(max_new_tokens, jnp.int32),
-                        static=params.static(), out_len=_pow2_at_least(max_new_tokens + per_iter - 1, MIN_OUT_LEN),
-                        per_iter=per_iter)
+                        static=params.static(), out_len=_pow2_at_least(max_new_tokens, MIN_OUT_LEN),
+                        per_iter=DEVICE_STEPS_PER_ITER, keep_state=keep_state)
         out = np.asarray(out)[:, :max_new_tokens]
     else:
-        step = _jit(_decode_step, ("spec", "static"), ("dec",))
+        step = _jit(_decode_step, ("spec", "static", "keep_state"), ("dec",))
         spec, dparams = spec_of(model), decode_params(model)
         out = []
         for i in range(max_new_tokens):
-            dec, token = step(spec, dparams, dec, consts, params.static())
+            dec, token = step(spec, dparams, dec, consts, params.static(), keep_state)
             out.append(token)
             if (i + 1) % HOST_CHECK_EVERY == 0 and bool(jnp.all(dec.done)):
                 break
@@ -383,13 +390,13 @@ def stream_batch(
             raise ValueError(f"context logits have shape {list(logits.shape)}, expected "
                              f"[{len(rows)}, {model.config.vocab_size}] (B, V)")
         logits, prompt_state = jnp.array(logits), _check_state(model, prompt_state, len(rows))
-    step = _jit(_decode_step, ("spec", "static"), ("dec",))
+    step = _jit(_decode_step, ("spec", "static", "keep_state"), ("dec",))
     spec, dparams = spec_of(model), decode_params(model)
     dec, static = _start(logits, prompt_state, params), params.static()
     pending = None
     for _ in range(max_new_tokens):
         # Dispatch the next step before reading the previous token, so the device never waits on the host.
-        dec, token = step(spec, dparams, dec, consts, static)
+        dec, token = step(spec, dparams, dec, consts, static, False)  # no state returned
         if pending is not None:
             ids = np.asarray(pending)
             if (ids < 0).all():

@@ -95,7 +95,7 @@ def test_batched_equals_one_by_one_greedy_and_sampled(model):
 
 @pytest.mark.parametrize("n", [1, 5, 7])
 def test_device_loop_runs_several_steps_per_iteration_exactly(model, n):
-    """Steps past max_new_tokens inside the last iteration change neither tokens nor state."""
+    """n not a multiple of the steps per iteration: the last steps run one per iteration (same tokens and state)."""
     from rwkv2_jax.generate import DEVICE_STEPS_PER_ITER
 
     assert DEVICE_STEPS_PER_ITER > 1
@@ -220,6 +220,19 @@ def test_stop_tokens_end_their_row_only(model):
     # a batch whose every row stops returns the same, on both loops
     for loop in ("host", "device"):
         assert generate(model, PROMPTS[1:2], 100, temperature=0, stop_tokens=(stop,), decode_loop=loop) == [out[1]]
+
+
+@pytest.mark.parametrize("loop", ["host", "device"])
+def test_returned_state_of_a_stopped_row_is_after_its_last_token(model, loop):
+    """A row that stops keeps the state after its last returned token; the others run on."""
+    greedy = generate(model, PROMPTS, 9, temperature=0)
+    stop = greedy[0][2]
+    out, state = generate(model, PROMPTS, 9, temperature=0, stop_tokens=(stop,), return_state=True, decode_loop=loop)
+    assert len(out[0]) == 2 and any(len(row) == 9 for row in out)
+    for b, (prompt, row) in enumerate(zip(PROMPTS, out)):
+        want = prefill(model, [prompt + row])[1]
+        for got, w in zip(state, want):
+            np.testing.assert_allclose(np.asarray(got[:, b]), np.asarray(w[:, 0]), rtol=1e-4, atol=1e-4)
 
 
 def test_bad_arguments_give_one_line_errors(model):
