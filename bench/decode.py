@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import math
 import os
 import sys
@@ -174,9 +175,10 @@ def parse_blocks(spec: str):
     return out
 
 
-def sweep_fused(model, log, steps=64, blocks_list=None):
+def sweep_fused(model, log, steps=64, blocks_list=None, gen_tokens=512):
     """ms per RNN step (bf16, B = 1) of a jitted loop of greedy steps, per DecodeBlockSizes
-    (blocks_list: these instead of the default list)."""
+    (blocks_list: these instead of the default list); then rw.generate's (gen_tokens and a
+    quarter of them)."""
     import dataclasses
 
     import jax
@@ -223,8 +225,24 @@ def sweep_fused(model, log, steps=64, blocks_list=None):
             ref = logits
         dev = float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref))
         sec = median_time(lambda: jax.block_until_ready(f(state0)), 5)
+        verdict = "PASS" if dev < 5e-2 else "FAIL"  # bf16 rounding apart: ~7e-3 on an H200
         log(f"| {name} | {1e3 * sec / steps:.3f} | {steps / sec:,.0f} |  ({time.perf_counter() - t0:.0f} s; "
-            f"one step's logits vs the per-operation step's: rel. {dev:.1e})")
+            f"one step's logits vs the per-operation step's: rel. {dev:.1e} {verdict})")
+    # rw.generate around the default step: its loop's steps per iteration, and the cost
+    # that does not grow with the tokens (from two lengths).
+    gen = importlib.import_module("rwkv2_jax.generate")  # the module (rwkv2_jax.generate is also the function)
+
+    per_iter = gen.DEVICE_STEPS_PER_ITER
+    try:
+        for k, n in ((4, gen_tokens), (32, gen_tokens), (32, max(gen_tokens // 4, 1))):
+            gen.DEVICE_STEPS_PER_ITER = k
+            t0 = time.perf_counter()
+            run_decode(model, [[1]], n, dict(temperature=0))
+            sec = median_time(functools.partial(run_decode, model, [[1]], n, dict(temperature=0)), 5)
+            log(f"| rw.generate, {n} tokens, {k} steps per loop iteration | {1e3 * sec / n:.3f} | {n / sec:,.0f} "
+                f"|  ({time.perf_counter() - t0:.0f} s)")
+    finally:
+        gen.DEVICE_STEPS_PER_ITER = per_iter
 
 
 def run_prefill(model, prompts):
@@ -276,13 +294,13 @@ def gpu_main(args, log) -> int:
 
     models = {"float32": f32, "bfloat16": with_weight_dtype(f32, jnp.bfloat16)}
     try:
-        if not args.skip_checks or args.sweep_fused:  # the sweep's variants are checked first
+        if not args.skip_checks:  # (the sweep also checks each variant's logits)
             fused_check(models, prompt, log)
     except Exception as err:
         log(f"# check of the fused decode step failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
     if args.sweep_fused:
         log("| bf16, B=1, jitted loop of 64 greedy steps | ms/step | tokens/s |\n|---|---:|---:|")
-        sweep_fused(models["bfloat16"], log, blocks_list=parse_blocks(args.sweep_blocks))
+        sweep_fused(models["bfloat16"], log, blocks_list=parse_blocks(args.sweep_blocks), gen_tokens=args.steps_b1)
         log(f"# total {time.perf_counter() - t_start:.0f} s (--sweep-fused: no table)")
         return 0
     models["bfloat16 per-op"] = models["bfloat16"].replace(fused_decode=False)
@@ -396,7 +414,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-checks", action="store_true", help="no correctness checks before the timings "
                    "(for a re-timing of code whose checks passed on this card)")
     p.add_argument("--sweep-fused", action="store_true", help="time the fused decode step's block sizes "
-                   "(bf16, B=1) after checking the step (also with --skip-checks), instead of the table")
+                   "(bf16, B=1; each variant's logits checked against the per-operation step) and rw.generate's loop, instead of the table")
     p.add_argument("--sweep-blocks", default="", help="with --sweep-fused: these block sizes instead of the "
                    "default list, comma-separated OUTxIN or OUTxINxWARPS, +pf for prefetch=True "
                    "(e.g. 2x256,2x256+pf,4x512x8)")

@@ -54,11 +54,12 @@ def test_decode_bench_gpu_rows_on_cpu():
 
 def test_decode_bench_sweep_on_cpu():
     """--sweep-fused (the fused decode step's variants, each checked against the per-operation
-    step) on a tiny model with the kernels in interpret mode."""
+    step, then rw.generate's loop) on a tiny model with the kernels in interpret mode."""
     out = run("bench/decode.py", "--gpu-rows", "--sweep-fused", "--skip-checks", "--preset", "L2-D64",
-              "--wkv-impl", "pallas_interpret", "--sweep-blocks", "2x16+pf")
-    assert "PASS" in out and "FAIL" not in out
+              "--wkv-impl", "pallas_interpret", "--sweep-blocks", "2x16+pf", "--steps-b1", "8")
+    assert out.count("PASS") == 3 and "FAIL" not in out
     assert "| per-operation step |" in out and "prefetch=True) |" in out
+    assert "| rw.generate, 8 tokens, 32 steps per loop iteration |" in out
 
 
 def test_wkv_bench_cells_use_the_gpu_time_when_traced(monkeypatch):
