@@ -38,8 +38,8 @@ accumulated elementwise over the blocks and reduced once per matrix (2 + G reduc
 back where the values would not fit in the registers (REG_BUDGET: larger B, float32 weights
 in wide blocks). The column loop is unrolled (at most MAX_BLOCKS blocks).
 
-Measured (docs/PERF.md, H200, L24-D1024, bf16, batch 1, rw.generate): 2,219 tokens/s (0.451 ms
-per token) against 1,714 with the per-operation step in the same run; 1,908 before the early
+Measured (docs/PERF.md, H200, L24-D1024, bf16, batch 1, rw.generate): 2,216-2,239 tokens/s
+(session 10; 0.423 ms per step in a jitted loop of steps), 2,219 in session 9 (0.451 ms per token) against 1,714 with the per-operation step in the same run; 1,908 before the early
 loads and single reductions (session 5: all loads after the LayerNorm's reductions, one
 reduction per block, 4 x 512 blocks). In a jitted loop of steps the time per step fell 4%
 with the early loads alone, 10% with the single reductions alone, 12% with both, and 3% more
@@ -48,8 +48,9 @@ with 2 x 256 blocks. Per kernel (traced): 4.5 us for the time-mix kernel (6.3 MB
 the output product (2.1 MB): still mostly launch, one memory latency and the reductions, not
 the bytes.
 
-Prefetch (`DecodeBlockSizes(prefetch=True)`, off by default: written in session 9 after the
-device time was spent, not yet timed). What a kernel's time holds beyond its bytes is the
+Prefetch (`DecodeBlockSizes(prefetch=True)`, off by default: timed in session 10 on an H200,
+41% slower per step, 0.597 vs 0.423 ms: the extra loads compete with each kernel's own
+stream; kept only as a measured option). What a kernel's time holds beyond its bytes is the
 launch, one memory latency before its weights stream and the reductions and stores at its
 end, during which the memory is idle. With `prefetch`, each kernel also reads the matrix the
 next kernel will read (after its own loads, spread evenly over its programs; `_Prefetch`), so
@@ -112,7 +113,7 @@ class DecodeBlockSizes:
     # (REG_BUDGET); else one reduction per column block.
     reduce_once: bool = True
     # rwkv2_jax.decode_step: every kernel also reads the weights of the kernel after it (the
-    # `prefetch` argument), so that those come from the L2 cache. Off until timed on a GPU.
+    # `prefetch` argument), so that those come from the L2 cache. Off: slower (module docstring).
     prefetch: bool = False
 
     def __post_init__(self):
