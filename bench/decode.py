@@ -234,7 +234,7 @@ def sweep_fused(model, log, steps=64, blocks_list=None, gen_tokens=512):
 
     per_iter = gen.DEVICE_STEPS_PER_ITER
     try:
-        for k, n in ((4, gen_tokens), (32, gen_tokens), (32, max(gen_tokens // 4, 1))):
+        for k, n in ((4, gen_tokens), (per_iter, gen_tokens), (per_iter, max(gen_tokens // 4, 1))):
             gen.DEVICE_STEPS_PER_ITER = k
             t0 = time.perf_counter()
             run_decode(model, [[1]], n, dict(temperature=0))
