@@ -38,7 +38,7 @@ import numpy as np
 
 from rwkv2_jax.api import Model, check_tokens
 from rwkv2_jax.decode_step import StepSpec, decode_params, rnn_step, spec_of
-from rwkv2_jax.model import State
+from rwkv2_jax.model import State, init_state
 from rwkv2_jax.sampling import SamplerKnobs, SamplerStatic, SamplingParams, count_token, draw, penalize
 from rwkv2_jax.xla import jit
 
@@ -84,12 +84,15 @@ def _keep_rows(keep: jax.Array, old: State, new: State) -> State:
     return State(*(jnp.where(mask, o, n) for o, n in zip(old, new)))
 
 
-def _prefill_chunk(module, params, state: State, tokens: jax.Array, lengths: Optional[jax.Array]) -> State:
+def _prefill_chunk(module, params, state: Optional[State], tokens: jax.Array, lengths: Optional[jax.Array]) -> State:
     """GPT mode over one chunk tokens [B, S] -> the state after each row's lengths[b] tokens.
 
-    lengths None: every row is full. A row with lengths[b] == 0 keeps its state. The
-    logits are not returned, so XLA drops the vocabulary head.
+    state None: the start of a sequence. lengths None: every row is full. A row with
+    lengths[b] == 0 keeps its state. The logits are not returned, so XLA drops the
+    vocabulary head.
     """
+    if state is None:  # built here, not on the host: no transfer, no eager ops per call
+        state = init_state(module.config, tokens.shape[0])
     if lengths is None:
         _, new = module.apply({"params": params}, tokens, state)
         return new
@@ -97,8 +100,11 @@ def _prefill_chunk(module, params, state: State, tokens: jax.Array, lengths: Opt
     return _keep_rows(lengths == 0, state, new)
 
 
-def _feed(spec: StepSpec, dparams, state: State, token: jax.Array) -> Tuple[jax.Array, State]:
-    """One RNN step on token [B] -> (logits [B, V] float32, state) (rwkv2_jax.decode_step)."""
+def _feed(spec: StepSpec, dparams, state: Optional[State], token: jax.Array) -> Tuple[jax.Array, State]:
+    """One RNN step on token [B] -> (logits [B, V] float32, state) (rwkv2_jax.decode_step).
+    state None: the start of a sequence."""
+    if state is None:
+        state = init_state(spec.config, token.shape[0])
     return rnn_step(spec, dparams, token, state)
 
 
@@ -114,10 +120,12 @@ class Decoding(NamedTuple):
 
 
 class _Consts(NamedTuple):
+    """Per-call constants of the decode loop; host (numpy) values until a jitted call takes them."""
+
     knobs: SamplerKnobs
-    banned: jax.Array  # [V] bool
-    stop: jax.Array  # [V] bool
-    keys: jax.Array  # [B] typed PRNG keys
+    banned: np.ndarray  # [V] bool
+    stop: np.ndarray  # [V] bool
+    seeds: np.ndarray  # [B] uint32: row b draws with fold_in(key(seeds[b]), step)
 
 
 def _decode_step(spec: StepSpec, dparams, dec: Decoding, consts: _Consts, static: SamplerStatic,
@@ -132,7 +140,7 @@ def _decode_step(spec: StepSpec, dparams, dec: Decoding, consts: _Consts, static
     if static.penalized:
         logits = penalize(logits, dec.seen, dec.counts, consts.knobs.presence_penalty,
                           consts.knobs.frequency_penalty)
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(consts.keys, dec.step)
+    keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), dec.step))(consts.seeds)
     token = draw(logits, keys, consts.knobs, static)  # [B]
     done = dec.done | consts.stop[token]
     fed = jnp.where(done, 0, token)  # finished rows feed a valid id
@@ -146,14 +154,15 @@ def _decode_step(spec: StepSpec, dparams, dec: Decoding, consts: _Consts, static
     return dec, jnp.where(done, -1, token)
 
 
-def _decode_loop(spec: StepSpec, dparams, dec: Decoding, consts: _Consts, n: jax.Array, *, static, out_len: int,
-                 per_iter: int = 1, keep_state: bool = True):
-    """n steps in lax.while_loops, stopping early once every row is done: `per_iter` steps
-    per iteration (an inner loop of known length) while that many remain, then 4, then 1
-    (so no step runs past n). out_len >= n.
+def _decode_loop(spec: StepSpec, dparams, logits: jax.Array, state: State, consts: _Consts, n: jax.Array, *,
+                 static, out_len: int, per_iter: int = 1, keep_state: bool = True):
+    """n steps from (logits, state) in lax.while_loops, stopping early once every row is done:
+    `per_iter` steps per iteration (an inner loop of known length) while that many remain,
+    then 4, then 1 (so no step runs past n). out_len >= n.
 
     -> (Decoding, tokens [B, out_len] int32, -1 after a row's end and past step n).
     """
+    dec = _start(logits, state, static.penalized)
     B = dec.done.shape[0]
 
     def one(carry):
@@ -227,15 +236,15 @@ def _row_seeds(seed, batch_size: int) -> np.ndarray:
 
 
 def _consts(model: Model, params: SamplingParams, seed, batch_size: int) -> _Consts:
+    """Validated host values (no device work: generate's set-up is paid on every call)."""
     banned, stop = params.masks(model.config.vocab_size)
-    keys = jax.vmap(jax.random.key)(jnp.asarray(_row_seeds(seed, batch_size)))
-    return _Consts(params.knobs(), jnp.asarray(banned), jnp.asarray(stop), keys)
+    return _Consts(params.knobs(), banned, stop, _row_seeds(seed, batch_size))
 
 
-def _start(logits: jax.Array, state: State, params: SamplingParams) -> Decoding:
+def _start(logits: jax.Array, state: State, penalized: bool) -> Decoding:
     B, V = logits.shape
     seen = counts = None
-    if params.penalized:
+    if penalized:
         seen, counts = jnp.zeros((B, V), bool), jnp.zeros((B, V), jnp.float32)
     return Decoding(state, logits, seen, counts, jnp.zeros((B,), bool), jnp.zeros((), jnp.int32))
 
@@ -262,8 +271,6 @@ def prefill(
     rows = _check_prompts(prompts, model.config.vocab_size)
     B = len(rows)
     state = _check_state(model, state, B)
-    if state is None:  # distinct buffers (init_state shares one zeros array), as they are donated
-        state = jax.tree.map(jnp.array, model.init_state(B))
     body = np.array([len(r) - 1 for r in rows])  # tokens per row that go through GPT mode
     chunk = _jit(_prefill_chunk, ("module",), ("state",))
     start, longest = 0, int(body.max())
@@ -274,10 +281,9 @@ def prefill(
         for b, r in enumerate(rows):
             tokens[b, : lengths[b]] = r[start : start + lengths[b]]
         full = bool((lengths == size).all())  # no padding: no masking needed
-        state = chunk(model.module, model.params, state, jnp.asarray(tokens),
-                      None if full else jnp.asarray(lengths, jnp.int32))
+        state = chunk(model.module, model.params, state, tokens, None if full else lengths.astype(np.int32))
         start += size
-    last = jnp.asarray(np.array([r[-1] for r in rows], np.int32))
+    last = np.array([r[-1] for r in rows], np.int32)
     return _jit(_feed, ("spec",), ("state",))(spec_of(model), decode_params(model), state, last)
 
 
@@ -326,17 +332,17 @@ def generate(
     logits, prompt_state = prefill(model, rows, state=state, chunk_size=chunk_size)
     if max_new_tokens == 0:
         return [[] for _ in rows], prompt_state
-    dec = _start(logits, prompt_state, params)
     keep_state = return_state and bool(params.stop_tokens)  # else no row's state is kept or read
     if decode_loop == "device":
-        loop = _jit(_decode_loop, ("spec", "static", "out_len", "per_iter", "keep_state"), ("dec",))
-        dec, out = loop(spec_of(model), decode_params(model), dec, consts, jnp.asarray(max_new_tokens, jnp.int32),
+        loop = _jit(_decode_loop, ("spec", "static", "out_len", "per_iter", "keep_state"), ("logits", "state"))
+        dec, out = loop(spec_of(model), decode_params(model), logits, prompt_state, consts, np.int32(max_new_tokens),
                         static=params.static(), out_len=_pow2_at_least(max_new_tokens, MIN_OUT_LEN),
                         per_iter=DEVICE_STEPS_PER_ITER, keep_state=keep_state)
         out = np.asarray(out)[:, :max_new_tokens]
     else:
         step = _jit(_decode_step, ("spec", "static", "keep_state"), ("dec",))
         spec, dparams = spec_of(model), decode_params(model)
+        dec, consts = _start(logits, prompt_state, params.penalized), jax.device_put(consts)
         out = []
         for i in range(max_new_tokens):
             dec, token = step(spec, dparams, dec, consts, params.static(), keep_state)
@@ -392,7 +398,8 @@ def stream_batch(
         logits, prompt_state = jnp.array(logits), _check_state(model, prompt_state, len(rows))
     step = _jit(_decode_step, ("spec", "static", "keep_state"), ("dec",))
     spec, dparams = spec_of(model), decode_params(model)
-    dec, static = _start(logits, prompt_state, params), params.static()
+    dec, static = _start(logits, prompt_state, params.penalized), params.static()
+    consts = jax.device_put(consts)  # once, not with every step
     pending = None
     for _ in range(max_new_tokens):
         # Dispatch the next step before reading the previous token, so the device never waits on the host.

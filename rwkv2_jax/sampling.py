@@ -111,9 +111,10 @@ class SamplingParams:
         return SamplerStatic(self.greedy, self.top_p < 1.0, self.top_k > 0, self.penalized)
 
     def knobs(self) -> "SamplerKnobs":
-        """The float values, as device scalars (traced: changing them does not recompile)."""
-        f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-        return SamplerKnobs(f32(max(self.temperature, 1e-30)), f32(self.top_p), jnp.asarray(self.top_k, jnp.int32),
+        """The values, as numpy scalars: arguments of a jitted function, so traced (changing them
+        does not recompile), and host values until then (no transfer per knob and call)."""
+        f32 = np.float32
+        return SamplerKnobs(f32(max(self.temperature, 1e-30)), f32(self.top_p), np.int32(self.top_k),
                             f32(self.presence_penalty), f32(self.frequency_penalty), f32(self.penalty_decay))
 
 
