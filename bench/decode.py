@@ -159,19 +159,18 @@ def fused_check(models, prompt, log):
 
 
 def parse_blocks(spec: str):
-    """"4x512,2x256x8+pf" -> [DecodeBlockSizes(4, 512), DecodeBlockSizes(2, 256, num_warps=8,
-    prefetch=True)]."""
+    """"4x512,2x256x8" -> [DecodeBlockSizes(4, 512), DecodeBlockSizes(2, 256, num_warps=8)]."""
     from pallas_kernels.decode import DecodeBlockSizes
 
     out = []
     for item in filter(None, spec.split(",")):
         try:
-            nums = [int(v) for v in item.removesuffix("+pf").split("x")]
-            out.append(DecodeBlockSizes(*nums[:2], **({"num_warps": nums[2]} if len(nums) > 2 else {}),
-                                        prefetch=item.endswith("+pf")))
+            nums = [int(v) for v in item.split("x")]
+            if not 2 <= len(nums) <= 3:
+                raise ValueError("two or three numbers")
+            out.append(DecodeBlockSizes(*nums[:2], **({"num_warps": nums[2]} if len(nums) > 2 else {})))
         except (ValueError, TypeError) as err:
-            raise SystemExit(f"--sweep-blocks: {item!r} is not OUTxIN or OUTxINxWARPS (powers of two), "
-                             f"optionally +pf ({err})")
+            raise SystemExit(f"--sweep-blocks: {item!r} is not OUTxIN or OUTxINxWARPS (powers of two) ({err})")
     return out
 
 
@@ -202,11 +201,10 @@ def sweep_fused(model, log, steps=64, blocks_list=None, gen_tokens=512):
     # session 6: one kernel per layer with grid barriers was slower (docs/PERF.md).
     # Session 9: early vector loads and one reduction per matrix (on by default), each alone;
     # the head through pallas_kernels.matvec instead of XLA's cuBLAS gemv: no faster (removed);
-    # each kernel reading the next one's weights into the L2 (prefetch=True): written, not timed.
+    # session 10: each kernel reading the next one's weights into the L2 (prefetch): 41% slower, removed.
     default = DecodeBlockSizes()
     variants = [("per-operation step", dict(fused=False)), (f"fused {default}", {})]
-    for b in blocks_list or (DecodeBlockSizes(prefetch=True),
-                             DecodeBlockSizes(early_loads=False, reduce_once=False),
+    for b in blocks_list or (DecodeBlockSizes(early_loads=False, reduce_once=False),
                              DecodeBlockSizes(reduce_once=False), DecodeBlockSizes(early_loads=False),
                              DecodeBlockSizes(num_warps=8), DecodeBlockSizes(block_out=4, block_in=512),
                              DecodeBlockSizes(block_out=2, block_in=512), DecodeBlockSizes(block_out=4, block_in=256)):
@@ -416,8 +414,7 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-fused", action="store_true", help="time the fused decode step's block sizes "
                    "(bf16, B=1; each variant's logits checked against the per-operation step) and rw.generate's loop, instead of the table")
     p.add_argument("--sweep-blocks", default="", help="with --sweep-fused: these block sizes instead of the "
-                   "default list, comma-separated OUTxIN or OUTxINxWARPS, +pf for prefetch=True "
-                   "(e.g. 2x256,2x256+pf,4x512x8)")
+                   "default list, comma-separated OUTxIN or OUTxINxWARPS (e.g. 2x256,4x512x8)")
     p.add_argument("--cpu-layers", type=int, default=6)
     p.add_argument("--cpu-width", type=int, default=512)
     p.add_argument("--cpu-vocab", type=int, default=50277)

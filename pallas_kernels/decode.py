@@ -48,15 +48,9 @@ with 2 x 256 blocks. Per kernel (traced): 4.5 us for the time-mix kernel (6.3 MB
 the output product (2.1 MB): still mostly launch, one memory latency and the reductions, not
 the bytes.
 
-Prefetch (`DecodeBlockSizes(prefetch=True)`, off by default: timed in session 10 on an H200,
-41% slower per step, 0.597 vs 0.423 ms: the extra loads compete with each kernel's own
-stream; kept only as a measured option). What a kernel's time holds beyond its bytes is the
-launch, one memory latency before its weights stream and the reductions and stores at its
-end, during which the memory is idle. With `prefetch`, each kernel also reads the matrix the
-next kernel will read (after its own loads, spread evenly over its programs; `_Prefetch`), so
-that the next kernel finds it in the L2 cache (50 MB on an H100/H200; a layer's matrices are
-27 MB for L24-D1024 in bf16) and the memory keeps streaming through each kernel's tail. The
-values read feed only a [programs] output that nobody uses; the results are the same bits.
+Reading the next kernel's matrix during each kernel, so that it would come from the L2 cache
+(a `prefetch` option, session 9), made the step 41% slower on an H200 (0.597 vs 0.423 ms:
+the extra loads compete with the kernel's own stream) and was removed (docs/PERF.md, session 10).
 
 State. `aa`, `bb`, `pp` of all layers are passed whole ([L * B, C]) with the layer index as
 a traced int32 (one compiled kernel for all layers) and updated in place
@@ -112,9 +106,6 @@ class DecodeBlockSizes:
     # matrix and batch row) and reduce once at the end, where that fits in the registers
     # (REG_BUDGET); else one reduction per column block.
     reduce_once: bool = True
-    # rwkv2_jax.decode_step: every kernel also reads the weights of the kernel after it (the
-    # `prefetch` argument), so that those come from the L2 cache. Off: slower (module docstring).
-    prefetch: bool = False
 
     def __post_init__(self):
         for name in ("block_out", "block_in"):
@@ -199,25 +190,10 @@ def _plan(B, C, inp, G, dtype, blocks, interpret) -> _Plan:
                  reduce_once=blocks.reduce_once)
 
 
-def _pallas(kernel, plan: _Plan, name, out_shape, args, aliases=None, prefetch=None):
-    """pallas_call of kernel(*in_refs, *out_refs, pf=..., plan=plan). With `prefetch` (an array
-    the next kernel reads) it gets one more input and one more output (_Prefetch), dropped from
-    the results; without, or where the programs cannot split it evenly, pf does nothing."""
-    out_shape = tuple(out_shape) if isinstance(out_shape, (tuple, list)) else (out_shape,)
-    split = None if prefetch is None else _prefetch_split(prefetch.size, plan.grid[0])
-    n_in = len(args)
-
-    def body(*refs):
-        if split is None:
-            return kernel(*refs, pf=_Prefetch(None, None, None, plan), plan=plan)
-        ins, outs = refs[:n_in], refs[n_in + 1: -1]
-        return kernel(*ins, *outs, pf=_Prefetch(refs[n_in], refs[-1], split, plan), plan=plan)
-
-    if split is not None:
-        args = (*args, prefetch.reshape(-1))
-        out_shape = (*out_shape, jax.ShapeDtypeStruct(plan.grid, jnp.float32))
-    out = pl.pallas_call(
-        body,
+def _pallas(kernel, plan: _Plan, name, out_shape, args, aliases=None):
+    """pallas_call of kernel(*in_refs, *out_refs, plan=plan) over plan.grid."""
+    return pl.pallas_call(
+        functools.partial(kernel, plan=plan),
         out_shape=out_shape,
         grid=plan.grid,
         input_output_aliases=aliases or {},
@@ -225,48 +201,6 @@ def _pallas(kernel, plan: _Plan, name, out_shape, args, aliases=None, prefetch=N
         name=name,
         compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=1),
     )(*args)
-    out = out[:-1] if split is not None else out
-    return out if len(out) > 1 else out[0]
-
-
-PREFETCH_CHUNK = 2048  # elements per prefetch load, at most
-
-
-def _prefetch_split(n: int, programs: int):
-    """(chunk, chunks per program) to spread n elements evenly over the programs in
-    power-of-two chunks of at least _MIN_BLOCK; None where that is not possible (no prefetch)."""
-    if n % programs:
-        return None
-    per = n // programs
-    chunk = _pow2_divisor(per, PREFETCH_CHUNK)
-    return None if chunk < _MIN_BLOCK else (chunk, per // chunk)
-
-
-class _Prefetch:
-    """Reads the next kernel's weights (`prefetch` of the public functions) so that they are in
-    the L2 cache when it starts: each program loads its share (chunk c of program p at element
-    (c * programs + p) * chunk) after its own loads, and at its end stores the largest value it
-    read to a [programs] output nobody uses (the store keeps the loads from being removed).
-    The computation is untouched: outputs are the same bit for bit with and without."""
-
-    def __init__(self, ref, touch_ref, split, plan: _Plan):
-        self.ref, self.touch_ref, self.split, self.plan = ref, touch_ref, split, plan
-        self.loaded = []
-
-    def issue(self):
-        if self.ref is None:
-            return
-        chunk, n = self.split
-        p = pl.program_id(0)
-        self.loaded = [self.ref[pl.ds((c * self.plan.grid[0] + p) * chunk, chunk)] for c in range(n)]
-
-    def finish(self):
-        if not self.loaded:
-            return
-        m = self.loaded[0].astype(jnp.float32)
-        for v in self.loaded[1:]:
-            m = jnp.maximum(m, v.astype(jnp.float32))
-        self.touch_ref[pl.ds(pl.program_id(0), 1)] = jnp.broadcast_to(jnp.max(m), (1,))
 
 
 def _round(x, dtype):
@@ -365,7 +299,7 @@ def _store_row(ref, row, rows, value):
 
 def _time_mix_in_kernel(layer_ref, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, w_ref,
                         aa_ref, bb_ref, pp_ref, wlog_ref, ulog_ref,
-                        xln_ref, rwkv_ref, aa_out, bb_out, pp_out, *, pf, plan: _Plan, k_clamp, log_eps, ln_eps):
+                        xln_ref, rwkv_ref, aa_out, bb_out, pp_out, *, plan: _Plan, k_clamp, log_eps, ln_eps):
     ws = _load_weights(w_ref, plan)
     layer = layer_ref[0]
     r0 = pl.program_id(0) * plan.bo
@@ -376,7 +310,6 @@ def _time_mix_in_kernel(layer_ref, x_ref, scale_ref, bias_ref, prev_ref, tmix_re
     w_log, u_log = wlog_ref[rows], ulog_ref[rows]
     scale, bias = scale_ref[rows], bias_ref[rows]
     vec = _vectors(layer, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, plan)
-    pf.issue()
     stats = _ln_stats(vec, plan, ln_eps)
     acc = _mixed_products(ws, vec, plan, stats)
     for b in range(plan.B):
@@ -404,11 +337,10 @@ def _time_mix_in_kernel(layer_ref, x_ref, scale_ref, bias_ref, prev_ref, tmix_re
         _store_row(pp_out, srow, rows, p2)
         _store_row(rwkv_ref, b, rows, _sigmoid(r) * out)
         _store_row(xln_ref, b, rows, _ln(x_rows, stats[b], scale, bias))
-    pf.finish()
 
 
 def _channel_mix_in_kernel(layer_ref, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, w_ref,
-                           xln_ref, ksq_ref, r_ref, *, pf, plan: _Plan, ln_eps):
+                           xln_ref, ksq_ref, r_ref, *, plan: _Plan, ln_eps):
     ws = _load_weights(w_ref, plan)
     layer = layer_ref[0]
     r0 = pl.program_id(0) * plan.bo
@@ -416,7 +348,6 @@ def _channel_mix_in_kernel(layer_ref, x_ref, scale_ref, bias_ref, prev_ref, tmix
     scale, bias = scale_ref[rows], bias_ref[rows]
     x_rows = [x_ref[b, rows] for b in range(plan.B)]
     vec = _vectors(layer, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, plan)
-    pf.issue()
     stats = _ln_stats(vec, plan, ln_eps)
     acc = _mixed_products(ws, vec, plan, stats)
     for b in range(plan.B):
@@ -425,10 +356,9 @@ def _channel_mix_in_kernel(layer_ref, x_ref, scale_ref, bias_ref, prev_ref, tmix
             _store_row(ksq_ref, b, pl.ds(g * plan.C + r0, plan.bo), k * k)
         _store_row(r_ref, b, rows, acc[4][b])
         _store_row(xln_ref, b, rows, _ln(x_rows[b], stats[b], scale, bias))
-    pf.finish()
 
 
-def _mix_out_kernel(u_ref, w_ref, base_ref, *rest, pf, plan: _Plan):
+def _mix_out_kernel(u_ref, w_ref, base_ref, *rest, plan: _Plan):
     gate_ref, o_ref = rest if len(rest) == 2 else (None, rest[0])
     ws = _load_weights(w_ref, plan)[0]
     f32, bo, bi = jnp.float32, plan.bo, plan.bi
@@ -436,7 +366,6 @@ def _mix_out_kernel(u_ref, w_ref, base_ref, *rest, pf, plan: _Plan):
     us = [[u_ref[b, pl.ds(j * bi, bi)] for j in range(plan.n_blocks)] for b in range(plan.B)]
     base = [base_ref[b, rows] for b in range(plan.B)]
     gate = None if gate_ref is None else [gate_ref[b, rows] for b in range(plan.B)]
-    pf.issue()
     acc = [None] * plan.B
     for j in range(plan.n_blocks):
         for b in range(plan.B):
@@ -446,7 +375,6 @@ def _mix_out_kernel(u_ref, w_ref, base_ref, *rest, pf, plan: _Plan):
         if gate is not None:
             y = _sigmoid(gate[b].astype(f32)) * y
         _store_row(o_ref, b, rows, base[b] + y)
-    pf.finish()
 
 
 # ----------------------------------------------------------------------------------------
@@ -461,7 +389,7 @@ def _check(name, **arrays):
 
 def time_mix_in(x, ln_scale, ln_bias, prev, time_mix, kvr_t, aa, bb, pp, w_log, u_log, layer, *,
                 k_clamp: Optional[float], log_eps: Optional[float], ln_eps: float,
-                blocks: Optional[DecodeBlockSizes] = None, interpret: bool = False, prefetch=None):
+                blocks: Optional[DecodeBlockSizes] = None, interpret: bool = False):
     """One layer's time-mix up to the output product, for B rows.
 
     x [B, C] float32: the residual entering the layer (before ln1); ln_scale, ln_bias,
@@ -470,8 +398,6 @@ def time_mix_in(x, ln_scale, ln_bias, prev, time_mix, kvr_t, aa, bb, pp, w_log, 
     w_log = -exp(time_decay), u_log = time_first [C] float32; layer: int32 [1].
     Returns (ln1(x) [B, C] float32, sigmoid(R) * wkv [B, C] in kvr_t's dtype, aa, bb, pp with
     row block `layer` updated (the inputs' buffers, updated in place under jit when donated)).
-    prefetch (every function here): an array the next kernel reads, read here too so that it
-    is in the L2 cache then (_Prefetch); the results do not depend on it.
     """
     B, C = x.shape
     LB = prev.shape[0]
@@ -487,11 +413,11 @@ def time_mix_in(x, ln_scale, ln_bias, prev, time_mix, kvr_t, aa, bb, pp, w_log, 
     args = (layer.astype(jnp.int32), x.astype(f32), ln_scale.astype(f32), ln_bias.astype(f32),
             prev.astype(f32), time_mix, kvr_t, aa.astype(f32), bb.astype(f32), pp.astype(f32),
             w_log.astype(f32), u_log.astype(f32))
-    return _pallas(kernel, plan, "decode_time_mix_in", out_shape, args, {7: 2, 8: 3, 9: 4}, prefetch)
+    return _pallas(kernel, plan, "decode_time_mix_in", out_shape, args, {7: 2, 8: 3, 9: 4})
 
 
 def channel_mix_in(x, ln_scale, ln_bias, prev, time_mix, kr_t, layer, *, ln_eps: float,
-                   blocks: Optional[DecodeBlockSizes] = None, interpret: bool = False, prefetch=None):
+                   blocks: Optional[DecodeBlockSizes] = None, interpret: bool = False):
     """One layer's channel-mix up to the value product, for B rows.
 
     x [B, C] float32 (before the LayerNorm); prev [L*B, C]; kr_t [5C, C]: K ([4C] rows) and
@@ -508,11 +434,10 @@ def channel_mix_in(x, ln_scale, ln_bias, prev, time_mix, kr_t, layer, *, ln_eps:
     args = (layer.astype(jnp.int32), x.astype(f32), ln_scale.astype(f32), ln_bias.astype(f32),
             prev.astype(f32), time_mix, kr_t)
     return _pallas(functools.partial(_channel_mix_in_kernel, ln_eps=ln_eps), plan,
-                   "decode_channel_mix_in", out_shape, args, prefetch=prefetch)
+                   "decode_channel_mix_in", out_shape, args)
 
 
-def mix_out(u, w_t, base, gate=None, *, blocks: Optional[DecodeBlockSizes] = None, interpret: bool = False,
-            prefetch=None):
+def mix_out(u, w_t, base, gate=None, *, blocks: Optional[DecodeBlockSizes] = None, interpret: bool = False):
     """base + [sigmoid(gate) *] (u @ w_t^T): u [B, in] in w_t's dtype, w_t [C, in], base [B, C]
     float32, gate [B, C] (optional). Returns [B, C] float32; the product is rounded to w_t's
     dtype before the gate and the sum, as an XLA product in that dtype."""
@@ -523,7 +448,7 @@ def mix_out(u, w_t, base, gate=None, *, blocks: Optional[DecodeBlockSizes] = Non
     plan = _plan(B, C, inp, 1, w_t.dtype, blocks, interpret)
     args = (u.astype(plan.dtype), w_t, base.astype(jnp.float32)) + (() if gate is None else (gate,))
     return _pallas(_mix_out_kernel, plan, "decode_mix_out",
-                   jax.ShapeDtypeStruct((B, C), jnp.float32), args, prefetch=prefetch)
+                   jax.ShapeDtypeStruct((B, C), jnp.float32), args)
 
 
 # ----------------------------------------------------------------------------------------

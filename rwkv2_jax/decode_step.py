@@ -174,34 +174,24 @@ def _fused_ok(spec: StepSpec, dparams, B: int) -> bool:
     return w.dtype == spec.dtype and decode.supported(B, spec.config.n_embd, spec.fused_blocks)
 
 
-def _first_matrix(blk):
-    """The matrix a layer's first kernel reads."""
-    return blk["pre"]["kr_t"] if "pre" in blk else blk["att"]["kvr_t"]
-
-
-def _layer_four_kernels(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, kw, next_first=None):
-    """One layer as four kernels -> (x after it, ln1 output, ln2 output, WKV state (aa, bb, pp)).
-    With DecodeBlockSizes(prefetch=True) each kernel also reads the next kernel's matrix
-    (the last one: next_first, the next layer's first matrix) into the L2 cache."""
+def _layer_four_kernels(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, kw):
+    """One layer as four kernels -> (x after it, ln1 output, ln2 output, WKV state (aa, bb, pp))."""
     ln1, ln2, log_eps = blk["ln1"], blk["ln2"], _log_eps(cfg)
-    prefetching = kw["blocks"] is not None and kw["blocks"].prefetch
-    pf = lambda w: w if prefetching else None  # noqa: E731 - the `prefetch` argument of a kernel
     ffn = blk["ffn"]
     if "pre" in blk:  # ffnPre: a channel mix in place of the time mix
         p = blk["pre"]
         x_ln, ksq, r = decode.channel_mix_in(x, ln1["scale"], ln1["bias"], prev_att, p["time_mix"],
-                                             p["kr_t"], layer, ln_eps=LN_EPS, prefetch=pf(p["value_t"]), **kw)
-        x = decode.mix_out(ksq, p["value_t"], x_ln, r, prefetch=pf(ffn["kr_t"]), **kw)
+                                             p["kr_t"], layer, ln_eps=LN_EPS, **kw)
+        x = decode.mix_out(ksq, p["value_t"], x_ln, r, **kw)
     else:
         p = blk["att"]
         x_ln, rwkv, *wkv = decode.time_mix_in(
             x, ln1["scale"], ln1["bias"], prev_att, p["time_mix"], p["kvr_t"], *wkv,
-            p["w_log"], p["u_log"], layer, k_clamp=cfg.k_clamp, log_eps=log_eps, ln_eps=LN_EPS,
-            prefetch=pf(p["output_t"]), **kw)
-        x = decode.mix_out(rwkv, p["output_t"], x_ln, prefetch=pf(ffn["kr_t"]), **kw)
+            p["w_log"], p["u_log"], layer, k_clamp=cfg.k_clamp, log_eps=log_eps, ln_eps=LN_EPS, **kw)
+        x = decode.mix_out(rwkv, p["output_t"], x_ln, **kw)
     x_ln2, ksq, r = decode.channel_mix_in(x, ln2["scale"], ln2["bias"], prev_ffn, ffn["time_mix"],
-                                          ffn["kr_t"], layer, ln_eps=LN_EPS, prefetch=pf(ffn["value_t"]), **kw)
-    x = decode.mix_out(ksq, ffn["value_t"], x_ln2, r, prefetch=pf(next_first), **kw)
+                                          ffn["kr_t"], layer, ln_eps=LN_EPS, **kw)
+    x = decode.mix_out(ksq, ffn["value_t"], x_ln2, r, **kw)
     return x, x_ln, x_ln2, tuple(wkv)
 
 
@@ -219,9 +209,7 @@ def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> 
     blocks = dparams["blocks"]
     for i, blk in enumerate(blocks):
         layer = jnp.full((1,), i, jnp.int32)
-        next_first = _first_matrix(blocks[i + 1]) if i + 1 < len(blocks) else None
-        x, x_ln, x_ln2, wkv = _layer_four_kernels(decode, spec.config, blk, x, prev_att, prev_ffn,
-                                                  wkv, layer, kw, next_first)
+        x, x_ln, x_ln2, wkv = _layer_four_kernels(decode, spec.config, blk, x, prev_att, prev_ffn, wkv, layer, kw)
         new_att.append(x_ln)
         new_ffn.append(x_ln2)
     x = _layer_norm(x, dparams["ln_out"])

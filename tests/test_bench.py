@@ -56,9 +56,9 @@ def test_decode_bench_sweep_on_cpu():
     """--sweep-fused (the fused decode step's variants, each checked against the per-operation
     step, then rw.generate's loop) on a tiny model with the kernels in interpret mode."""
     out = run("bench/decode.py", "--gpu-rows", "--sweep-fused", "--skip-checks", "--preset", "L2-D64",
-              "--wkv-impl", "pallas_interpret", "--sweep-blocks", "2x16+pf", "--steps-b1", "8")
+              "--wkv-impl", "pallas_interpret", "--sweep-blocks", "2x16", "--steps-b1", "8")
     assert out.count("PASS") == 3 and "FAIL" not in out
-    assert "| per-operation step |" in out and "prefetch=True) |" in out
+    assert "| per-operation step |" in out and "block_in=16" in out
     assert "| rw.generate, 8 tokens, 32 steps per loop iteration |" in out
 
 
@@ -77,12 +77,11 @@ def test_wkv_bench_cells_use_the_gpu_time_when_traced(monkeypatch):
 
 
 def test_decode_bench_sweep_blocks(monkeypatch):
-    """--sweep-blocks: OUTxIN[xWARPS][+pf] -> DecodeBlockSizes; anything else a one-line exit."""
+    """--sweep-blocks: OUTxIN[xWARPS] -> DecodeBlockSizes; anything else a one-line exit."""
     monkeypatch.syspath_prepend(str(REPO))
     from bench.decode import parse_blocks
     from pallas_kernels.decode import DecodeBlockSizes
 
-    assert parse_blocks("2x256,4x512x8+pf") == [
-        DecodeBlockSizes(2, 256), DecodeBlockSizes(4, 512, num_warps=8, prefetch=True)]
+    assert parse_blocks("2x256,4x512x8") == [DecodeBlockSizes(2, 256), DecodeBlockSizes(4, 512, num_warps=8)]
     with pytest.raises(SystemExit, match=r"'2x24' is not OUTxIN"):
         parse_blocks("2x24")

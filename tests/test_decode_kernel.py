@@ -8,7 +8,6 @@ for one layer only. The decode step built from them is compared with the per-ope
 in tests/test_generate.py. A last test lowers the kernels to Triton IR for CUDA.
 """
 
-import functools
 import math
 import re
 
@@ -116,39 +115,6 @@ def test_mix_out(seed, B, C, dtype, blocks, wide, gated):
     close(got, want, dtype, f"seed={seed} B={B} C={C} in={inp} {jnp.dtype(dtype).name} gated={gated}")
 
 
-@pytest.mark.parametrize("B,C,dtype,blocks", [CASES[0], CASES[2]])
-def test_prefetch_changes_nothing(seed, B, C, dtype, blocks):
-    """Each kernel, also reading the next kernel's matrix into the L2 cache (`prefetch`), gives
-    the same bits; an array the programs cannot split evenly is simply not read."""
-    a = inputs(seed, B, C, dtype)
-    kw = dict(blocks=blocks, interpret=True)
-    tm_args = [a[k] for k in ("x", "ln_scale", "ln_bias", "prev", "time_mix", "kvr_t", "aa", "bb", "pp",
-                              "w_log", "u_log", "layer")]
-    tm = lambda *x, pf=None: decode.time_mix_in(  # noqa: E731
-        *x, k_clamp=60.0, log_eps=None, ln_eps=LN_EPS, prefetch=pf, **kw)
-    cm_args = [a[k] for k in ("x", "ln_scale", "ln_bias", "prev", "time_mix", "kr_t", "layer")]
-    cm = lambda *x, pf=None: decode.channel_mix_in(*x, ln_eps=LN_EPS, prefetch=pf, **kw)  # noqa: E731
-    u = a["x"].astype(dtype)
-    out = lambda *x, pf=None: decode.mix_out(*x, prefetch=pf, **kw)  # noqa: E731
-    P = C // decode._plan(B, C, C, 1, dtype, blocks, True).bo
-    odd = jnp.ones((P * 8 + 1,), dtype)
-    for fn, args, nxt in [(tm, tm_args, a["kvr_t"][:C]), (cm, cm_args, a["kr_t"]), (out, (u, a["kvr_t"][:C], a["x"]), a["kr_t"])]:
-        assert decode._prefetch_split(nxt.size, P) is not None
-        want = jax.jit(fn)(*args)
-        for pf in (nxt, odd):
-            got = jax.jit(functools.partial(fn, pf=pf))(*args)
-            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-                np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=f"seed={seed} {fn}")
-
-
-def test_prefetch_split():
-    assert decode._prefetch_split(1024 * 1024, 512) == (2048, 1)  # L24-D1024: the output matrix
-    assert decode._prefetch_split(5 * 1024 * 1024, 512) == (2048, 5)  # the channel-mix K/R
-    assert decode._prefetch_split(576, 12) == (16, 3)
-    assert decode._prefetch_split(100, 12) is None  # not evenly
-    assert decode._prefetch_split(12 * 12, 12) is None  # 12 per program: chunks of 4 < 8
-
-
 def test_supported_and_bad_inputs():
     assert decode.supported(1, 1024) and decode.supported(16, 768) and decode.supported(2, 24)
     assert not decode.supported(17, 1024)  # more rows than the kernels keep in registers
@@ -193,8 +159,6 @@ def test_lowers_to_triton(dtype, monkeypatch, capsys):
     kw = dict(monkeypatch=monkeypatch, capsys=capsys, kernel_module="pallas_kernels.decode")
     tm = lambda *x: decode.time_mix_in(*x, k_clamp=60.0, log_eps=math.log(1e-9), ln_eps=LN_EPS)  # noqa: E731
     cm = lambda *x: decode.channel_mix_in(*x, ln_eps=LN_EPS)  # noqa: E731
-    tm_pf = lambda *x: decode.time_mix_in(  # noqa: E731
-        *x, k_clamp=60.0, log_eps=math.log(1e-9), ln_eps=LN_EPS, prefetch=jnp.zeros((C, C), dtype))
     u4, w4 = jnp.zeros((B, 4 * C), dtype), jnp.zeros((C, 4 * C), dtype)
     bo, bi = DecodeBlockSizes().block_out, DecodeBlockSizes().block_in
     nb = C // bi
@@ -206,10 +170,6 @@ def test_lowers_to_triton(dtype, monkeypatch, capsys):
         (cm, [a[k] for k in ("x", "ln_scale", "ln_bias", "prev", "time_mix", "kr_t", "layer")], 5 * nb, 5 * nb,
          n_reduce(C, 5)),
         (decode.mix_out, [u4, w4, a["x"], a["x"].astype(dtype)], 4 * nb, 4 * nb, n_reduce(4 * C, 1)),
-        # reading the next kernel's [C, C] matrix too: one more chunk load per program, before
-        # the first reduction, and one more reduction (the value stored to keep the loads)
-        (tm_pf, [a[k] for k in ("x", "ln_scale", "ln_bias", "prev", "time_mix", "kvr_t", "aa", "bb", "pp",
-                                "w_log", "u_log", "layer")], 3 * nb, 5 * nb, n_reduce(C, 3) + 1),
     ]
     assert n_reduce(C, 5) == 2 + 5  # at the defaults, B = 1: one reduction per matrix, both dtypes
     for fn, args, n_weight_blocks, n_vector_blocks, n_reduce in cases:
@@ -223,7 +183,5 @@ def test_lowers_to_triton(dtype, monkeypatch, capsys):
         # ... and the vectors' column blocks (x, prev, ln scale and bias, time_mix) go out with them
         loads = re.findall(rf"tt\.load[^\n]*tensor<{bi}x", body[:first_reduce])
         assert len(loads) >= n_vector_blocks, (fn, len(loads))
-        prefetched = re.findall(r"tt\.load[^\n]*tensor<2048x", body[:first_reduce])
-        assert len(prefetched) == (1 if fn is tm_pf else 0), fn
         # one reduction per matrix (and two for the LayerNorm), not per column block
         assert body.count('"tt.reduce"(') == n_reduce, (fn, body.count('"tt.reduce"('))
