@@ -158,32 +158,53 @@ def fused_check(models, prompt, log):
     return ok
 
 
-def parse_blocks(spec: str):
-    """"4x512,2x256x8" -> [DecodeBlockSizes(4, 512), DecodeBlockSizes(2, 256, num_warps=8)]."""
-    from pallas_kernels.decode import DecodeBlockSizes
+def parse_blocks(spec: str, flag: str = "--sweep-blocks"):
+    """"4x512,2x256x8,2x256/1x256/2x256x2/2x2048" -> [DecodeBlockSizes(4, 512),
+    DecodeBlockSizes(2, 256, num_warps=8), LayerBlockSizes(...)]: OUTxIN[xWARPS] for all four
+    kernels of a layer, or four of them joined by / for time_mix_in/att_out/channel_mix_in/ffn_out."""
+    from pallas_kernels.decode import DecodeBlockSizes, LayerBlockSizes
+
+    def one(item):
+        nums = [int(v) for v in item.split("x")]
+        if not 2 <= len(nums) <= 3:
+            raise ValueError("two or three numbers")
+        return DecodeBlockSizes(*nums[:2], **({"num_warps": nums[2]} if len(nums) > 2 else {}))
 
     out = []
     for item in filter(None, spec.split(",")):
         try:
-            nums = [int(v) for v in item.split("x")]
-            if not 2 <= len(nums) <= 3:
-                raise ValueError("two or three numbers")
-            out.append(DecodeBlockSizes(*nums[:2], **({"num_warps": nums[2]} if len(nums) > 2 else {})))
+            parts = [one(part) for part in item.split("/")]
+            if len(parts) not in (1, 4):
+                raise ValueError("one block size, or four joined by /")
+            out.append(parts[0] if len(parts) == 1 else LayerBlockSizes(*parts))
         except (ValueError, TypeError) as err:
-            raise SystemExit(f"--sweep-blocks: {item!r} is not OUTxIN or OUTxINxWARPS (powers of two) ({err})")
+            raise SystemExit(f"{flag}: {item!r} is not OUTxIN[xWARPS] (powers of two) or four of them joined "
+                             f"by / ({err})")
     return out
 
 
+def blocks_label(blocks) -> str:
+    """DecodeBlockSizes -> "2x256x4" (OUTxINxWARPS, then any option off); LayerBlockSizes ->
+    the four kernels' joined by /."""
+    from pallas_kernels.decode import DecodeBlockSizes
+
+    if not isinstance(blocks, DecodeBlockSizes):
+        return "/".join(blocks_label(b) for b in blocks)
+    off = [name for name in ("early_loads", "reduce_once") if not getattr(blocks, name)]
+    return f"{blocks.block_out}x{blocks.block_in}x{blocks.num_warps}" + "".join(f" no {n}" for n in off)
+
+
 def sweep_fused(model, log, steps=64, blocks_list=None, gen_tokens=512):
-    """ms per RNN step (bf16, B = 1) of a jitted loop of greedy steps, per DecodeBlockSizes
-    (blocks_list: these instead of the default list); then rw.generate's (gen_tokens and a
+    """ms per RNN step (bf16, B = 1) of a jitted loop of greedy steps, per block sizes (a
+    DecodeBlockSizes for all four kernels of a layer or a LayerBlockSizes; blocks_list: these
+    instead of the default list); then rw.generate's (gen_tokens and a
     quarter of them)."""
     import dataclasses
 
     import jax
     import jax.numpy as jnp
 
-    from pallas_kernels.decode import DecodeBlockSizes
+    from pallas_kernels.decode import DecodeBlockSizes, LayerBlockSizes
     from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
     from rwkv2_jax.generate import prefill
 
@@ -202,14 +223,16 @@ def sweep_fused(model, log, steps=64, blocks_list=None, gen_tokens=512):
     # Session 9: early vector loads and one reduction per matrix (on by default), each alone;
     # the head through pallas_kernels.matvec instead of XLA's cuBLAS gemv: no faster (removed);
     # session 10: each kernel reading the next one's weights into the L2 (prefetch): 41% slower, removed.
-    default = DecodeBlockSizes()
-    variants = [("per-operation step", dict(fused=False)), (f"fused {default}", {})]
-    for b in blocks_list or (DecodeBlockSizes(early_loads=False, reduce_once=False),
+    # Session 11: block sizes per kernel (bench/decode_kernels.py), LayerBlockSizes().
+    default = LayerBlockSizes()
+    variants = [("per-operation step", dict(fused=False)), (f"fused {blocks_label(default)} (default)", {})]
+    for b in blocks_list or (DecodeBlockSizes(),
+                             DecodeBlockSizes(early_loads=False, reduce_once=False),
                              DecodeBlockSizes(reduce_once=False), DecodeBlockSizes(early_loads=False),
                              DecodeBlockSizes(num_warps=8), DecodeBlockSizes(block_out=4, block_in=512),
                              DecodeBlockSizes(block_out=2, block_in=512), DecodeBlockSizes(block_out=4, block_in=256)):
         if b != default:
-            variants.append((f"fused {b}", dict(fused_blocks=b)))
+            variants.append((f"fused {blocks_label(b)}", dict(fused_blocks=b)))
     one = jax.jit(rnn_step, static_argnums=0)
     token0 = jnp.ones((1,), jnp.int32)
     for name, change in variants:
@@ -219,11 +242,16 @@ def sweep_fused(model, log, steps=64, blocks_list=None, gen_tokens=512):
         jax.block_until_ready(f(state0))
         # one step from the same state vs the per-operation step (bf16: rounding apart)
         logits = one(spec, dparams, token0, state0)[0]
-        if not change.get("fused", True):
+        fused = change.get("fused", True)
+        if not fused:
             ref = logits
         dev = float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref))
+        jaxpr = jax.make_jaxpr(rnn_step, static_argnums=0)(spec, dparams, token0, state0).jaxpr
+        kernels = sum(e.primitive.name == "pallas_call" and "decode_" in str(e.params.get("name", ""))
+                      for e in jaxpr.eqns)
         sec = median_time(lambda: jax.block_until_ready(f(state0)), 5)
-        verdict = "PASS" if dev < 5e-2 else "FAIL"  # bf16 rounding apart: ~7e-3 on an H200
+        # bf16 rounding apart: ~7e-3 on an H200; and the fused kernels must be what ran
+        verdict = "PASS" if dev < 5e-2 and (kernels > 0) == fused else f"FAIL ({kernels} fused kernels)"
         log(f"| {name} | {1e3 * sec / steps:.3f} | {steps / sec:,.0f} |  ({time.perf_counter() - t0:.0f} s; "
             f"one step's logits vs the per-operation step's: rel. {dev:.1e} {verdict})")
     # rw.generate around the default step: its loop's steps per iteration, and the cost
@@ -279,14 +307,14 @@ def gpu_main(args, log) -> int:
     rng = np.random.default_rng(0)
     prompt = rng.integers(1, config.vocab_size, args.prefill_len + 1).tolist()
 
-    # Is the default WKV (Pallas on GPU) usable for GPT-mode prefill? Otherwise the plain scan.
+    # The model's kernels must work: a fallback to the plain-JAX paths would time something
+    # else under the same row names (a broken fused step once timed as the per-operation one).
     try:
         prefill(f32, [prompt[:1025]])[0].block_until_ready()
     except Exception as err:
         log(f"# wkv_impl={wkv_impl!r} failed in prefill ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-            "using wkv_impl='reference' (plain-JAX scan) for prefill")
-        wkv_impl = "reference"
-        f32 = f32.replace(wkv_impl=wkv_impl)
+            "nothing timed (--wkv-impl reference times the plain-JAX paths)")
+        raise SystemExit(1)
     log(f"# model {args.preset} random weights, V={config.vocab_size}, wkv_impl={wkv_impl!r}, "
         f"checks {'skipped' if args.skip_checks else 'passed' if ok else 'FAILED'}")
 
@@ -414,7 +442,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-fused", action="store_true", help="time the fused decode step's block sizes "
                    "(bf16, B=1; each variant's logits checked against the per-operation step) and rw.generate's loop, instead of the table")
     p.add_argument("--sweep-blocks", default="", help="with --sweep-fused: these block sizes instead of the "
-                   "default list, comma-separated OUTxIN or OUTxINxWARPS (e.g. 2x256,4x512x8)")
+                   "default list, comma-separated: OUTxIN[xWARPS] for all four kernels of a layer, or four joined by / "
+                   "for time_mix_in/att_out/channel_mix_in/ffn_out (e.g. 2x256,4x512x8,2x256/1x256/2x256x2/2x2048)")
     p.add_argument("--cpu-layers", type=int, default=6)
     p.add_argument("--cpu-width", type=int, default=512)
     p.add_argument("--cpu-vocab", type=int, default=50277)

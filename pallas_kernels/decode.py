@@ -38,19 +38,21 @@ accumulated elementwise over the blocks and reduced once per matrix (2 + G reduc
 back where the values would not fit in the registers (REG_BUDGET: larger B, float32 weights
 in wide blocks). The column loop is unrolled (at most MAX_BLOCKS blocks).
 
-Measured (docs/PERF.md, H200, L24-D1024, bf16, batch 1, rw.generate): 2,216-2,239 tokens/s
-(session 10; 0.423 ms per step in a jitted loop of steps), 2,219 in session 9 (0.451 ms per token) against 1,714 with the per-operation step in the same run; 1,908 before the early
-loads and single reductions (session 5: all loads after the LayerNorm's reductions, one
-reduction per block, 4 x 512 blocks). In a jitted loop of steps the time per step fell 4%
-with the early loads alone, 10% with the single reductions alone, 12% with both, and 3% more
-with 2 x 256 blocks. Per kernel (traced): 4.5 us for the time-mix kernel (6.3 MB, 1.4 TB/s),
-5.6 us for the channel-mix one (10.5 MB), 4.4 us for the value product (8.4 MB), 2.3 us for
-the output product (2.1 MB): still mostly launch, one memory latency and the reductions, not
-the bytes.
+Measured (docs/PERF.md, H200, L24-D1024, bf16, batch 1, rw.generate): 2,329 tokens/s
+(session 11; 0.412 ms per step in a jitted loop of steps) against 1,736 with the
+per-operation step in the same run; 2,216-2,239 in session 10 with one block size for all
+four kernels (0.425 ms per step); 1,908 before the early loads and single reductions
+(session 5). In a jitted loop of steps the time per step fell 4% with the early loads alone,
+10% with the single reductions alone, 12% with both (session 9), 3% more with 2 x 256
+blocks, and 3% more with each kernel's own block sizes (LayerBlockSizes, session 11). Per
+kernel call (bench/decode_kernels.py, GPU time): 4.6 us for the time-mix kernel (6.3 MB,
+1.4 TB/s), 5.3 us for the channel-mix one (10.5 MB), 4.0 us for the value product (8.4 MB),
+2.1 us for the output product (2.1 MB): still mostly launch, one memory latency and the
+reductions, not the bytes.
 
 Reading the next kernel's matrix during each kernel, so that it would come from the L2 cache
 (a `prefetch` option, session 9), made the step 41% slower on an H200 (0.597 vs 0.423 ms:
-the extra loads compete with the kernel's own stream) and was removed (docs/PERF.md, session 10).
+the extra loads compete with the kernel's own stream; docs/PERF.md, session 10) and was removed.
 
 State. `aa`, `bb`, `pp` of all layers are passed whole ([L * B, C]) with the layer index as
 a traced int32 (one compiled kernel for all layers) and updated in place
@@ -76,7 +78,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-__all__ = ["DecodeBlockSizes", "supported", "time_mix_in", "channel_mix_in", "mix_out",
+__all__ = ["DecodeBlockSizes", "LayerBlockSizes", "supported", "time_mix_in", "channel_mix_in", "mix_out",
            "time_mix_in_reference", "channel_mix_in_reference", "mix_out_reference"]
 
 MAX_BATCH = 16  # rows of x: B accumulators per matrix live in registers
@@ -116,6 +118,34 @@ class DecodeBlockSizes:
             raise ValueError(f"DecodeBlockSizes: num_warps={self.num_warps} must be >= 1")
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerBlockSizes:
+    """DecodeBlockSizes for each of a layer's four kernels (rwkv2_jax.decode_step; an ffnPre
+    block's kernels take channel_mix_in's and ffn_out's). The defaults are the fastest of
+    `python bench/decode_kernels.py` per kernel at L24-D1024, bf16, B = 1 on an H200
+    (docs/PERF.md, session 11): fewer warps for the wide K/R product, one row per program for
+    the output product, whole-width column blocks for the value product."""
+
+    time_mix_in: DecodeBlockSizes = DecodeBlockSizes()
+    att_out: DecodeBlockSizes = DecodeBlockSizes(block_out=1)
+    channel_mix_in: DecodeBlockSizes = DecodeBlockSizes(num_warps=2)
+    ffn_out: DecodeBlockSizes = DecodeBlockSizes(block_in=2048)
+
+    @classmethod
+    def of(cls, blocks) -> "LayerBlockSizes":
+        """None -> the defaults; one DecodeBlockSizes -> it for all four kernels."""
+        if blocks is None:
+            return cls()
+        if isinstance(blocks, DecodeBlockSizes):
+            return cls(blocks, blocks, blocks, blocks)
+        if not isinstance(blocks, cls):
+            raise TypeError(f"blocks must be a DecodeBlockSizes or LayerBlockSizes, got {type(blocks).__name__}")
+        return blocks
+
+    def __iter__(self):
+        return iter((self.time_mix_in, self.att_out, self.channel_mix_in, self.ffn_out))
+
+
 def _pow2_divisor(n: int, cap: int) -> int:
     """The largest power of two <= cap that divides n."""
     d = 1
@@ -124,8 +154,11 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return d
 
 
-def supported(B: int, C: int, blocks: Optional[DecodeBlockSizes] = None) -> bool:
-    """Whether these kernels take a step of B rows and width C (else use the XLA step)."""
+def supported(B: int, C: int, blocks=None) -> bool:
+    """Whether these kernels take a step of B rows and width C (else use the XLA step), with
+    `blocks` (a DecodeBlockSizes, or a LayerBlockSizes: all four kernels'; None: defaults)."""
+    if isinstance(blocks, LayerBlockSizes):
+        return all(supported(B, C, b) for b in blocks)
     blocks = blocks or DecodeBlockSizes()
     return (1 <= B <= MAX_BATCH and _pow2_divisor(C, blocks.block_in) >= _MIN_BLOCK
             and C // _pow2_divisor(C, blocks.block_in) <= MAX_BLOCKS // 4)

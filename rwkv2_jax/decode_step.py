@@ -55,7 +55,8 @@ class StepSpec:
     # With Pallas kernels (matvec != "xla"): run the step of up to 16 rows as four fused
     # kernels per layer (pallas_kernels.decode) where the width allows.
     fused: bool = True
-    fused_blocks: Optional[object] = None  # pallas_kernels.decode.DecodeBlockSizes (None: defaults)
+    # pallas_kernels.decode.LayerBlockSizes (per kernel) or DecodeBlockSizes (all four); None: defaults
+    fused_blocks: Optional[object] = None
 
 
 def spec_of(model) -> StepSpec:
@@ -171,27 +172,32 @@ def _fused_ok(spec: StepSpec, dparams, B: int) -> bool:
     from pallas_kernels import decode  # imported on use: CPU-only users never load Pallas
 
     w = dparams["blocks"][0]["ffn"]["value_t"]  # all matrices share the dtype (_build)
-    return w.dtype == spec.dtype and decode.supported(B, spec.config.n_embd, spec.fused_blocks)
+    blocks = decode.LayerBlockSizes.of(spec.fused_blocks)
+    return w.dtype == spec.dtype and decode.supported(B, spec.config.n_embd, blocks)
 
 
-def _layer_four_kernels(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, kw):
-    """One layer as four kernels -> (x after it, ln1 output, ln2 output, WKV state (aa, bb, pp))."""
+def _layer_four_kernels(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, blocks, interpret):
+    """One layer as four kernels -> (x after it, ln1 output, ln2 output, WKV state (aa, bb, pp)).
+    blocks: a LayerBlockSizes."""
     ln1, ln2, log_eps = blk["ln1"], blk["ln2"], _log_eps(cfg)
     ffn = blk["ffn"]
+    cm = dict(blocks=blocks.channel_mix_in, interpret=interpret)
+    fo = dict(blocks=blocks.ffn_out, interpret=interpret)
     if "pre" in blk:  # ffnPre: a channel mix in place of the time mix
         p = blk["pre"]
         x_ln, ksq, r = decode.channel_mix_in(x, ln1["scale"], ln1["bias"], prev_att, p["time_mix"],
-                                             p["kr_t"], layer, ln_eps=LN_EPS, **kw)
-        x = decode.mix_out(ksq, p["value_t"], x_ln, r, **kw)
+                                             p["kr_t"], layer, ln_eps=LN_EPS, **cm)
+        x = decode.mix_out(ksq, p["value_t"], x_ln, r, **fo)
     else:
         p = blk["att"]
         x_ln, rwkv, *wkv = decode.time_mix_in(
             x, ln1["scale"], ln1["bias"], prev_att, p["time_mix"], p["kvr_t"], *wkv,
-            p["w_log"], p["u_log"], layer, k_clamp=cfg.k_clamp, log_eps=log_eps, ln_eps=LN_EPS, **kw)
-        x = decode.mix_out(rwkv, p["output_t"], x_ln, **kw)
+            p["w_log"], p["u_log"], layer, k_clamp=cfg.k_clamp, log_eps=log_eps, ln_eps=LN_EPS,
+            blocks=blocks.time_mix_in, interpret=interpret)
+        x = decode.mix_out(rwkv, p["output_t"], x_ln, blocks=blocks.att_out, interpret=interpret)
     x_ln2, ksq, r = decode.channel_mix_in(x, ln2["scale"], ln2["bias"], prev_ffn, ffn["time_mix"],
-                                          ffn["kr_t"], layer, ln_eps=LN_EPS, **kw)
-    x = decode.mix_out(ksq, ffn["value_t"], x_ln2, r, **kw)
+                                          ffn["kr_t"], layer, ln_eps=LN_EPS, **cm)
+    x = decode.mix_out(ksq, ffn["value_t"], x_ln2, r, **fo)
     return x, x_ln, x_ln2, tuple(wkv)
 
 
@@ -200,7 +206,7 @@ def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> 
     from pallas_kernels import decode
 
     L, B, C = state.aa.shape
-    kw = dict(interpret=spec.matvec == "pallas_interpret", blocks=spec.fused_blocks)
+    sizes, interpret = decode.LayerBlockSizes.of(spec.fused_blocks), spec.matvec == "pallas_interpret"
     flat = lambda a: a.astype(jnp.float32).reshape(L * B, C)  # noqa: E731 - a reshape, no copy
     prev_att, prev_ffn = flat(state.x_att), flat(state.x_ffn)
     wkv = (flat(state.aa), flat(state.bb), flat(state.pp))  # updated in place, layer by layer
@@ -209,7 +215,8 @@ def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> 
     blocks = dparams["blocks"]
     for i, blk in enumerate(blocks):
         layer = jnp.full((1,), i, jnp.int32)
-        x, x_ln, x_ln2, wkv = _layer_four_kernels(decode, spec.config, blk, x, prev_att, prev_ffn, wkv, layer, kw)
+        x, x_ln, x_ln2, wkv = _layer_four_kernels(decode, spec.config, blk, x, prev_att, prev_ffn, wkv, layer,
+                                                  sizes, interpret)
         new_att.append(x_ln)
         new_ffn.append(x_ln2)
     x = _layer_norm(x, dparams["ln_out"])

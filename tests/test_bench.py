@@ -58,8 +58,21 @@ def test_decode_bench_sweep_on_cpu():
     out = run("bench/decode.py", "--gpu-rows", "--sweep-fused", "--skip-checks", "--preset", "L2-D64",
               "--wkv-impl", "pallas_interpret", "--sweep-blocks", "2x16", "--steps-b1", "8")
     assert out.count("PASS") == 3 and "FAIL" not in out
-    assert "| per-operation step |" in out and "block_in=16" in out
+    assert "| per-operation step |" in out and "| fused 2x16x4 |" in out and "(default) |" in out
     assert "| rw.generate, 8 tokens, 32 steps per loop iteration |" in out
+
+
+def test_decode_kernels_bench_on_cpu():
+    """bench/decode_kernels.py times each fused decode kernel per block size (interpret mode on
+    CPU: the rows and the check against the plain-JAX reference, not the times)."""
+    out = run("bench/decode_kernels.py", "--interpret", "--layers", "2", "--width", "32", "--blocks", "2x16,1x32x2",
+              "--min-time", "0.01", "--kernels", "att_out,ffn_out")
+    rows = [line for line in out.splitlines() if line.startswith("| att_out") or line.startswith("| ffn_out")]
+    # each kernel: its default in the step (marked *) first, then the two asked for
+    assert [r.split("|")[2].strip() for r in rows] == ["1x256x4 *", "2x16x4", "1x32x2", "2x2048x4 *", "2x16x4", "1x32x2"]
+    assert all(r.count("PASS") == 1 for r in rows), rows
+    with pytest.raises(AssertionError, match="each kernel is timed alone"):
+        run("bench/decode_kernels.py", "--interpret", "--blocks", "2x16/2x16/2x16/2x16")
 
 
 def test_wkv_bench_cells_use_the_gpu_time_when_traced(monkeypatch):
@@ -80,8 +93,13 @@ def test_decode_bench_sweep_blocks(monkeypatch):
     """--sweep-blocks: OUTxIN[xWARPS] -> DecodeBlockSizes; anything else a one-line exit."""
     monkeypatch.syspath_prepend(str(REPO))
     from bench.decode import parse_blocks
-    from pallas_kernels.decode import DecodeBlockSizes
+    from pallas_kernels.decode import DecodeBlockSizes, LayerBlockSizes
 
     assert parse_blocks("2x256,4x512x8") == [DecodeBlockSizes(2, 256), DecodeBlockSizes(4, 512, num_warps=8)]
+    assert parse_blocks("2x256/1x256/2x256x2/2x2048") == [LayerBlockSizes(
+        DecodeBlockSizes(2, 256), DecodeBlockSizes(1, 256), DecodeBlockSizes(2, 256, num_warps=2),
+        DecodeBlockSizes(2, 2048))]
+    with pytest.raises(SystemExit, match=r"'2x256/1x256' is not .* or four of them joined by /"):
+        parse_blocks("2x256/1x256")
     with pytest.raises(SystemExit, match=r"'2x24' is not OUTxIN"):
         parse_blocks("2x24")

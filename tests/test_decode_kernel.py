@@ -131,6 +131,23 @@ def test_supported_and_bad_inputs():
         DecodeBlockSizes(block_in=24)
 
 
+def test_layer_block_sizes():
+    """LayerBlockSizes: one DecodeBlockSizes per kernel of a layer; of() takes None (the
+    defaults) or one DecodeBlockSizes for all four; supported() needs all four kernels'."""
+    one = DecodeBlockSizes(4, 16)
+    assert tuple(decode.LayerBlockSizes.of(one)) == (one,) * 4
+    assert decode.LayerBlockSizes.of(None) == decode.LayerBlockSizes()
+    sizes = decode.LayerBlockSizes(ffn_out=DecodeBlockSizes(block_in=8))
+    assert decode.LayerBlockSizes.of(sizes) is sizes
+    assert tuple(sizes)[:3] == tuple(decode.LayerBlockSizes())[:3]
+    assert decode.supported(1, 1024, decode.LayerBlockSizes())
+    assert decode.supported(1, 256, decode.LayerBlockSizes())
+    # 32 column blocks of 8 are too many for a kernel: one kernel's blocks refuse the step
+    assert not decode.supported(1, 256, decode.LayerBlockSizes(att_out=DecodeBlockSizes(block_in=8)))
+    with pytest.raises(TypeError, match="DecodeBlockSizes or LayerBlockSizes, got tuple"):
+        decode.LayerBlockSizes.of((2, 256))
+
+
 def test_register_budget():
     """Early vector loads and one reduction per matrix where they fit in the registers (the
     batch-1 step of L24-D1024 gets both in all three kernels); larger B and blocks fall back."""

@@ -400,6 +400,47 @@ def test_fused_decode_step(release_files, variant, dtype, rng):
             assert np.linalg.norm(a - b) <= tol * np.linalg.norm(b), name
 
 
+def _launch(eqn):
+    """(kernel name, grid, warps) of a pallas_call (compiler_params: an object or a dict by backend)."""
+    cp = eqn.params["compiler_params"]
+    if isinstance(cp, dict):
+        cp = cp.get("triton", cp)
+    warps = cp["num_warps"] if isinstance(cp, dict) else cp.num_warps
+    return str(eqn.params["name"]), tuple(eqn.params["grid_mapping"].grid), warps
+
+
+@pytest.mark.parametrize("variant", ["plain", "ffn_pre"])
+def test_fused_decode_step_block_sizes_per_kernel(release_files, variant, rng):
+    """LayerBlockSizes gives each of a layer's four kernels its own launch (programs and warps;
+    an ffnPre block's kernels take channel_mix_in's and ffn_out's), and the step stays the same
+    function as the per-operation one."""
+    import dataclasses
+
+    from pallas_kernels.decode import DecodeBlockSizes as Blocks
+    from pallas_kernels.decode import LayerBlockSizes
+    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
+
+    m = rw.load_torch(release_files[variant], verbose=False).replace(wkv_impl="pallas_interpret")
+    sizes = LayerBlockSizes(Blocks(1, 8, num_warps=1), Blocks(2, 8, num_warps=2), Blocks(4, 8, num_warps=4),
+                            Blocks(8, 32, num_warps=8))
+    spec = dataclasses.replace(spec_of(m), fused_blocks=sizes)
+    B, C = 2, SMALL["n_embd"]
+    _, state = m.prefill(rng.integers(1, V, (B, 5)))
+    token = jnp.asarray(rng.integers(0, V, B), jnp.int32)
+    jaxpr = jax.make_jaxpr(rnn_step, static_argnums=0)(spec, decode_params(m), token, state).jaxpr
+    got = [_launch(e) for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
+    tm, ao = ("decode_time_mix_in", (C,), 1), ("decode_mix_out", (C // 2,), 2)
+    cm, fo = ("decode_channel_mix_in", (C // 4,), 4), ("decode_mix_out", (C // 8,), 8)
+    first = [cm, fo] if variant == "ffn_pre" else [tm, ao]  # ffnPre: layer 0's time mix is a channel mix
+    assert got == first + [cm, fo] + [tm, ao, cm, fo] * (SMALL["n_layer"] - 1), got
+    step = jax.jit(rnn_step, static_argnums=0)
+    logits, new = step(spec, decode_params(m), token, state)
+    want_logits, want = step(dataclasses.replace(spec, fused=False), decode_params(m), token, state)
+    for name, a, b in [("logits", logits, want_logits), *zip(rw.State._fields, new, want)]:
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b), name
+
+
 def test_fused_decode_generates_the_same_tokens(release_files):
     """generate with the fused step == with the per-operation step (greedy, float32), batched and
     one by one; Model(fused_decode=False) and replace() carry the choice."""
