@@ -107,6 +107,22 @@ def test_device_loop_runs_several_steps_per_iteration_exactly(model, n):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)  # two programs: float reorderings
 
 
+def test_device_loop_set_up_runs_no_eager_ops(model, monkeypatch):
+    """Past its first call, generate with the device loop issues no eager (one-op) device work
+    before the loop: the keys, knobs, masks and start state are built inside the jitted calls.
+    Each eager op is a dispatch the device waits for (~10 ms per call on an H200 when there
+    were 11; docs/PERF.md, session 11)."""
+    dispatch = pytest.importorskip("jax._src.dispatch", reason="JAX's dispatch module moved")
+    if not hasattr(dispatch, "apply_primitive"):
+        pytest.skip("jax._src.dispatch.apply_primitive is gone: eager ops cannot be counted this way")
+    sampled = dict(temperature=0.8, top_p=0.9, presence_penalty=0.1, stop_tokens=(3,), decode_loop="device")
+    generate(model, PROMPTS, 3, **sampled)  # compile
+    eager, apply = [], dispatch.apply_primitive
+    monkeypatch.setattr(dispatch, "apply_primitive", lambda prim, *a, **k: eager.append(prim.name) or apply(prim, *a, **k))
+    out = generate(model, PROMPTS, 3, **sampled)
+    assert len(out) == len(PROMPTS) and eager == [], eager
+
+
 def test_chunked_prefill_equals_one_shot(model, rng):
     prompts = [rng.integers(0, V, n).tolist() for n in (300, 77, 1, 129)]
     logits, state = prefill(model, prompts, chunk_size=32)  # 32-token chunks, ragged ends
