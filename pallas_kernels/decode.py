@@ -132,10 +132,13 @@ class LayerBlockSizes:
     ffn_out: DecodeBlockSizes = DecodeBlockSizes(block_in=2048)
 
     @classmethod
-    def of(cls, blocks) -> "LayerBlockSizes":
-        """None -> the defaults; one DecodeBlockSizes -> it for all four kernels."""
+    def of(cls, blocks, batch_size: int = 1) -> "LayerBlockSizes":
+        """One DecodeBlockSizes -> it for all four kernels. None -> the defaults at batch 1,
+        where they were timed; for more rows DecodeBlockSizes() for all four kernels, as before
+        session 11 (batch 2-16 is untimed: there the two-warp channel-mix kernel would lose
+        its early loads to the register budget, REG_BUDGET)."""
         if blocks is None:
-            return cls()
+            return cls() if batch_size == 1 else cls.of(DecodeBlockSizes())
         if isinstance(blocks, DecodeBlockSizes):
             return cls(blocks, blocks, blocks, blocks)
         if not isinstance(blocks, cls):

@@ -172,7 +172,7 @@ def _fused_ok(spec: StepSpec, dparams, B: int) -> bool:
     from pallas_kernels import decode  # imported on use: CPU-only users never load Pallas
 
     w = dparams["blocks"][0]["ffn"]["value_t"]  # all matrices share the dtype (_build)
-    blocks = decode.LayerBlockSizes.of(spec.fused_blocks)
+    blocks = decode.LayerBlockSizes.of(spec.fused_blocks, B)
     return w.dtype == spec.dtype and decode.supported(B, spec.config.n_embd, blocks)
 
 
@@ -206,7 +206,7 @@ def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> 
     from pallas_kernels import decode
 
     L, B, C = state.aa.shape
-    sizes, interpret = decode.LayerBlockSizes.of(spec.fused_blocks), spec.matvec == "pallas_interpret"
+    sizes, interpret = decode.LayerBlockSizes.of(spec.fused_blocks, B), spec.matvec == "pallas_interpret"
     flat = lambda a: a.astype(jnp.float32).reshape(L * B, C)  # noqa: E731 - a reshape, no copy
     prev_att, prev_ffn = flat(state.x_att), flat(state.x_ffn)
     wkv = (flat(state.aa), flat(state.bb), flat(state.pp))  # updated in place, layer by layer

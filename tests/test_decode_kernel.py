@@ -136,7 +136,8 @@ def test_layer_block_sizes():
     defaults) or one DecodeBlockSizes for all four; supported() needs all four kernels'."""
     one = DecodeBlockSizes(4, 16)
     assert tuple(decode.LayerBlockSizes.of(one)) == (one,) * 4
-    assert decode.LayerBlockSizes.of(None) == decode.LayerBlockSizes()
+    assert decode.LayerBlockSizes.of(None) == decode.LayerBlockSizes()  # batch 1: tuned per kernel
+    assert decode.LayerBlockSizes.of(None, 4) == decode.LayerBlockSizes.of(DecodeBlockSizes())  # untimed there
     sizes = decode.LayerBlockSizes(ffn_out=DecodeBlockSizes(block_in=8))
     assert decode.LayerBlockSizes.of(sizes) is sizes
     assert tuple(sizes)[:3] == tuple(decode.LayerBlockSizes())[:3]

@@ -449,6 +449,13 @@ def test_fused_decode_step_block_sizes_per_kernel(release_files, variant, rng):
     cm, fo = ("decode_channel_mix_in", (C // 4,), 4), ("decode_mix_out", (C // 8,), 8)
     first = [cm, fo] if variant == "ffn_pre" else [tm, ao]  # ffnPre: layer 0's time mix is a channel mix
     assert got == first + [cm, fo] + [tm, ao, cm, fo] * (SMALL["n_layer"] - 1), got
+    # the defaults (fused_blocks None): per kernel at batch 1, one size for all four above it
+    for rows in (1, 2):
+        jx = jax.make_jaxpr(rnn_step, static_argnums=0)(
+            spec_of(m), decode_params(m), token[:rows], jax.tree.map(lambda a: a[:, :rows], state)).jaxpr
+        launches = {_launch(e)[1:] for e in jx.eqns if e.primitive.name == "pallas_call"}
+        want = LayerBlockSizes() if rows == 1 else LayerBlockSizes.of(Blocks())
+        assert launches == {((C // b.block_out,), b.num_warps) for b in want}, (rows, launches)
     step = jax.jit(rnn_step, static_argnums=0)
     logits, new = step(spec, decode_params(m), token, state)
     want_logits, want = step(dataclasses.replace(spec, fused=False), decode_params(m), token, state)
