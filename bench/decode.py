@@ -3,6 +3,7 @@
     python bench/decode.py                 # on a GPU: L24-D1024, random weights (V=50277)
     python bench/decode.py --cpu           # CPU: a small model, ours vs the PyTorch reference's RNN loop
     python bench/decode.py --sweep-fused   # GPU: block sizes of the fused decode kernels, no table
+    python bench/decode.py --sweep-batches 2,4,8,16   # GPU: fused vs per-operation step per batch size
 
 GPU rows (per weight dtype; bfloat16 = matrices in bf16, vectors, state and WKV float32):
 * decode, B=1 and B=64: `generate(model, prompts, N, temperature=0)` with 1-token prompts,
@@ -271,6 +272,46 @@ def sweep_fused(model, log, steps=64, blocks_list=None, gen_tokens=512):
         gen.DEVICE_STEPS_PER_ITER = per_iter
 
 
+def sweep_batches(model, log, batches, steps=32):
+    """ms per RNN step (bf16) of a jitted loop of greedy steps at each batch size: the
+    per-operation step against the fused kernels (pallas_kernels.decode, with the block sizes
+    the step takes by default at that batch size, at any batch they take), to choose the
+    largest batch that runs the fused kernels (rwkv2_jax.decode_step.FUSED_MAX_BATCH)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.decode import MAX_BATCH
+    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
+    from rwkv2_jax.generate import prefill
+
+    dparams = decode_params(model)
+
+    def loop(spec, token, state):
+        def body(_, carry):
+            token, st = carry
+            logits, st = rnn_step(spec, dparams, token, st)
+            return jnp.argmax(logits, -1).astype(jnp.int32), st
+        return jax.lax.fori_loop(0, steps, body, (token, state))
+
+    for B in batches:
+        _, state0 = prefill(model, [[1, 2, 3]] * B)
+        token0 = jnp.ones((B,), jnp.int32)
+        for name, fused in (("per-operation step", False), ("fused kernels", True)):
+            t0 = time.perf_counter()
+            spec = dataclasses.replace(spec_of(model), fused=fused, fused_max_batch=MAX_BATCH)
+            f = jax.jit(functools.partial(loop, spec))
+            jax.block_until_ready(f(token0, state0))
+            jaxpr = jax.make_jaxpr(rnn_step, static_argnums=0)(spec, dparams, token0, state0).jaxpr
+            kernels = sum(e.primitive.name == "pallas_call" and "decode_" in str(e.params.get("name", ""))
+                          for e in jaxpr.eqns)
+            ran = "" if (kernels > 0) == fused else f" FAIL ({kernels} fused kernels)"  # the step that was meant
+            sec = median_time(lambda: jax.block_until_ready(f(token0, state0)), 5)
+            log(f"| {B} | {name} | {1e3 * sec / steps:.3f} | {B * steps / sec:,.0f} |  "
+                f"({time.perf_counter() - t0:.0f} s{ran})")
+
+
 def run_prefill(model, prompts):
     from rwkv2_jax.generate import prefill
 
@@ -324,6 +365,11 @@ def gpu_main(args, log) -> int:
             fused_check(models, prompt, log)
     except Exception as err:
         log(f"# check of the fused decode step failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    if args.sweep_batches:
+        log("| B | bf16, jitted loop of 32 greedy steps | ms/step | tokens/s |\n|---:|---|---:|---:|")
+        sweep_batches(models["bfloat16"], log, [int(b) for b in args.sweep_batches.split(",")])
+        log(f"# total {time.perf_counter() - t_start:.0f} s (--sweep-batches: no table)")
+        return 0
     if args.sweep_fused:
         log("| bf16, B=1, jitted loop of 64 greedy steps | ms/step | tokens/s |\n|---|---:|---:|")
         sweep_fused(models["bfloat16"], log, blocks_list=parse_blocks(args.sweep_blocks), gen_tokens=args.steps_b1)
@@ -444,6 +490,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-blocks", default="", help="with --sweep-fused: these block sizes instead of the "
                    "default list, comma-separated: OUTxIN[xWARPS] for all four kernels of a layer, or four joined by / "
                    "for time_mix_in/att_out/channel_mix_in/ffn_out (e.g. 2x256,4x512x8,2x256/1x256/2x256x2/2x2048)")
+    p.add_argument("--sweep-batches", default="", help="time the per-operation and the fused decode step at these "
+                   "batch sizes (bf16, comma-separated), instead of the table")
     p.add_argument("--cpu-layers", type=int, default=6)
     p.add_argument("--cpu-width", type=int, default=512)
     p.add_argument("--cpu-vocab", type=int, default=50277)

@@ -53,6 +53,17 @@ reductions, not the bytes.
 Reading the next kernel's matrix during each kernel, so that it would come from the L2 cache
 (a `prefetch` option, session 9), made the step 41% slower on an H200 (0.597 vs 0.423 ms:
 the extra loads compete with the kernel's own stream; docs/PERF.md, session 10) and was removed.
+Programmatic dependent launch (session 12: each program issuing `griddepcontrol.launch_dependents`,
+its weight and parameter loads, then `griddepcontrol.wait` before reading the previous kernels'
+outputs, through `plgpu.elementwise_inline_asm`) made the step 6% slower on an H200 (0.439 vs
+0.413 ms), the same with and without XLA_FLAGS=--xla_gpu_enable_pdl=true: the overlap it is
+for did not happen (XLA's flag adds a wait at the start of the kernels XLA itself generates,
+openxla/xla#38544), only the added instructions showed. Removed.
+
+Batch. The kernels take up to MAX_BATCH rows, but every row adds accumulators and vectors that
+stop fitting in the registers (REG_BUDGET: the early loads and single reductions fall back),
+and at 8 rows the step took 2.30 ms against the per-operation step's 1.10 (H200, bf16); at 2
+rows 0.58 against 0.84. `rwkv2_jax.decode_step` runs them for at most FUSED_MAX_BATCH (2) rows.
 
 State. `aa`, `bb`, `pp` of all layers are passed whole ([L * B, C]) with the layer index as
 a traced int32 (one compiled kernel for all layers) and updated in place
@@ -135,8 +146,9 @@ class LayerBlockSizes:
     def of(cls, blocks, batch_size: int = 1) -> "LayerBlockSizes":
         """One DecodeBlockSizes -> it for all four kernels. None -> the defaults at batch 1,
         where they were timed; for more rows DecodeBlockSizes() for all four kernels, as before
-        session 11 (batch 2-16 is untimed: there the two-warp channel-mix kernel would lose
-        its early loads to the register budget, REG_BUDGET)."""
+        session 11 (timed as the whole step at 2 and 8 rows in session 12, not per kernel:
+        there the two-warp channel-mix kernel would lose its early loads to the register
+        budget, REG_BUDGET)."""
         if blocks is None:
             return cls() if batch_size == 1 else cls.of(DecodeBlockSizes())
         if isinstance(blocks, DecodeBlockSizes):

@@ -64,7 +64,8 @@ class Model:
       precision: matmul precision; None means "highest" for float32 compute (exact
         float32 on GPUs, where JAX's default may use TF32) and JAX's default otherwise.
       fused_decode: with Pallas kernels (wkv_impl "pallas", or "auto" on a GPU), run the RNN
-        step of `generate` for up to 16 rows as four fused Pallas kernels per layer
+        step of `generate` for 1 or 2 rows (rwkv2_jax.decode_step.FUSED_MAX_BATCH; slower
+        than XLA's kernels at 8 rows) as four fused Pallas kernels per layer
         (pallas_kernels.decode; the same function as the per-operation step). False: XLA's
         kernels (and the matrix-vector kernel for the [C, 4C] product).
     """

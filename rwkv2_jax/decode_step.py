@@ -16,10 +16,13 @@ state)` (tests/test_generate.py checks logits and state against it), and is what
 `rw.generate` runs per token.
 
 Where the model runs Pallas kernels (`wkv_impl` "pallas", or "auto" on a GPU) and a step has
-at most 16 rows, `rnn_step` runs each layer as four fused kernels (`pallas_kernels.decode`:
-the LayerNorms, token-shift mixes, WKV step, gates and residuals folded into the products):
-~100 kernels per token instead of ~280 (H200, bf16, batch 1: 0.451 instead of 0.584 ms per
-token, docs/PERF.md). `Model(fused_decode=False)` keeps the per-operation step below, where the products
+at most FUSED_MAX_BATCH (2) rows, `rnn_step` runs each layer as four fused kernels
+(`pallas_kernels.decode`: the LayerNorms, token-shift mixes, WKV step, gates and residuals
+folded into the products): ~100 kernels per token instead of ~280 (H200, bf16, batch 1: 0.41
+instead of 0.60 ms per step; batch 2: 0.58 instead of 0.84). The kernels take up to 16 rows,
+but at 8 rows they were twice as slow as the per-operation step (2.30 vs 1.10 ms per step;
+their per-row accumulators no longer fit in the registers), so larger batches run the
+per-operation step (docs/PERF.md, session 12). `Model(fused_decode=False)` keeps the per-operation step below, where the products
 with more inputs than outputs (the channel-mix value matrix, [C, 4C]) of batches up to
 `pallas_kernels.matvec.MAX_BATCH` rows go through the Pallas matrix-vector kernel
 (`pallas_kernels.matvec`, which splits the long input over programs): 6.3 us instead of XLA's
@@ -44,6 +47,12 @@ from rwkv2_jax.model import _layer_norm as model_layer_norm
 from rwkv2_jax.wkv import WKVState, wkv_step
 
 
+# The largest batch whose step runs the fused kernels by default: measured faster than the
+# per-operation step at 1 and 2 rows, twice as slow at 8 (H200, bf16, L24-D1024,
+# `bench/decode.py --sweep-batches`, docs/PERF.md session 12); 3 to 7 rows are untimed.
+FUSED_MAX_BATCH = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
     """The static part of a decode step (hashable: a jit static argument)."""
@@ -52,9 +61,10 @@ class StepSpec:
     dtype: jnp.dtype  # matmul compute dtype, as Model.dtype
     precision: Optional[str]
     matvec: str = "xla"  # "xla", "pallas" or "pallas_interpret": who runs small-batch products
-    # With Pallas kernels (matvec != "xla"): run the step of up to 16 rows as four fused
-    # kernels per layer (pallas_kernels.decode) where the width allows.
+    # With Pallas kernels (matvec != "xla"): run the step of up to fused_max_batch rows as four
+    # fused kernels per layer (pallas_kernels.decode) where the width allows.
     fused: bool = True
+    fused_max_batch: int = FUSED_MAX_BATCH  # the kernels take up to pallas_kernels.decode.MAX_BATCH
     # pallas_kernels.decode.LayerBlockSizes (per kernel) or DecodeBlockSizes (all four); None: defaults
     fused_blocks: Optional[object] = None
 
@@ -173,7 +183,7 @@ def _fused_ok(spec: StepSpec, dparams, B: int) -> bool:
 
     w = dparams["blocks"][0]["ffn"]["value_t"]  # all matrices share the dtype (_build)
     blocks = decode.LayerBlockSizes.of(spec.fused_blocks, B)
-    return w.dtype == spec.dtype and decode.supported(B, spec.config.n_embd, blocks)
+    return w.dtype == spec.dtype and B <= spec.fused_max_batch and decode.supported(B, spec.config.n_embd, blocks)
 
 
 def _layer_four_kernels(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, blocks, interpret):

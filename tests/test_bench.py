@@ -62,6 +62,17 @@ def test_decode_bench_sweep_on_cpu():
     assert "| rw.generate, 8 tokens, 32 steps per loop iteration |" in out
 
 
+def test_decode_bench_sweep_batches_on_cpu():
+    """--sweep-batches: the per-operation and the fused step at each batch size (the fused
+    kernels also above FUSED_MAX_BATCH, where the step would not take them by default)."""
+    out = run("bench/decode.py", "--gpu-rows", "--sweep-batches", "1,3", "--skip-checks", "--preset", "L2-D64",
+              "--wkv-impl", "pallas_interpret")
+    rows = [line.split("|")[1:3] for line in out.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
+    assert [(b.strip(), what.strip()) for b, what in rows] == [
+        ("1", "per-operation step"), ("1", "fused kernels"), ("3", "per-operation step"), ("3", "fused kernels")]
+    assert "FAIL" not in out
+
+
 def test_decode_kernels_bench_on_cpu():
     """bench/decode_kernels.py times each fused decode kernel per block size (interpret mode on
     CPU: the rows and the check against the plain-JAX reference, not the times)."""

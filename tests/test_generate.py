@@ -386,17 +386,19 @@ def test_decode_step_with_the_pallas_matvec(release_files, dtype, rng):
 @pytest.mark.parametrize("variant", ["plain", "ffn_pre"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fused_decode_step(release_files, variant, dtype, rng):
-    """With Pallas kernels the step of up to 16 rows is four fused kernels per layer
-    (pallas_kernels.decode): the same logits and state as the per-operation step."""
+    """With Pallas kernels the step is four fused kernels per layer (pallas_kernels.decode;
+    by default up to 2 rows, here 3 rows through StepSpec.fused_max_batch): the same logits and
+    state as the per-operation step."""
     import dataclasses
 
+    from pallas_kernels.decode import MAX_BATCH
     from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
 
     m = rw.load_torch(release_files[variant], verbose=False).replace(wkv_impl="pallas_interpret")
     if dtype == "bfloat16":
         m = with_weight_dtype(m, jnp.bfloat16)
-    spec = spec_of(m)
-    assert spec.fused and m.fused_decode
+    assert spec_of(m).fused and m.fused_decode
+    spec = dataclasses.replace(spec_of(m), fused_max_batch=MAX_BATCH)
     B = 3
     _, state = m.prefill(rng.integers(1, V, (B, 6)))
     token = jnp.asarray(rng.integers(0, V, B), jnp.int32)
@@ -478,19 +480,27 @@ def test_fused_decode_generates_the_same_tokens(release_files):
 
 
 def test_fused_decode_falls_back(release_files, rng):
-    """Batches over 16 rows, widths the kernels do not take, or weights in another dtype than
-    the compute dtype run the per-operation step."""
-    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
+    """Batches over FUSED_MAX_BATCH rows (by default; the kernels themselves take up to 16),
+    widths the kernels do not take, or weights in another dtype than the compute dtype run
+    the per-operation step."""
+    import dataclasses
+
+    from pallas_kernels.decode import MAX_BATCH
+    from rwkv2_jax.decode_step import FUSED_MAX_BATCH, decode_params, rnn_step, spec_of
 
     m = rw.load_torch(release_files["plain"], verbose=False).replace(wkv_impl="pallas_interpret")
 
-    def n_fused(model, B):
+    def n_fused(model, B, **spec_changes):
         state = jax.tree.map(jnp.asarray, model.init_state(B))
         token = jnp.zeros((B,), jnp.int32)
-        jaxpr = str(jax.make_jaxpr(rnn_step, static_argnums=0)(spec_of(model), decode_params(model), token, state))
+        spec = dataclasses.replace(spec_of(model), **spec_changes)
+        jaxpr = str(jax.make_jaxpr(rnn_step, static_argnums=0)(spec, decode_params(model), token, state))
         return len(re.findall(r"name=decode_", jaxpr))
 
-    assert n_fused(m, 16) == 4 * SMALL["n_layer"]
-    assert n_fused(m, 17) == 0
+    assert FUSED_MAX_BATCH == 2
+    assert n_fused(m, 1) == n_fused(m, 2) == 4 * SMALL["n_layer"]
+    assert n_fused(m, 3) == n_fused(m, 8) == 0  # slower than the per-operation step there (H200)
+    assert n_fused(m, MAX_BATCH, fused_max_batch=MAX_BATCH) == 4 * SMALL["n_layer"]
+    assert n_fused(m, MAX_BATCH + 1, fused_max_batch=MAX_BATCH + 1) == 0  # beyond the kernels
     assert n_fused(m.replace(dtype=jnp.bfloat16), 1) == 0  # float32 weights, bf16 compute
     assert n_fused(m.replace(wkv_impl="reference"), 1) == 0  # no Pallas at all
