@@ -8,7 +8,9 @@
 GPU rows (per weight dtype; bfloat16 = matrices in bf16, vectors, state and WKV float32):
 * decode, B=1 and B=64: `generate(model, prompts, N, temperature=0)` with 1-token prompts,
   timed end to end (one RNN step of prefill, N steps in one jitted lax.while_loop, the
-  copy of the ids to the host); tokens/s = B * N / seconds;
+  copy of the ids to the host); tokens/s = B * N / seconds; at B=1 also the same greedy
+  steps as a jitted loop of 64 RNN steps + argmax from a prefilled state (the step alone:
+  what `generate` adds per token is the difference, in the same process);
 * decode with the loop on the host (a Python loop of jitted steps) instead of one
   lax.while_loop, and decode with sampling (top_p=0.7, temperature=1, as sample.py's
   defaults), bf16 only;
@@ -312,6 +314,30 @@ def sweep_batches(model, log, batches, steps=32):
                 f"({time.perf_counter() - t0:.0f} s{ran})")
 
 
+def steps_loop(model, steps):
+    """-> a function running `steps` greedy RNN steps (batch 1) in one jitted fori_loop from a
+    prefilled state: the decode step itself, without generate's sampling, bookkeeping and
+    set-up (its cost per token above this is theirs)."""
+    import jax
+    import jax.numpy as jnp
+
+    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
+    from rwkv2_jax.generate import prefill
+
+    spec, dparams = spec_of(model), decode_params(model)
+    _, state0 = prefill(model, [[1, 2, 3]])
+
+    @jax.jit
+    def loop(dparams, state):  # dparams an argument: closed over, jit would make it a constant
+        def body(_, carry):
+            token, st = carry
+            logits, st = rnn_step(spec, dparams, token, st)
+            return jnp.argmax(logits, -1).astype(jnp.int32), st
+        return jax.lax.fori_loop(0, steps, body, (jnp.zeros((1,), jnp.int32), state))
+
+    return lambda: jax.block_until_ready(loop(dparams, state0))
+
+
 def run_prefill(model, prompts):
     from rwkv2_jax.generate import prefill
 
@@ -382,6 +408,8 @@ def gpu_main(args, log) -> int:
     for name in args.dtypes.split(","):
         for B in (int(b) for b in args.batches.split(",")):
             jobs.append((name, B, "decode, greedy, one lax.while_loop", dict(temperature=0)))
+            if B == 1:  # the same steps without generate's sampling and bookkeeping, same process
+                jobs.append((name, 1, "jitted loop of 64 steps + argmax (no generate)", "steps"))
         if name == "bfloat16":
             jobs.append(("bfloat16 per-op", 1, "decode, greedy, per-operation step (fused_decode=False)",
                          dict(temperature=0)))
@@ -403,7 +431,10 @@ def gpu_main(args, log) -> int:
             continue
         model = models[name]
         try:
-            if kw is None or kw == "ragged":
+            if kw == "steps":
+                sec = median_time(steps_loop(model, 64), args.repeats)
+                log(row((name, B, what, f"{64 / sec:,.0f}", f"{1e3 * sec / 64:.3f}")))
+            elif kw is None or kw == "ragged":
                 rows_ = [prompt] if kw is None else ragged
                 sec = median_time(functools.partial(run_prefill, model, rows_), args.repeats)
                 n_tok = sum(len(r) for r in rows_)

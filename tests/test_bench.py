@@ -50,6 +50,7 @@ def test_decode_bench_gpu_rows_on_cpu():
               "--prefill-len", "64", "--repeats", "1", "--batches", "1,4")
     assert "checks passed" in out
     assert "prefill T=64" in out and "decode, greedy" in out
+    assert out.count("| jitted loop of 64 steps + argmax (no generate) |") == 2  # B = 1, per dtype
 
 
 def test_decode_bench_sweep_on_cpu():
