@@ -197,6 +197,24 @@ def blocks_label(blocks) -> str:
     return f"{blocks.block_out}x{blocks.block_in}x{blocks.num_warps}" + "".join(f" no {n}" for n in off)
 
 
+def greedy_steps(spec, steps: int):
+    """jit of (dparams, token [B], state) -> (token, state) after `steps` greedy RNN steps
+    (rnn_step + argmax) in one fori_loop: the decode step itself, without generate's sampling,
+    bookkeeping and set-up. dparams is an argument: closed over, jit would make it a constant."""
+    import jax
+    import jax.numpy as jnp
+
+    from rwkv2_jax.decode_step import rnn_step
+
+    def body(dparams, _, carry):
+        token, st = carry
+        logits, st = rnn_step(spec, dparams, token, st)
+        return jnp.argmax(logits, -1).astype(jnp.int32), st
+
+    return jax.jit(lambda dparams, token, state: jax.lax.fori_loop(
+        0, steps, functools.partial(body, dparams), (token, state)))
+
+
 def sweep_fused(model, log, steps=64, blocks_list=None, gen_tokens=512):
     """ms per RNN step (bf16, B = 1) of a jitted loop of greedy steps, per block sizes (a
     DecodeBlockSizes for all four kernels of a layer or a LayerBlockSizes; blocks_list: these
@@ -213,13 +231,6 @@ def sweep_fused(model, log, steps=64, blocks_list=None, gen_tokens=512):
 
     _, state0 = prefill(model, [[1, 2, 3]])
     dparams = decode_params(model)
-
-    def loop(spec, state):
-        def body(_, carry):
-            token, st = carry
-            logits, st = rnn_step(spec, dparams, token, st)
-            return jnp.argmax(logits, -1).astype(jnp.int32), st
-        return jax.lax.fori_loop(0, steps, body, (jnp.zeros((1,), jnp.int32), state))
 
     # Session 5 (H200): block_out 2 or 8 and 8 warps were no faster than the defaults;
     # session 6: one kernel per layer with grid barriers was slower (docs/PERF.md).
@@ -241,7 +252,7 @@ def sweep_fused(model, log, steps=64, blocks_list=None, gen_tokens=512):
     for name, change in variants:
         t0 = time.perf_counter()
         spec = dataclasses.replace(spec_of(model), **change)
-        f = jax.jit(functools.partial(loop, spec))
+        f = functools.partial(greedy_steps(spec, steps), dparams, jnp.zeros((1,), jnp.int32))
         jax.block_until_ready(f(state0))
         # one step from the same state vs the per-operation step (bf16: rounding apart)
         logits = one(spec, dparams, token0, state0)[0]
@@ -290,20 +301,13 @@ def sweep_batches(model, log, batches, steps=32):
 
     dparams = decode_params(model)
 
-    def loop(spec, token, state):
-        def body(_, carry):
-            token, st = carry
-            logits, st = rnn_step(spec, dparams, token, st)
-            return jnp.argmax(logits, -1).astype(jnp.int32), st
-        return jax.lax.fori_loop(0, steps, body, (token, state))
-
     for B in batches:
         _, state0 = prefill(model, [[1, 2, 3]] * B)
         token0 = jnp.ones((B,), jnp.int32)
         for name, fused in (("per-operation step", False), ("fused kernels", True)):
             t0 = time.perf_counter()
             spec = dataclasses.replace(spec_of(model), fused=fused, fused_max_batch=MAX_BATCH)
-            f = jax.jit(functools.partial(loop, spec))
+            f = functools.partial(greedy_steps(spec, steps), dparams)
             jax.block_until_ready(f(token0, state0))
             jaxpr = jax.make_jaxpr(rnn_step, static_argnums=0)(spec, dparams, token0, state0).jaxpr
             kernels = sum(e.primitive.name == "pallas_call" and "decode_" in str(e.params.get("name", ""))
@@ -315,27 +319,17 @@ def sweep_batches(model, log, batches, steps=32):
 
 
 def steps_loop(model, steps):
-    """-> a function running `steps` greedy RNN steps (batch 1) in one jitted fori_loop from a
-    prefilled state: the decode step itself, without generate's sampling, bookkeeping and
-    set-up (its cost per token above this is theirs)."""
+    """-> a function running `steps` greedy RNN steps (batch 1) in one jitted loop from a
+    prefilled state (greedy_steps): what generate adds per token is the difference."""
     import jax
     import jax.numpy as jnp
 
-    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
+    from rwkv2_jax.decode_step import decode_params, spec_of
     from rwkv2_jax.generate import prefill
 
-    spec, dparams = spec_of(model), decode_params(model)
     _, state0 = prefill(model, [[1, 2, 3]])
-
-    @jax.jit
-    def loop(dparams, state):  # dparams an argument: closed over, jit would make it a constant
-        def body(_, carry):
-            token, st = carry
-            logits, st = rnn_step(spec, dparams, token, st)
-            return jnp.argmax(logits, -1).astype(jnp.int32), st
-        return jax.lax.fori_loop(0, steps, body, (jnp.zeros((1,), jnp.int32), state))
-
-    return lambda: jax.block_until_ready(loop(dparams, state0))
+    f = greedy_steps(spec_of(model), steps)
+    return lambda: jax.block_until_ready(f(decode_params(model), jnp.zeros((1,), jnp.int32), state0))
 
 
 def run_prefill(model, prompts):
