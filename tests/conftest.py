@@ -1,5 +1,6 @@
 """Shared fixtures: small random checkpoints in the exact release format."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ def release_files(tmp_path_factory):
 
 @pytest.fixture
 def rng():
-    seed = int(np.random.SeedSequence().entropy % 2**31)
+    """A fresh seed per test (printed; RWKV2_TEST_SEED=<seed> replays a failure)."""
+    seed = int(os.environ.get("RWKV2_TEST_SEED") or np.random.SeedSequence().entropy % 2**31)
     print(f"seed={seed}")
     return np.random.default_rng(seed)
 

@@ -339,7 +339,10 @@ def test_decode_step_equals_the_module_step(release_files, variant, dtype, rng):
     def close(a, b, name):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         if dtype == "float32":
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+            # The products sum in another order: their rounding scales with the field's
+            # magnitude (pp and K reach the clamp, 60), not with one element's (seed 554315157:
+            # pp 0.32114 vs 0.32116 where K's terms nearly cancelled).
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(b).max()), err_msg=name)
         else:  # bf16 products round differently: compare as a whole (1 bf16 ulp = 0.8%)
             assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(b), name
 
