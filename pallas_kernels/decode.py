@@ -60,6 +60,11 @@ outputs, through `plgpu.elementwise_inline_asm`) made the step 6% slower on an H
 for did not happen (XLA's flag adds a wait at the start of the kernels XLA itself generates,
 openxla/xla#38544), only the added instructions showed. Removed.
 
+Two kernels per layer, by folding each output product into the kernel that produces its input
+(every program adding its partial output vector with atomics), were probed in session 13
+(bench/atomic_tail.py): the atomics add 1.4-1.7 us to a kernel at best (relaxed or float32,
+128 programs), about what the removed kernel boundary costs; not written.
+
 Batch. The kernels take up to MAX_BATCH rows, but every row adds accumulators and vectors that
 stop fitting in the registers (REG_BUDGET: the early loads and single reductions fall back),
 and at 8 rows the step took 2.30 ms against the per-operation step's 1.10 (H200, bf16); at 2
@@ -69,7 +74,10 @@ State. `aa`, `bb`, `pp` of all layers are passed whole ([L * B, C]) with the lay
 a traced int32 (one compiled kernel for all layers) and updated in place
 (input_output_aliases): a program reads and writes only its own channels, so no program
 reads what another wrote. The token-shift vectors are read whole by every program, so their
-new values (the LayerNorm outputs) go to fresh [B, C] arrays instead.
+new values (the LayerNorm outputs) go to fresh [B, C] arrays instead, stacked after the step;
+`mix_out(state=, layer=)` can write them into the [L * B, C] state in place instead (the
+layer's *_in kernel, their only reader, has run by then), but that step was 2% slower on an
+H200 (docs/PERF.md, session 13): `rwkv2_jax.decode_step.StepSpec.shift_in_place`, off.
 
 Lowering: **Pallas Triton** (`plgpu.CompilerParams`), for the reasons given in
 pallas_kernels/wkv.py (the same small API in jax 0.10 and 0.11, any CUDA GPU from Ampere on).
@@ -406,8 +414,14 @@ def _channel_mix_in_kernel(layer_ref, x_ref, scale_ref, bias_ref, prev_ref, tmix
         _store_row(xln_ref, b, rows, _ln(x_rows[b], stats[b], scale, bias))
 
 
-def _mix_out_kernel(u_ref, w_ref, base_ref, *rest, plan: _Plan):
-    gate_ref, o_ref = rest if len(rest) == 2 else (None, rest[0])
+def _mix_out_kernel(u_ref, w_ref, base_ref, *rest, plan: _Plan, gated: bool, keep: bool):
+    """rest: [gate_ref], [layer_ref, state_ref (input, aliased)], o_ref, [state_out]."""
+    rest = list(rest)
+    gate_ref = rest.pop(0) if gated else None
+    layer_ref = rest.pop(0) if keep else None
+    if keep:
+        rest.pop(0)  # the state's input ref: its buffer is state_out's (input_output_aliases)
+    o_ref, state_out = rest[0], (rest[1] if keep else None)
     ws = _load_weights(w_ref, plan)[0]
     f32, bo, bi = jnp.float32, plan.bo, plan.bi
     rows = pl.ds(pl.program_id(0) * bo, bo)
@@ -423,6 +437,8 @@ def _mix_out_kernel(u_ref, w_ref, base_ref, *rest, plan: _Plan):
         if gate is not None:
             y = _sigmoid(gate[b].astype(f32)) * y
         _store_row(o_ref, b, rows, base[b] + y)
+        if keep:  # base (this layer's LayerNorm output) is the next token's shift vector
+            _store_row(state_out, layer_ref[0] * plan.B + b, rows, base[b])
 
 
 # ----------------------------------------------------------------------------------------
@@ -485,18 +501,34 @@ def channel_mix_in(x, ln_scale, ln_bias, prev, time_mix, kr_t, layer, *, ln_eps:
                    "decode_channel_mix_in", out_shape, args)
 
 
-def mix_out(u, w_t, base, gate=None, *, blocks: Optional[DecodeBlockSizes] = None, interpret: bool = False):
+def mix_out(u, w_t, base, gate=None, *, state=None, layer=None, blocks: Optional[DecodeBlockSizes] = None,
+            interpret: bool = False):
     """base + [sigmoid(gate) *] (u @ w_t^T): u [B, in] in w_t's dtype, w_t [C, in], base [B, C]
     float32, gate [B, C] (optional). Returns [B, C] float32; the product is rounded to w_t's
-    dtype before the gate and the sum, as an XLA product in that dtype."""
+    dtype before the gate and the sum, as an XLA product in that dtype.
+
+    With state [L*B, C] float32 (every layer's token-shift vectors, as time_mix_in's prev) and
+    layer (int32 [1]): also writes base into rows layer*B .. layer*B + B - 1 of state, in place
+    (input_output_aliases; the layer's *_in kernel, their only reader, has run), and returns
+    (the sum, state). This spares stacking the layers' LayerNorm outputs after the step."""
     B, inp = u.shape
     C = w_t.shape[0]
+    keep = state is not None
     _check("mix_out", w_t=(w_t, (C, inp)), base=(base, (B, C)),
-           **({} if gate is None else {"gate": (gate, (B, C))}))
+           **({} if gate is None else {"gate": (gate, (B, C))}),
+           **({} if not keep else {"state": (state, (state.shape[0], C)), "layer": (layer, (1,))}))
+    if keep and (state.shape[0] % B or state.dtype != jnp.float32):
+        raise ValueError(f"mix_out: state must be float32 [L*{B}, {C}], got {state.dtype} {tuple(state.shape)}")
     plan = _plan(B, C, inp, 1, w_t.dtype, blocks, interpret)
     args = (u.astype(plan.dtype), w_t, base.astype(jnp.float32)) + (() if gate is None else (gate,))
-    return _pallas(_mix_out_kernel, plan, "decode_mix_out",
-                   jax.ShapeDtypeStruct((B, C), jnp.float32), args)
+    out_shape = jax.ShapeDtypeStruct((B, C), jnp.float32)
+    aliases = None
+    if keep:
+        aliases = {len(args) + 1: 1}
+        args = args + (layer.astype(jnp.int32), state)
+        out_shape = (out_shape, jax.ShapeDtypeStruct(state.shape, jnp.float32))
+    kernel = functools.partial(_mix_out_kernel, gated=gate is not None, keep=keep)
+    return _pallas(kernel, plan, "decode_mix_out", out_shape, args, aliases)
 
 
 # ----------------------------------------------------------------------------------------
@@ -543,8 +575,12 @@ def channel_mix_in_reference(x, ln_scale, ln_bias, prev, time_mix, kr_t, layer, 
     return y, jnp.square(jax.nn.relu(kr[:, :4 * C])), kr[:, 4 * C:]
 
 
-def mix_out_reference(u, w_t, base, gate=None):
+def mix_out_reference(u, w_t, base, gate=None, *, state=None, layer=None):
     y = _dot(u, w_t).astype(jnp.float32)
     if gate is not None:
         y = jax.nn.sigmoid(gate.astype(jnp.float32)) * y
-    return base.astype(jnp.float32) + y
+    out = base.astype(jnp.float32) + y
+    if state is None:
+        return out
+    B = base.shape[0]
+    return out, lax.dynamic_update_slice(state, base.astype(jnp.float32), (layer[0] * B, 0))

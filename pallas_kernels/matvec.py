@@ -146,6 +146,7 @@ class _Plan:
     num_stages: int
     eviction_policy: str | None
     interpret: bool
+    round_dtype: jnp.dtype | None = None  # the sums rounded to this dtype before the cast to out_dtype
 
     @property
     def n_ob(self) -> int:  # output row blocks
@@ -278,8 +279,10 @@ def _matvec_kernel(x_ref, w_ref, o_ref, *, plan: _Plan):
             col_ok = col_ok & (split == plan.n_split - 1)
         acc = accumulate(acc, load_w(k0, col_ok), load_x(k0))
 
-    # Stores: out_dtype directly, or float32 partials of this split.
+    # Stores: out_dtype directly (through round_dtype), or float32 partials of this split.
     lead = () if split is None else (split,)
+    if split is None and plan.round_dtype is not None:
+        acc = acc.astype(plan.round_dtype) if plan.dot else tuple(a.astype(plan.round_dtype) for a in acc)
     if plan.dot:  # acc [16, bo]; the caller drops the rows of x's padding
         mask = None if row_ok_t is None else jnp.broadcast_to(row_ok_t, (plan.x_rows, bo))
         plgpu.store(o_ref.at[(*lead, slice(None), rows)], acc.astype(o_ref.dtype), mask=mask)
@@ -305,7 +308,8 @@ def _call(plan: _Plan, x, w_t, out_dtype):
         compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
     )(x, w_t)
     if plan.n_split > 1:
-        y = y.sum(0).astype(out_dtype)  # one small XLA reduction of the float32 partials
+        y = y.sum(0)  # one small XLA reduction of the float32 partials
+        y = (y if plan.round_dtype is None else y.astype(plan.round_dtype)).astype(out_dtype)
     return y[:plan.B]  # "dot": drop x's padding rows (fuses into the consumer under jit)
 
 
@@ -335,10 +339,13 @@ def matvec(
     w_t: jax.Array,  # [out, in] bfloat16, float16 or float32
     *,
     out_dtype=None,
+    round_dtype=None,
     block_sizes: MatvecBlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """y [B, out] = x @ w_t^T, float32 accumulation, in out_dtype (default w_t.dtype).
+    round_dtype: the sums are rounded to it first (e.g. bfloat16 logits stored as float32,
+    what `.astype(jnp.float32)` of a bfloat16 product gives, without that extra pass).
 
     Same function as `matvec_reference` up to the order of the float32 additions (module
     docstring). 1 <= B <= MAX_BATCH; any out and in (ragged edges are masked inside; the
@@ -351,17 +358,19 @@ def matvec(
     out = w_t.shape[0]
     plan = _make_plan(B, out, inp, w_t.dtype, blocks=block_sizes or MatvecBlockSizes(),
                       interpret=interpret)
+    if round_dtype is not None:
+        plan = dataclasses.replace(plan, round_dtype=jnp.dtype(round_dtype))
     # x rounded to the weights' dtype, as a matmul in that dtype would; "dot" pads it to 16
     # rows (zeros).
     x = jnp.pad(x.astype(w_t.dtype), ((0, plan.x_rows - B), (0, 0)))
     return _call(plan, x, w_t, out_dtype)
 
 
-def matvec_reference(x: jax.Array, w_t: jax.Array, out_dtype=None) -> jax.Array:
+def matvec_reference(x: jax.Array, w_t: jax.Array, out_dtype=None, round_dtype=None) -> jax.Array:
     """Plain-JAX y [B, out] = x @ w_t^T: x rounded to w_t's dtype, products summed in float32
-    (HIGHEST precision: no TF32 on GPUs for float32 weights), cast to out_dtype (default
-    w_t.dtype). The function `matvec` computes."""
+    (HIGHEST precision: no TF32 on GPUs for float32 weights), [rounded to round_dtype,] cast to
+    out_dtype (default w_t.dtype). The function `matvec` computes."""
     out_dtype = jnp.dtype(w_t.dtype if out_dtype is None else out_dtype)
     y = lax.dot_general(x.astype(w_t.dtype), w_t, (((1,), (1,)), ((), ())),
                         precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-    return y.astype(out_dtype)
+    return (y if round_dtype is None else y.astype(round_dtype)).astype(out_dtype)

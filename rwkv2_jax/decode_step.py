@@ -67,6 +67,14 @@ class StepSpec:
     fused_max_batch: int = FUSED_MAX_BATCH  # the kernels take up to pallas_kernels.decode.MAX_BATCH
     # pallas_kernels.decode.LayerBlockSizes (per kernel) or DecodeBlockSizes (all four); None: defaults
     fused_blocks: Optional[object] = None
+    # Fused step only: the output-product kernels write each layer's LayerNorm outputs into the
+    # token-shift state in place, instead of stacking the layers' vectors after the step
+    # (measured 2% slower at batch 1 on an H200: bench/step_bound.py, docs/PERF.md session 13).
+    shift_in_place: bool = False
+    # Fused step only: the head product through pallas_kernels.matvec (logits rounded to the
+    # weights' dtype in the kernel, stored float32) instead of XLA's product and a convert
+    # (measured no faster at batch 1 on an H200: docs/PERF.md, sessions 11 and 13).
+    pallas_head: bool = False
 
 
 def spec_of(model) -> StepSpec:
@@ -186,29 +194,50 @@ def _fused_ok(spec: StepSpec, dparams, B: int) -> bool:
     return w.dtype == spec.dtype and B <= spec.fused_max_batch and decode.supported(B, spec.config.n_embd, blocks)
 
 
-def _layer_four_kernels(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, blocks, interpret):
-    """One layer as four kernels -> (x after it, ln1 output, ln2 output, WKV state (aa, bb, pp)).
-    blocks: a LayerBlockSizes."""
+def _layer_four_kernels(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, blocks, interpret, in_place):
+    """One layer as four kernels -> (x after it, prev_att, prev_ffn, WKV state (aa, bb, pp)).
+    prev_att, prev_ffn: [L*B, C] token-shift vectors of every layer. in_place: the output
+    kernels write this layer's LayerNorm outputs into them; else they are returned as [B, C]
+    arrays (ln1's, ln2's) for the caller to stack. blocks: a LayerBlockSizes."""
     ln1, ln2, log_eps = blk["ln1"], blk["ln2"], _log_eps(cfg)
     ffn = blk["ffn"]
     cm = dict(blocks=blocks.channel_mix_in, interpret=interpret)
     fo = dict(blocks=blocks.ffn_out, interpret=interpret)
+
+    def out(*args, state, **kw):  # -> (x, the new token-shift state or this layer's vectors)
+        if in_place:
+            return decode.mix_out(*args, state=state, layer=layer, **kw)
+        return decode.mix_out(*args, **kw), args[2]
+
     if "pre" in blk:  # ffnPre: a channel mix in place of the time mix
         p = blk["pre"]
         x_ln, ksq, r = decode.channel_mix_in(x, ln1["scale"], ln1["bias"], prev_att, p["time_mix"],
                                              p["kr_t"], layer, ln_eps=LN_EPS, **cm)
-        x = decode.mix_out(ksq, p["value_t"], x_ln, r, **fo)
+        x, prev_att = out(ksq, p["value_t"], x_ln, r, state=prev_att, **fo)
     else:
         p = blk["att"]
         x_ln, rwkv, *wkv = decode.time_mix_in(
             x, ln1["scale"], ln1["bias"], prev_att, p["time_mix"], p["kvr_t"], *wkv,
             p["w_log"], p["u_log"], layer, k_clamp=cfg.k_clamp, log_eps=log_eps, ln_eps=LN_EPS,
             blocks=blocks.time_mix_in, interpret=interpret)
-        x = decode.mix_out(rwkv, p["output_t"], x_ln, blocks=blocks.att_out, interpret=interpret)
+        x, prev_att = out(rwkv, p["output_t"], x_ln, state=prev_att, blocks=blocks.att_out, interpret=interpret)
     x_ln2, ksq, r = decode.channel_mix_in(x, ln2["scale"], ln2["bias"], prev_ffn, ffn["time_mix"],
                                           ffn["kr_t"], layer, ln_eps=LN_EPS, **cm)
-    x = decode.mix_out(ksq, ffn["value_t"], x_ln2, r, **fo)
-    return x, x_ln, x_ln2, tuple(wkv)
+    x, prev_ffn = out(ksq, ffn["value_t"], x_ln2, r, state=prev_ffn, **fo)
+    return x, prev_att, prev_ffn, tuple(wkv)
+
+
+def _head(spec: StepSpec, dparams, x):
+    """The final LayerNorm and the head -> logits [B, V] float32 (rounded to spec.dtype)."""
+    x = _layer_norm(x, dparams["ln_out"])
+    head_t = dparams["head_t"]
+    if spec.pallas_head and spec.matvec != "xla" and head_t.dtype == spec.dtype:
+        from pallas_kernels.matvec import MAX_BATCH, matvec
+
+        if x.shape[0] <= MAX_BATCH:
+            return matvec(x, head_t, out_dtype=jnp.float32, round_dtype=spec.dtype,
+                          interpret=spec.matvec == "pallas_interpret")
+    return _matvec(spec, x, head_t).astype(jnp.float32)
 
 
 def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> Tuple[jax.Array, State]:
@@ -222,17 +251,22 @@ def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> 
     wkv = (flat(state.aa), flat(state.bb), flat(state.pp))  # updated in place, layer by layer
     x = jnp.take(dparams["emb"], token, axis=0).astype(jnp.float32)  # [B, C]
     new_att, new_ffn = [], []
-    blocks = dparams["blocks"]
-    for i, blk in enumerate(blocks):
+    for i, blk in enumerate(dparams["blocks"]):
         layer = jnp.full((1,), i, jnp.int32)
-        x, x_ln, x_ln2, wkv = _layer_four_kernels(decode, spec.config, blk, x, prev_att, prev_ffn, wkv, layer,
-                                                  sizes, interpret)
-        new_att.append(x_ln)
-        new_ffn.append(x_ln2)
-    x = _layer_norm(x, dparams["ln_out"])
-    logits = _matvec(spec, x, dparams["head_t"]).astype(jnp.float32)
+        x, att, ffn, wkv = _layer_four_kernels(decode, spec.config, blk, x, prev_att, prev_ffn, wkv, layer,
+                                               sizes, interpret, spec.shift_in_place)
+        if spec.shift_in_place:
+            prev_att, prev_ffn = att, ffn
+        else:
+            new_att.append(att)
+            new_ffn.append(ffn)
+    if spec.shift_in_place:
+        x_att, x_ffn = prev_att.reshape(L, B, C), prev_ffn.reshape(L, B, C)
+    else:
+        x_att, x_ffn = jnp.stack(new_att), jnp.stack(new_ffn)
+    logits = _head(spec, dparams, x)
     aa, bb, pp = (a.reshape(L, B, C) for a in wkv)
-    return logits, State(jnp.stack(new_att), jnp.stack(new_ffn), aa, bb, pp)
+    return logits, State(x_att, x_ffn, aa, bb, pp)
 
 
 def rnn_step(spec: StepSpec, dparams, token: jax.Array, state: State) -> Tuple[jax.Array, State]:

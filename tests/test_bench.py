@@ -87,6 +87,26 @@ def test_decode_kernels_bench_on_cpu():
         run("bench/decode_kernels.py", "--interpret", "--blocks", "2x16/2x16/2x16/2x16")
 
 
+def test_atomic_tail_bench_on_cpu():
+    """bench/atomic_tail.py: every variant's split product (plain stores, float32 and fixed-point
+    int32 atomics) equals the plain product in interpret mode (the rows, not the times)."""
+    out = run("bench/atomic_tail.py", "--interpret", "--width", "64", "--matrices", "2", "--blocks", "2,8",
+              "--modes", "sum,store,f32,i32")
+    rows = [line.split()[0] for line in out.splitlines() if "block" in line]
+    assert rows == ["mix_out", "mix_out"] + ["sum", "store", "f32", "i32"] * 2, rows
+    assert out.count("PASS") == 2 + 3 * 2 and "FAIL" not in out
+
+
+def test_step_bound_bench_on_cpu():
+    """bench/step_bound.py: the fused step's variants (interpret mode) and generate's row."""
+    out = run("bench/step_bound.py", "--preset", "L2-D64", "--steps", "2", "--repeats", "1", "--gen-tokens", "2",
+              "--wkv-impl", "pallas_interpret", "--variants", "default,in-place-shift,pallas-head,no-head")
+    rows = [line.split("|")[1:3] for line in out.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert [(v.strip(), n.strip()) for v, n in rows] == [
+        ("default", "8"), ("in-place-shift", "8"), ("pallas-head", "8"), ("no-head", "8")], rows
+    assert "rw.generate, default step, 2 greedy tokens:" in out
+
+
 def test_wkv_bench_cells_use_the_gpu_time_when_traced(monkeypatch):
     """GB/s comes from the kernels' GPU time where a trace gave one (a wall time per call also
     holds the host's dispatch), and from the wall time where it did not (CPU, slow rows)."""

@@ -115,6 +115,31 @@ def test_mix_out(seed, B, C, dtype, blocks, wide, gated):
     close(got, want, dtype, f"seed={seed} B={B} C={C} in={inp} {jnp.dtype(dtype).name} gated={gated}")
 
 
+@pytest.mark.parametrize("B,C,dtype,blocks", [CASES[0], CASES[1], CASES[2]])
+def test_mix_out_keeps_the_shift_state(seed, B, C, dtype, blocks):
+    """With state and layer: the same sum, and base written into that layer's rows of the
+    state (in place under jit with donation); every other row untouched, bit for bit."""
+    rng = np.random.default_rng(seed)
+    u = jnp.asarray(rng.normal(0, 1, (B, C)), dtype)
+    w = jnp.asarray(rng.normal(0, 1, (C, C)) / math.sqrt(C), dtype)
+    base = jnp.asarray(rng.normal(0, 1, (B, C)), jnp.float32)
+    state = jnp.asarray(rng.normal(0, 1, (L * B, C)), jnp.float32)
+    layer = jnp.asarray([1], jnp.int32)
+    before = np.asarray(state)
+    f = jax.jit(lambda u, w, b, s, i: decode.mix_out(u, w, b, state=s, layer=i, blocks=blocks, interpret=True),
+                donate_argnums=3)
+    got, new = f(u, w, base, state, layer)
+    want, want_state = decode.mix_out_reference(u, w, base, state=jnp.asarray(before), layer=layer)
+    msg = f"seed={seed} B={B} C={C} {jnp.dtype(dtype).name}"
+    close(got, want, dtype, msg)
+    np.testing.assert_array_equal(np.asarray(new)[B:2 * B], np.asarray(base), err_msg=msg)
+    rows = np.arange(L * B) // B != 1
+    np.testing.assert_array_equal(np.asarray(new)[rows], before[rows], err_msg=msg)
+    np.testing.assert_array_equal(np.asarray(new), np.asarray(want_state), err_msg=msg)
+    with pytest.raises(ValueError, match=r"state must be float32 \[L\*%d, %d\]" % (B, C)):
+        decode.mix_out(u, w, base, state=jnp.zeros((L * B, C), jnp.bfloat16), layer=layer, interpret=True)
+
+
 def test_supported_and_bad_inputs():
     assert decode.supported(1, 1024) and decode.supported(16, 768) and decode.supported(2, 24)
     assert not decode.supported(17, 1024)  # more rows than the kernels keep in registers

@@ -386,9 +386,14 @@ def test_decode_step_with_the_pallas_matvec(release_files, dtype, rng):
             assert np.linalg.norm(a - b) <= tol * np.linalg.norm(b), name
 
 
-@pytest.mark.parametrize("variant", ["plain", "ffn_pre"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_decode_step(release_files, variant, dtype, rng):
+@pytest.mark.parametrize("variant,dtype,changes", [
+    ("plain", "float32", {}), ("plain", "bfloat16", {}), ("ffn_pre", "float32", {}), ("ffn_pre", "bfloat16", {}),
+    # the options of the fused step: the token-shift vectors stacked after the step instead of
+    # written in place by the output kernels; the head through the Pallas matvec kernel
+    ("ffn_pre", "float32", {"shift_in_place": True}), ("plain", "bfloat16", {"shift_in_place": True}),
+    ("plain", "float32", {"pallas_head": True}), ("ffn_pre", "bfloat16", {"pallas_head": True}),
+], ids=lambda v: "-".join(f"{k}={w}" for k, w in v.items()) if isinstance(v, dict) else v)
+def test_fused_decode_step(release_files, variant, dtype, changes, rng):
     """With Pallas kernels the step is four fused kernels per layer (pallas_kernels.decode;
     by default up to 2 rows, here 3 rows through StepSpec.fused_max_batch): the same logits and
     state as the per-operation step."""
@@ -401,13 +406,17 @@ def test_fused_decode_step(release_files, variant, dtype, rng):
     if dtype == "bfloat16":
         m = with_weight_dtype(m, jnp.bfloat16)
     assert spec_of(m).fused and m.fused_decode
-    spec = dataclasses.replace(spec_of(m), fused_max_batch=MAX_BATCH)
+    spec = dataclasses.replace(spec_of(m), fused_max_batch=MAX_BATCH, **changes)
     B = 3
     _, state = m.prefill(rng.integers(1, V, (B, 6)))
     token = jnp.asarray(rng.integers(0, V, B), jnp.int32)
     jaxpr = str(jax.make_jaxpr(rnn_step, static_argnums=0)(spec, decode_params(m), token, state))
-    names = re.findall(r"name=(decode_\w+)", jaxpr)
-    assert len(names) == 4 * SMALL["n_layer"], names  # nothing else runs in Pallas
+    names = re.findall(r"name=(decode_\w+|matvec)", jaxpr)
+    heads = ["matvec"] if spec.pallas_head else []
+    assert sorted(names) == sorted(re.findall(r"name=(decode_\w+)", jaxpr) + heads), names  # nothing else
+    assert len(names) == 4 * SMALL["n_layer"] + len(heads), names
+    # the stacking of the layers' token-shift vectors: there exactly when not written in place
+    assert ("stack[" in jaxpr) == (not spec.shift_in_place)
     step = jax.jit(rnn_step, static_argnums=0)
     logits, new = step(spec, decode_params(m), token, state)
     want_logits, want = step(dataclasses.replace(spec, fused=False), decode_params(m), token, state)

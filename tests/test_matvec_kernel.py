@@ -132,6 +132,24 @@ def test_input_dtypes_and_jit(seed):
     check_close(y, x.astype(jnp.bfloat16), w32, jnp.bfloat16, f"seed={seed}")
 
 
+@pytest.mark.parametrize("B,blocks", [(1, None), (2, SMALL), (12, None)], ids=["fma", "splitK", "dot"])
+def test_round_dtype(seed, B, blocks):
+    """round_dtype=bf16 with float32 output: the bf16 result widened, bit for bit (the same
+    plan, so the same order of additions), and the reference's."""
+    x, w = make_inputs(seed, B, 50, 300, jnp.bfloat16)
+    kw = dict(block_sizes=blocks, interpret=True)
+    y = matvec(x, w, out_dtype=jnp.float32, round_dtype=jnp.bfloat16, **kw)
+    assert y.dtype == jnp.float32
+    np.testing.assert_array_equal(y, matvec(x, w, out_dtype=jnp.bfloat16, **kw).astype(jnp.float32),
+                                  err_msg=f"seed={seed}")
+    ref = matvec_reference(x, w, out_dtype=jnp.float32, round_dtype=jnp.bfloat16)
+    assert ref.dtype == jnp.float32
+    np.testing.assert_array_equal(ref, matvec_reference(x, w).astype(jnp.float32))
+    check_close(y, x, w, jnp.bfloat16, f"seed={seed}")
+    assert not np.array_equal(np.asarray(y), np.asarray(matvec(x, w, out_dtype=jnp.float32, **kw))), \
+        f"rounding to bf16 changed nothing (seed={seed})"
+
+
 def test_rejects_bad_inputs():
     w = jnp.zeros((7, 5), jnp.bfloat16)
     cases = [
