@@ -48,8 +48,8 @@ from rwkv2_jax.wkv import WKVState, wkv_step
 
 
 # The largest batch whose step runs the fused kernels by default: measured faster than the
-# per-operation step at 1 and 2 rows, twice as slow at 8 (H200, bf16, L24-D1024,
-# `bench/decode.py --sweep-batches`, docs/PERF.md session 12); 3 to 7 rows are untimed.
+# per-operation step at 1 and 2 rows, slower at 3 (7%), 4 (41%) and 8 (2x) (H200, bf16,
+# L24-D1024, `bench/decode.py --sweep-batches`, docs/PERF.md sessions 12 and 13).
 FUSED_MAX_BATCH = 2
 
 
