@@ -73,7 +73,8 @@ class StepSpec:
     shift_in_place: bool = False
     # Fused step only: the head product through pallas_kernels.matvec (logits rounded to the
     # weights' dtype in the kernel, stored float32) instead of XLA's product and a convert
-    # (measured no faster at batch 1 on an H200: docs/PERF.md, sessions 11 and 13).
+    # (measured no faster at batch 1 on an H200, where XLA's head already reads at ~4 TB/s in
+    # the loop of steps: docs/PERF.md, sessions 11 and 13).
     pallas_head: bool = False
 
 
