@@ -40,7 +40,7 @@ from rwkv2_jax.api import Model, check_tokens
 from rwkv2_jax.decode_step import StepSpec, decode_params, rnn_step, spec_of
 from rwkv2_jax.model import State, init_state
 from rwkv2_jax.sampling import SamplerKnobs, SamplerStatic, SamplingParams, count_token, draw, penalize
-from rwkv2_jax.xla import jit
+from rwkv2_jax.xla import DECODE_COMPILER_OPTIONS, jit
 
 # Prompts longer than this go through GPT mode in pieces of this many tokens: bounded memory
 # (the [B, chunk, 4C] channel-mix activations) at nearly the one-shot speed.
@@ -67,15 +67,17 @@ DEVICE_STEPS_PER_ITER = 32
 # --- jitted pieces ----------------------------------------------------------------------
 
 
-def _jit(fn, static_argnames=(), donate_argnames=()):
-    """rwkv2_jax.xla.jit, donating buffers only where the backend reuses them (CPU would only warn)."""
-    return _jit_for_backend(fn, tuple(static_argnames), tuple(donate_argnames), jax.default_backend())
+def _jit(fn, static_argnames=(), donate_argnames=(), decode=False):
+    """rwkv2_jax.xla.jit, donating buffers only where the backend reuses them (CPU would only
+    warn); decode: a program of decode steps (compiled with xla.DECODE_COMPILER_OPTIONS)."""
+    return _jit_for_backend(fn, tuple(static_argnames), tuple(donate_argnames), decode, jax.default_backend())
 
 
 @functools.lru_cache(maxsize=None)
-def _jit_for_backend(fn, static_argnames, donate_argnames, backend):
+def _jit_for_backend(fn, static_argnames, donate_argnames, decode, backend):
     donate = donate_argnames if backend != "cpu" else ()
-    return jit(fn, static_argnames=static_argnames, donate_argnames=donate)
+    return jit(fn, static_argnames=static_argnames, donate_argnames=donate,
+               options=DECODE_COMPILER_OPTIONS if decode else None)
 
 
 def _keep_rows(keep: jax.Array, old: State, new: State) -> State:
@@ -284,7 +286,7 @@ def prefill(
         state = chunk(model.module, model.params, state, tokens, None if full else lengths.astype(np.int32))
         start += size
     last = np.array([r[-1] for r in rows], np.int32)
-    return _jit(_feed, ("spec",), ("state",))(spec_of(model), decode_params(model), state, last)
+    return _jit(_feed, ("spec",), ("state",), decode=True)(spec_of(model), decode_params(model), state, last)
 
 
 def generate(
@@ -334,13 +336,14 @@ def generate(
         return [[] for _ in rows], prompt_state
     keep_state = return_state and bool(params.stop_tokens)  # else no row's state is kept or read
     if decode_loop == "device":
-        loop = _jit(_decode_loop, ("spec", "static", "out_len", "per_iter", "keep_state"), ("logits", "state"))
+        loop = _jit(_decode_loop, ("spec", "static", "out_len", "per_iter", "keep_state"), ("logits", "state"),
+                    decode=True)
         dec, out = loop(spec_of(model), decode_params(model), logits, prompt_state, consts, np.int32(max_new_tokens),
                         static=params.static(), out_len=_pow2_at_least(max_new_tokens, MIN_OUT_LEN),
                         per_iter=DEVICE_STEPS_PER_ITER, keep_state=keep_state)
         out = np.asarray(out)[:, :max_new_tokens]
     else:
-        step = _jit(_decode_step, ("spec", "static", "keep_state"), ("dec",))
+        step = _jit(_decode_step, ("spec", "static", "keep_state"), ("dec",), decode=True)
         spec, dparams = spec_of(model), decode_params(model)
         dec, consts = _start(logits, prompt_state, params.penalized), jax.device_put(consts)
         out = []
@@ -396,7 +399,7 @@ def stream_batch(
             raise ValueError(f"context logits have shape {list(logits.shape)}, expected "
                              f"[{len(rows)}, {model.config.vocab_size}] (B, V)")
         logits, prompt_state = jnp.array(logits), _check_state(model, prompt_state, len(rows))
-    step = _jit(_decode_step, ("spec", "static", "keep_state"), ("dec",))
+    step = _jit(_decode_step, ("spec", "static", "keep_state"), ("dec",), decode=True)
     spec, dparams = spec_of(model), decode_params(model)
     dec, static = _start(logits, prompt_state, params.penalized), params.static()
     consts = jax.device_put(consts)  # once, not with every step

@@ -53,3 +53,33 @@ def test_gpu_options_are_valid_xla_options():
         assert "triton_gemm_typo" in str(err)
     else:
         raise AssertionError("XLA accepted an unknown option: the check above proves nothing")
+
+
+def test_decode_programs_take_the_decode_options(monkeypatch):
+    """rw.generate compiles its decode steps with DECODE_COMPILER_OPTIONS (XLA's default GEMMs,
+    faster there on an H200) and its GPT-mode prefill with GPU_COMPILER_OPTIONS (cuBLAS)."""
+    import importlib
+
+    import rwkv2_jax as rw
+
+    gen = importlib.import_module("rwkv2_jax.generate")  # the module (rw.generate is the function)
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert xla.compiler_options("gpu", options=xla.DECODE_COMPILER_OPTIONS) is None  # XLA's defaults
+    seen = {}
+
+    def spy(fn, options=None, **kw):
+        seen[fn.__name__] = options
+        return xla.jit(fn, options=options, **kw)
+
+    monkeypatch.setattr(gen, "jit", spy)
+    gen._jit_for_backend.cache_clear()
+    try:
+        cfg = rw.RWKVConfig(n_layer=1, n_embd=8, vocab_size=16)
+        model = rw.init(cfg, seed=0)
+        assert len(gen.generate(model, [[1, 2, 3]], 3, temperature=0, chunk_size=2, decode_loop="device")[0]) == 3
+        gen.generate(model, [[1, 2]], 2, temperature=0, decode_loop="host")
+    finally:
+        gen._jit_for_backend.cache_clear()  # the spied wrappers must not outlive the test
+    assert seen == {"_prefill_chunk": None, "_feed": xla.DECODE_COMPILER_OPTIONS,
+                    "_decode_loop": xla.DECODE_COMPILER_OPTIONS, "_decode_step": xla.DECODE_COMPILER_OPTIONS}
