@@ -3,7 +3,7 @@
     python bench/decode.py                 # on a GPU: L24-D1024, random weights (V=50277)
     python bench/decode.py --cpu           # CPU: a small model, ours vs the PyTorch reference's RNN loop
     python bench/decode.py --sweep-fused   # GPU: block sizes of the fused decode kernels, no table
-    python bench/decode.py --sweep-batches 2,4,8,16   # GPU: fused vs per-operation step per batch size
+    python bench/decode.py --sweep-batches 2,4,8,16   # GPU: the decode step's variants per batch size
 
 GPU rows (per weight dtype; bfloat16 = matrices in bf16, vectors, state and WKV float32):
 * decode, B=1 and B=64: `generate(model, prompts, N, temperature=0)` with 1-token prompts,
@@ -88,17 +88,19 @@ def row(cols):
 
 
 def parse_size(name: str):
-    """A preset name, or "L<layers>-D<width>" (vocab 50277)."""
+    """A preset name, or "L<layers>-D<width>" (vocab 50277) or "L<layers>-D<width>-V<vocab>"."""
     import re
 
     import rwkv2_jax as rw
 
     if name in rw.PRESETS:
         return rw.PRESETS[name]
-    m = re.fullmatch(r"L(\d+)-D(\d+)", name)
+    m = re.fullmatch(r"L(\d+)-D(\d+)(?:-V(\d+))?", name)
     if not m:
-        raise SystemExit(f"decode.py: error: --preset must be one of {sorted(rw.PRESETS)} or L<n>-D<c>, got {name!r}")
-    return rw.RWKVConfig(n_layer=int(m.group(1)), n_embd=int(m.group(2)))
+        raise SystemExit(f"decode.py: error: --preset must be one of {sorted(rw.PRESETS)} or L<n>-D<c>[-V<v>], "
+                         f"got {name!r}")
+    vocab = {} if m.group(3) is None else dict(vocab_size=int(m.group(3)))
+    return rw.RWKVConfig(n_layer=int(m.group(1)), n_embd=int(m.group(2)), **vocab)
 
 
 def gpu_checks(log):
@@ -205,14 +207,17 @@ def greedy_steps(spec, steps: int):
     import jax.numpy as jnp
 
     from rwkv2_jax.decode_step import rnn_step
+    from rwkv2_jax.xla import DECODE_COMPILER_OPTIONS, compiler_options
 
     def body(dparams, _, carry):
         token, st = carry
         logits, st = rnn_step(spec, dparams, token, st)
         return jnp.argmax(logits, -1).astype(jnp.int32), st
 
+    # compiled as rw.generate compiles its decode loops (rwkv2_jax.xla.DECODE_COMPILER_OPTIONS)
     return jax.jit(lambda dparams, token, state: jax.lax.fori_loop(
-        0, steps, functools.partial(body, dparams), (token, state)))
+        0, steps, functools.partial(body, dparams), (token, state)),
+        compiler_options=compiler_options(options=DECODE_COMPILER_OPTIONS))
 
 
 def sweep_fused(model, log, steps=64, blocks_list=None, gen_tokens=512):
@@ -285,37 +290,69 @@ def sweep_fused(model, log, steps=64, blocks_list=None, gen_tokens=512):
         gen.DEVICE_STEPS_PER_ITER = per_iter
 
 
-def sweep_batches(model, log, batches, steps=32):
+def sweep_batches(model, log, batches, steps=32, fused_up_to=4):
     """ms per RNN step (bf16) of a jitted loop of greedy steps at each batch size: the
-    per-operation step against the fused kernels (pallas_kernels.decode, with the block sizes
-    the step takes by default at that batch size, at any batch they take), to choose the
-    largest batch that runs the fused kernels (rwkv2_jax.decode_step.FUSED_MAX_BATCH)."""
+    per-operation step (its default products: XLA's, the wide ones on pallas_kernels.matvec),
+    the same with all four products of every layer on pallas_kernels.matvec
+    (StepSpec.pallas_products="all"; the head stays XLA's), the latter with the kernel's
+    tensor-core path from 5 rows instead of 9 (at 5-8 rows only), the per-operation step with
+    the rows padded to 16 (StepSpec.pad_rows_to; at 5-15 rows only), and the fused kernels
+    (pallas_kernels.decode, with the block sizes the step takes by default at that batch size,
+    at any batch they take) up to `fused_up_to` rows (2x slower than the per-operation step at
+    8 rows, docs/PERF.md session 12): to choose the largest batch that runs the fused kernels
+    (rwkv2_jax.decode_step.FUSED_MAX_BATCH) and which products run on the Pallas kernel. Each
+    variant's kernels and one-step logits are checked (against the first variant's)."""
     import dataclasses
 
     import jax
     import jax.numpy as jnp
 
     from pallas_kernels.decode import MAX_BATCH
+    from pallas_kernels.matvec import MAX_BATCH as MATVEC_MAX_BATCH
+    from pallas_kernels.matvec import MatvecBlockSizes
     from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
     from rwkv2_jax.generate import prefill
 
     dparams = decode_params(model)
-
+    one = jax.jit(rnn_step, static_argnums=0)
+    L = model.config.n_layer
+    every = dict(fused=False, pallas_products="all")
+    variants = (("per-operation step", dict(fused=False), 0, None),
+                # four products per layer (a time-mix layer's K/V/R are one merged matrix)
+                ("per-operation step, every layer product on the Pallas matvec", every, 4 * L, None),
+                ("the same, matvec tensor cores from 5 rows", dict(every, matvec_blocks=MatvecBlockSizes(dot_min_batch=5)),
+                 4 * L, (5, 8)),
+                ("per-operation step, rows padded to 16", dict(fused=False, pad_rows_to=16), 0, (5, 15)),
+                ("fused kernels", dict(fused=True, fused_max_batch=MAX_BATCH), -1, (1, fused_up_to)))
     for B in batches:
         _, state0 = prefill(model, [[1, 2, 3]] * B)
         token0 = jnp.ones((B,), jnp.int32)
-        for name, fused in (("per-operation step", False), ("fused kernels", True)):
+        ref = None
+        for name, change, matvecs, rows in variants:
+            fused = change["fused"]
+            if rows is not None and not rows[0] <= B <= rows[1]:
+                log(f"| {B} | {name} | not timed | (timed at {rows[0]}-{rows[1]} rows) |")
+                continue
             t0 = time.perf_counter()
-            spec = dataclasses.replace(spec_of(model), fused=fused, fused_max_batch=MAX_BATCH)
+            spec = dataclasses.replace(spec_of(model), **change)
             f = functools.partial(greedy_steps(spec, steps), dparams)
             jax.block_until_ready(f(token0, state0))
             jaxpr = jax.make_jaxpr(rnn_step, static_argnums=0)(spec, dparams, token0, state0).jaxpr
-            kernels = sum(e.primitive.name == "pallas_call" and "decode_" in str(e.params.get("name", ""))
-                          for e in jaxpr.eqns)
-            ran = "" if (kernels > 0) == fused else f" FAIL ({kernels} fused kernels)"  # the step that was meant
+            names = [str(e.params.get("name", "")) for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
+            kernels = sum("decode_" in n for n in names)
+            n_matvec = sum(n == "matvec" for n in names)
+            # the step that was meant: fused kernels or none; every product on the matvec kernel
+            ran = "" if (kernels > 0) == fused else f" FAIL ({kernels} fused kernels)"
+            if matvecs > 0 and B <= MATVEC_MAX_BATCH and n_matvec != matvecs:
+                ran += f" FAIL ({n_matvec} matvec kernels, {matvecs} meant)"
+            logits = one(spec, dparams, token0, state0)[0]
+            ref = logits if ref is None else ref
+            dev = float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref))
+            if dev > 5e-2:  # bf16 rounding apart: ~7e-3 (fused vs per-operation, sessions 5-13)
+                ran += f" FAIL (logits rel. {dev:.1e})"
             sec = median_time(lambda: jax.block_until_ready(f(token0, state0)), 5)
             log(f"| {B} | {name} | {1e3 * sec / steps:.3f} | {B * steps / sec:,.0f} |  "
-                f"({time.perf_counter() - t0:.0f} s{ran})")
+                f"({time.perf_counter() - t0:.0f} s; one step's logits vs the first row's: rel. {dev:.1e}{ran})")
 
 
 def steps_loop(model, steps):
@@ -498,7 +535,7 @@ def main(argv=None) -> int:
                    "(the default when JAX has no accelerator)")
     p.add_argument("--gpu-rows", action="store_true", help="the accelerator rows even on CPU (to try the script)")
     p.add_argument("--preset", default="L24-D1024", help="model size for the GPU rows: a preset or "
-                   "L<layers>-D<width> (default L24-D1024)")
+                   "L<layers>-D<width>[-V<vocab>] (default L24-D1024, vocab 50277)")
     p.add_argument("--dtypes", default="bfloat16,float32", help="weight dtypes, in order (default bfloat16,float32)")
     p.add_argument("--batches", default="1,64", help="decode batch sizes (default 1,64)")
     p.add_argument("--steps-b1", type=int, default=512, help="decode steps timed at B=1 (default 512)")
@@ -515,8 +552,9 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-blocks", default="", help="with --sweep-fused: these block sizes instead of the "
                    "default list, comma-separated: OUTxIN[xWARPS] for all four kernels of a layer, or four joined by / "
                    "for time_mix_in/att_out/channel_mix_in/ffn_out (e.g. 2x256,4x512x8,2x256/1x256/2x256x2/2x2048)")
-    p.add_argument("--sweep-batches", default="", help="time the per-operation and the fused decode step at these "
-                   "batch sizes (bf16, comma-separated), instead of the table")
+    p.add_argument("--sweep-batches", default="", help="time the decode step's variants at these batch sizes (bf16, "
+                   "comma-separated: the per-operation step, the same with every layer product on the Pallas matvec "
+                   "kernel, with the rows padded to 16, the fused kernels up to 4 rows), instead of the table")
     p.add_argument("--cpu-layers", type=int, default=6)
     p.add_argument("--cpu-width", type=int, default=512)
     p.add_argument("--cpu-vocab", type=int, default=50277)

@@ -29,6 +29,10 @@ with more inputs than outputs (the channel-mix value matrix, [C, 4C]) of batches
 10.0 us per [1024, 4096] bf16 product on an H200. For the other shapes the kernel was no faster
 than XLA (bench/matvec.py, docs/PERF.md): at batch 1 each of these products takes ~4-10 us,
 far more than reading its 2-10 MB, so the step is bound by per-kernel latency, not bandwidth.
+With all four products of every layer on the kernel (`StepSpec.pallas_products="all"`) the
+per-operation step was slower from 4 rows on (4/8/16 rows: 0.95/1.47/1.10 ms per step against
+0.81/1.00/0.82; H200, bf16, docs/PERF.md session 15), though the kernel alone beat XLA on several of these shapes at 4-16 rows
+(bench/matvec.py); not profiled (XLA may fuse the elementwise code around its products).
 """
 
 from __future__ import annotations
@@ -71,11 +75,30 @@ class StepSpec:
     # token-shift state in place, instead of stacking the layers' vectors after the step
     # (measured 2% slower at batch 1 on an H200: bench/step_bound.py, docs/PERF.md session 13).
     shift_in_place: bool = False
-    # Fused step only: the head product through pallas_kernels.matvec (logits rounded to the
-    # weights' dtype in the kernel, stored float32) instead of XLA's product and a convert
-    # (measured no faster at batch 1 on an H200, where XLA's head already reads at ~4 TB/s in
-    # the loop of steps: docs/PERF.md, sessions 11 and 13).
+    # The head product through pallas_kernels.matvec (logits rounded to the weights' dtype in
+    # the kernel, stored float32) instead of XLA's product and a convert: measured no faster
+    # for the fused step at batch 1 on an H200, where XLA's head already reads at ~4 TB/s in
+    # the loop of steps (docs/PERF.md, sessions 11 and 13), and 2-4x slower than XLA's from 4
+    # rows on (bench/matvec.py, session 15).
     pallas_head: bool = False
+    # Per-operation step with Pallas kernels (matvec != "xla"), batches of up to
+    # pallas_kernels.matvec.MAX_BATCH rows: which of the layers' products run on
+    # pallas_kernels.matvec (the head: pallas_head). "wide": those with more inputs than
+    # outputs (the channel-mix value matrix), where it beat XLA at batch 1; "all": all four
+    # per layer.
+    pallas_products: str = "wide"
+    matvec_blocks: Optional[object] = None  # pallas_kernels.matvec.MatvecBlockSizes; None: its defaults
+    # Per-operation step: batches of fewer rows than this run padded to it (the last row
+    # repeated; the extra rows' outputs dropped). 0: never. With XLA's GEMMs on an H200 the
+    # step took 0.82 ms at 16 rows and 1.00 at 8 (docs/PERF.md session 15); whether padding
+    # 5-15 rows to 16 wins is for bench/decode.py --sweep-batches to show.
+    pad_rows_to: int = 0
+
+    def __post_init__(self):
+        if self.pallas_products not in ("wide", "all"):
+            raise ValueError(f"StepSpec: pallas_products={self.pallas_products!r} must be 'wide' or 'all'")
+        if not isinstance(self.pad_rows_to, int) or self.pad_rows_to < 0:
+            raise ValueError(f"StepSpec: pad_rows_to={self.pad_rows_to!r} must be an int >= 0")
 
 
 def spec_of(model) -> StepSpec:
@@ -136,15 +159,17 @@ def decode_params(model):
     return built
 
 
-def _matvec(spec: StepSpec, x, w_t):
+def _matvec(spec: StepSpec, x, w_t, head: bool = False):
     """x [B, in] @ w_t[out, in]^T -> [B, out], with Flax Dense's dtype rules (inputs and output
-    in spec.dtype)."""
-    if spec.matvec != "xla" and w_t.dtype == spec.dtype and w_t.shape[1] > w_t.shape[0]:
+    in spec.dtype). head: w_t is the head (on the Pallas kernel only with spec.pallas_head)."""
+    chosen = spec.pallas_head if head else w_t.shape[1] > w_t.shape[0] or spec.pallas_products == "all"
+    if spec.matvec != "xla" and w_t.dtype == spec.dtype and chosen:
         from pallas_kernels import matvec  # imported on use: CPU-only users never load Pallas
         from pallas_kernels.matvec import MAX_BATCH
 
         if x.shape[0] <= MAX_BATCH:
-            return matvec(x, w_t, out_dtype=spec.dtype, interpret=spec.matvec == "pallas_interpret")
+            return matvec(x, w_t, out_dtype=spec.dtype, block_sizes=spec.matvec_blocks,
+                          interpret=spec.matvec == "pallas_interpret")
     x = x.astype(spec.dtype)
     return lax.dot_general(x, w_t.astype(spec.dtype), (((1,), (1,)), ((), ())), precision=spec.precision)
 
@@ -236,9 +261,9 @@ def _head(spec: StepSpec, dparams, x):
         from pallas_kernels.matvec import MAX_BATCH, matvec
 
         if x.shape[0] <= MAX_BATCH:
-            return matvec(x, head_t, out_dtype=jnp.float32, round_dtype=spec.dtype,
+            return matvec(x, head_t, out_dtype=jnp.float32, round_dtype=spec.dtype, block_sizes=spec.matvec_blocks,
                           interpret=spec.matvec == "pallas_interpret")
-    return _matvec(spec, x, head_t).astype(jnp.float32)
+    return _matvec(spec, x, head_t, head=True).astype(jnp.float32)
 
 
 def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> Tuple[jax.Array, State]:
@@ -272,8 +297,20 @@ def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> 
 
 def rnn_step(spec: StepSpec, dparams, token: jax.Array, state: State) -> Tuple[jax.Array, State]:
     """One token per row: token [B] int -> (logits [B, V] float32, state after it)."""
-    if _fused_ok(spec, dparams, token.shape[0]):
+    B = token.shape[0]
+    if _fused_ok(spec, dparams, B):
         return _rnn_step_fused(spec, dparams, token, state)
+    if B < spec.pad_rows_to:  # rows are independent: pad with copies of the last, drop their outputs
+        rows = spec.pad_rows_to - B
+        token = jnp.pad(token, (0, rows), mode="edge")
+        state = State(*(jnp.pad(a, ((0, 0), (0, rows), (0, 0)), mode="edge") for a in state))
+        logits, state = _rnn_step_ops(spec, dparams, token, state)
+        return logits[:B], State(*(a[:, :B] for a in state))
+    return _rnn_step_ops(spec, dparams, token, state)
+
+
+def _rnn_step_ops(spec: StepSpec, dparams, token: jax.Array, state: State) -> Tuple[jax.Array, State]:
+    """rnn_step as the per-operation step (the module docstring)."""
     x = jnp.take(dparams["emb"], token, axis=0).astype(jnp.float32)  # [B, C]
     new = []
     for i, blk in enumerate(dparams["blocks"]):
@@ -288,6 +325,5 @@ def rnn_step(spec: StepSpec, dparams, token: jax.Array, state: State) -> Tuple[j
         x_ffn = x
         x = x + _channel_mix(spec, blk["ffn"], x, state.x_ffn[i])
         new.append((x_att, x_ffn, *wkv_state))
-    x = _layer_norm(x, dparams["ln_out"])
-    logits = _matvec(spec, x, dparams["head_t"]).astype(jnp.float32)
+    logits = _head(spec, dparams, x)
     return logits, State(*(jnp.stack(f).astype(jnp.float32) for f in zip(*new)))

@@ -64,13 +64,20 @@ def test_decode_bench_sweep_on_cpu():
 
 
 def test_decode_bench_sweep_batches_on_cpu():
-    """--sweep-batches: the per-operation and the fused step at each batch size (the fused
-    kernels also above FUSED_MAX_BATCH, where the step would not take them by default)."""
-    out = run("bench/decode.py", "--gpu-rows", "--sweep-batches", "1,3", "--skip-checks", "--preset", "L2-D64",
-              "--wkv-impl", "pallas_interpret")
-    rows = [line.split("|")[1:3] for line in out.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
-    assert [(b.strip(), what.strip()) for b, what in rows] == [
-        ("1", "per-operation step"), ("1", "fused kernels"), ("3", "per-operation step"), ("3", "fused kernels")]
+    """--sweep-batches: the per-operation step, the same with every layer product on the matvec
+    kernel (and its tensor-core path, at 5-8 rows), with the rows padded to 16 (at 5-15 rows),
+    and the fused kernels at each batch size
+    (also above FUSED_MAX_BATCH, where the step would not take them by default; not above 4
+    rows); each variant's kernels and logits checked (a FAIL in the row otherwise)."""
+    out = run("bench/decode.py", "--gpu-rows", "--sweep-batches", "1,5", "--skip-checks", "--preset", "L2-D64-V300",
+              "--prefill-len", "64", "--wkv-impl", "pallas_interpret")
+    rows = [[c.strip() for c in line.split("|")[1:4]] for line in out.splitlines() if line.startswith(("| 1 |", "| 5 |"))]
+    every, dot = "per-operation step, every layer product on the Pallas matvec", "the same, matvec tensor cores from 5 rows"
+    pad = "per-operation step, rows padded to 16"
+    assert [r[:2] for r in rows] == [[b, what] for b in "15" for what in ("per-operation step", every, dot, pad,
+                                                                          "fused kernels")]
+    timed = {(b, what): ms != "not timed" for b, what, ms in rows}
+    assert timed == {(b, what): (what, b) not in ((dot, "1"), (pad, "1"), ("fused kernels", "5")) for b, what in timed}
     assert "FAIL" not in out
 
 

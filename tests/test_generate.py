@@ -356,10 +356,14 @@ def test_decode_step_equals_the_module_step(release_files, variant, dtype, rng):
     assert decode_params(m) is decode_params(m)  # built once per params object
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_decode_step_with_the_pallas_matvec(release_files, dtype, rng):
+@pytest.mark.parametrize("dtype,products,head,B", [
+    ("float32", "wide", False, 2), ("bfloat16", "wide", False, 2),
+    ("float32", "all", False, 5), ("bfloat16", "all", True, 3)])
+def test_decode_step_with_the_pallas_matvec(release_files, dtype, products, head, B, rng):
     """With Pallas kernels (here in interpret mode) the step's products run the matvec kernel
-    for small batches: same logits and state as XLA's products, up to float32 summation order."""
+    for small batches (by default the wide ones; StepSpec.pallas_products="all": all four of
+    each layer; pallas_head: the head): same logits and state as XLA's products, up to float32
+    summation order."""
     import dataclasses
 
     from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
@@ -368,15 +372,17 @@ def test_decode_step_with_the_pallas_matvec(release_files, dtype, rng):
     m = m.replace(wkv_impl="pallas_interpret")
     if dtype == "bfloat16":
         m = with_weight_dtype(m, jnp.bfloat16)
-    spec = dataclasses.replace(spec_of(m), fused=False)  # the per-operation step (fused: below)
+    spec = dataclasses.replace(spec_of(m), fused=False, pallas_products=products,  # per-operation (fused: below)
+                               pallas_head=head)
     assert spec.matvec == "pallas_interpret"
-    B = 2
     _, state = m.prefill(rng.integers(1, V, (B, 5)))
     token = jnp.asarray(rng.integers(0, V, B), jnp.int32)
     step = jax.jit(rnn_step, static_argnums=0)
     jaxpr = str(jax.make_jaxpr(rnn_step, static_argnums=0)(spec, decode_params(m), token, state))
-    # one per channel-mix value matrix ([C, 4C]): every layer, plus the ffnPre of block 0
-    assert jaxpr.count("pallas_call") == SMALL["n_layer"] + 1
+    # "wide": one per channel-mix value matrix ([C, 4C]): every layer, plus the ffnPre of block 0;
+    # "all": four per layer (time-mix K/V/R merged, output, channel-mix K/R merged, value); the head
+    n_products = {"wide": SMALL["n_layer"] + 1, "all": 4 * SMALL["n_layer"]}[products] + head
+    assert jaxpr.count("pallas_call") == jaxpr.count("name=matvec") == n_products
     logits, new = step(spec, decode_params(m), token, state)
     want_logits, want = step(dataclasses.replace(spec, matvec="xla"), decode_params(m), token, state)
     tol = 1e-5 if dtype == "float32" else 2e-2  # bf16: one rounding of a product's output apart
@@ -384,6 +390,41 @@ def test_decode_step_with_the_pallas_matvec(release_files, dtype, rng):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         if dtype == "float32" or name in ("logits", "x_att", "x_ffn"):
             assert np.linalg.norm(a - b) <= tol * np.linalg.norm(b), name
+
+
+def test_step_spec_rejects_bad_options():
+    from rwkv2_jax.decode_step import StepSpec
+
+    args = (rw.RWKVConfig(n_layer=1, n_embd=8, vocab_size=16), jnp.dtype(jnp.float32), None)
+    with pytest.raises(ValueError, match="pallas_products='some'"):
+        StepSpec(*args, pallas_products="some")
+    with pytest.raises(ValueError, match="pad_rows_to=-1"):
+        StepSpec(*args, pad_rows_to=-1)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+def test_decode_step_with_padded_rows(release_files, impl, rng):
+    """StepSpec.pad_rows_to: the per-operation step runs a smaller batch padded to that many rows
+    and returns the real rows' logits and state, the same as without padding."""
+    import dataclasses
+
+    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
+
+    m = rw.load_torch(release_files["ffn_pre"], verbose=False).replace(wkv_impl="pallas_interpret")
+    spec = dataclasses.replace(spec_of(m), fused=False, matvec=impl)
+    B = 3
+    _, state = m.prefill(rng.integers(1, V, (B, 5)))
+    token = jnp.asarray(rng.integers(0, V, B), jnp.int32)
+    padded = dataclasses.replace(spec, pad_rows_to=8)
+    jaxpr = str(jax.make_jaxpr(rnn_step, static_argnums=0)(padded, decode_params(m), token, state))
+    assert f"f32[8,{SMALL['n_embd']}]" in jaxpr and f"f32[8,{V}]" in jaxpr  # the step ran 8 rows
+    step = jax.jit(rnn_step, static_argnums=0)
+    logits, new = step(padded, decode_params(m), token, state)
+    want_logits, want = step(spec, decode_params(m), token, state)
+    for name, a, b in [("logits", logits, want_logits), *zip(rw.State._fields, new, want)]:
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
+    assert step(dataclasses.replace(spec, pad_rows_to=B), decode_params(m), token, state)[0].shape == (B, V)
 
 
 @pytest.mark.parametrize("variant,dtype,changes", [
