@@ -522,10 +522,23 @@ def cpu_main(args, log) -> int:
     t_ref = median_time(reference, args.repeats)
     t_ours = median_time(ours, args.repeats)
     t_ours8 = median_time(lambda: ours(8), args.repeats)
+    loop = steps_loop(model, 32)  # the decode step alone (no prefill, no sampling, no host loop)
+    t_loop = median_time(loop, args.repeats)
     log(f"| {'PyTorch reference, RNN loop + argmax (B=1)':52s} | {n / t_ref:9.1f} |")
     log(f"| {'ours, generate() incl. prefill (B=1)':52s} | {n / t_ours:9.1f} |")
     log(f"| {'ours, generate() incl. prefill (B=8)':52s} | {8 * n / t_ours8:9.1f} |")
+    log(f"| {'ours, jitted loop of 32 steps + argmax (no generate)':52s} | {32 / t_loop:9.1f} |")
     log(f"# batch-1 speed-up over the reference: {t_ref / t_ours:.1f}x")
+    # What bounds both: the head product alone, [1, C] x [C, V] float32 (the weights' bytes
+    # per token are mostly the head's at this size).
+    w = sd["head.weight"].float()  # [V, C], as the release stores it
+    x = torch.randn(1, C)
+    x_jax, w_jax = jax.numpy.asarray(x.numpy()), jax.numpy.asarray(w.numpy())
+    xla_head = jax.jit(lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ()))))
+    t_xla = median_time(lambda: xla_head(x_jax, w_jax).block_until_ready(), 2 * args.repeats + 1)
+    t_torch = median_time(lambda: x @ w.T, 2 * args.repeats + 1)
+    log(f"# the head product alone ({w.numel() * 4 / 1e6:.1f} MB): XLA {1e3 * t_xla:.2f} ms, "
+        f"torch x @ W.T {1e3 * t_torch:.2f} ms")
     return 0 if same else 1
 
 

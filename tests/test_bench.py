@@ -53,6 +53,18 @@ def test_decode_bench_gpu_rows_on_cpu():
     assert out.count("| jitted loop of 64 steps + argmax (no generate) |") == 2  # B = 1, per dtype
 
 
+def test_decode_bench_cpu_comparison():
+    """--cpu: ours vs the PyTorch reference on the same weights (same greedy tokens, checked in
+    the run: exit status 1 otherwise), the step alone, and the head product in both."""
+    out = run("bench/decode.py", "--cpu", "--cpu-layers", "2", "--cpu-width", "32", "--cpu-vocab", "100",
+              "--cpu-steps", "4", "--repeats", "1")
+    assert "ours == reference tokens: True" in out
+    for what in ("PyTorch reference, RNN loop + argmax (B=1)", "ours, generate() incl. prefill (B=8)",
+                 "ours, jitted loop of 32 steps + argmax (no generate)"):
+        assert f"| {what}" in out, what
+    assert "batch-1 speed-up over the reference:" in out and "the head product alone (0.0 MB): XLA" in out
+
+
 def test_decode_bench_sweep_on_cpu():
     """--sweep-fused (the fused decode step's variants, each checked against the per-operation
     step, then rw.generate's loop) on a tiny model with the kernels in interpret mode."""
