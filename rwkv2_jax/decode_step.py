@@ -31,8 +31,9 @@ than XLA (bench/matvec.py, docs/PERF.md): at batch 1 each of these products take
 far more than reading its 2-10 MB, so the step is bound by per-kernel latency, not bandwidth.
 With all four products of every layer on the kernel (`StepSpec.pallas_products="all"`) the
 per-operation step was slower from 4 rows on (4/8/16 rows: 0.95/1.47/1.10 ms per step against
-0.81/1.00/0.82; H200, bf16, docs/PERF.md session 15), though the kernel alone beat XLA on several of these shapes at 4-16 rows
-(bench/matvec.py); not profiled (XLA may fuse the elementwise code around its products).
+0.81/1.00/0.82; H200, bf16, docs/PERF.md session 15), though the kernel alone beat XLA on
+several of these shapes at 4-16 rows (bench/matvec.py); not profiled (XLA may fuse the
+elementwise code around its products).
 """
 
 from __future__ import annotations
