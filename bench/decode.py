@@ -522,12 +522,14 @@ def cpu_main(args, log) -> int:
     t_ref = median_time(reference, args.repeats)
     t_ours = median_time(ours, args.repeats)
     t_ours8 = median_time(lambda: ours(8), args.repeats)
+    t_top_p = median_time(lambda: generate(model, [prompt], n, top_p=0.7, seed=0), args.repeats)
     loop = steps_loop(model, 32)  # the decode step alone (no prefill, no sampling, no host loop)
     t_loop = median_time(loop, args.repeats)
     log(f"| {'PyTorch reference, RNN loop + argmax (B=1)':52s} | {n / t_ref:9.1f} |")
     log(f"| {'ours, generate() incl. prefill (B=1)':52s} | {n / t_ours:9.1f} |")
     log(f"| {'ours, generate() incl. prefill (B=8)':52s} | {8 * n / t_ours8:9.1f} |")
     log(f"| {'ours, jitted loop of 32 steps + argmax (no generate)':52s} | {32 / t_loop:9.1f} |")
+    log(f"| {'ours, generate() top_p=0.7 (sample.py default) (B=1)':52s} | {n / t_top_p:9.1f} |")
     log(f"# batch-1 speed-up over the reference: {t_ref / t_ours:.1f}x")
     # What bounds both: the head product alone, [1, C] x [C, V] float32 (the weights' bytes
     # per token are mostly the head's at this size).

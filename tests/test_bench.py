@@ -60,7 +60,7 @@ def test_decode_bench_cpu_comparison():
               "--cpu-steps", "4", "--repeats", "1")
     assert "ours == reference tokens: True" in out
     for what in ("PyTorch reference, RNN loop + argmax (B=1)", "ours, generate() incl. prefill (B=8)",
-                 "ours, jitted loop of 32 steps + argmax (no generate)"):
+                 "ours, jitted loop of 32 steps + argmax (no generate)", "ours, generate() top_p=0.7"):
         assert f"| {what}" in out, what
     assert "batch-1 speed-up over the reference:" in out and "the head product alone (0.0 MB): XLA" in out
 

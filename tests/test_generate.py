@@ -13,7 +13,7 @@ import torch
 import rwkv2_jax as rw
 from rwkv2_jax.checkpoint import CheckpointError
 from rwkv2_jax.generate import generate, prefill, stream, stream_batch, with_weight_dtype
-from rwkv2_jax.sampling import SamplingParams, draw, largest_threshold
+from rwkv2_jax.sampling import SamplingParams, draw, inverse_cdf_draw, largest_threshold
 from rwkv2_jax.state_io import load_state, save_state
 from tests.conftest import SMALL
 from tests.release_checkpoint import make_release_state_dict
@@ -189,6 +189,30 @@ def test_draw_matches_top_p_top_k_temperature():
     np.testing.assert_allclose(f[[1, 3]], want, atol=0.015)
     f = freq(temperature=2.0)
     np.testing.assert_allclose(f, probs**0.5 / (probs**0.5).sum(), atol=0.015)
+
+
+def test_inverse_cdf_draw_follows_the_weights_and_never_draws_a_zero(rng):
+    """The draw (one uniform number per row): frequencies follow softmax(scaled) over a large
+    vocabulary, -inf tokens are never drawn, wherever they sit (first, last, runs)."""
+    V, N = 300, 40000
+    scaled = rng.normal(size=V) * 1.5 - 20.0  # an arbitrary constant: the draw normalises
+    scaled[[0, 1, 57, 58, 59, V - 1]] = -np.inf
+    keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), N)
+    tokens = np.asarray(jax.jit(inverse_cdf_draw)(keys, jnp.broadcast_to(jnp.asarray(scaled, jnp.float32), (N, V))))
+    assert tokens.dtype == np.int32
+    p = np.exp(scaled - scaled[np.isfinite(scaled)].max())
+    p /= p.sum()
+    f = np.bincount(tokens, minlength=V) / N
+    assert f[~np.isfinite(scaled)].sum() == 0
+    np.testing.assert_allclose(f, p, atol=5 * np.sqrt(p.max() / N))  # 5 sigma of the largest
+    # the totals of a few blocks of tokens, a sharper test of the cumulative sum's position
+    blocks = np.arange(V) // 30
+    np.testing.assert_allclose(np.bincount(blocks, f), np.bincount(blocks, p), atol=0.012)
+    # a single allowed token, at either end, is always the one drawn
+    for only in (0, V - 1):
+        row = np.full(V, -np.inf, np.float32)
+        row[only] = 3.0
+        assert set(np.asarray(inverse_cdf_draw(keys[:500], jnp.broadcast_to(row, (500, V)))).tolist()) == {only}
 
 
 def test_cutoffs_equal_chatrwkvs_sorted_cumsum(rng):
