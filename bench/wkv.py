@@ -123,7 +123,7 @@ def check(args) -> bool:
         (1, 1, 7, "normal", 60.0, jnp.float32),
     ]
     if args.smoke:  # the script's paths, not the kernel's correctness (tests/test_wkv_kernel.py)
-        cases = [cases[0], cases[3], cases[5]]
+        cases = [cases[0], cases[5]]
     ok = True
     for i, (B, T, C, k_kind, k_clamp, dtype) in enumerate(cases):
         (k, v, td, tf), g = make_inputs(seed + i, B, T, C, k_kind, dtype)
