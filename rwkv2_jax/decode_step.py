@@ -162,15 +162,17 @@ def decode_params(model):
 
 def _matvec(spec: StepSpec, x, w_t, head: bool = False):
     """x [B, in] @ w_t[out, in]^T -> [B, out], with Flax Dense's dtype rules (inputs and output
-    in spec.dtype). head: w_t is the head (on the Pallas kernel only with spec.pallas_head)."""
+    in spec.dtype). head: w_t is the head, on the Pallas kernel only with spec.pallas_head, whose
+    kernel rounds the logits to spec.dtype and stores them float32 (no convert after it)."""
     chosen = spec.pallas_head if head else w_t.shape[1] > w_t.shape[0] or spec.pallas_products == "all"
     if spec.matvec != "xla" and w_t.dtype == spec.dtype and chosen:
         from pallas_kernels import matvec  # imported on use: CPU-only users never load Pallas
         from pallas_kernels.matvec import MAX_BATCH
 
         if x.shape[0] <= MAX_BATCH:
-            return matvec(x, w_t, out_dtype=spec.dtype, block_sizes=spec.matvec_blocks,
-                          interpret=spec.matvec == "pallas_interpret")
+            dtypes = dict(out_dtype=jnp.float32, round_dtype=spec.dtype) if head else dict(out_dtype=spec.dtype)
+            return matvec(x, w_t, block_sizes=spec.matvec_blocks, interpret=spec.matvec == "pallas_interpret",
+                          **dtypes)
     x = x.astype(spec.dtype)
     return lax.dot_general(x, w_t.astype(spec.dtype), (((1,), (1,)), ((), ())), precision=spec.precision)
 
@@ -257,14 +259,7 @@ def _layer_four_kernels(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, blo
 def _head(spec: StepSpec, dparams, x):
     """The final LayerNorm and the head -> logits [B, V] float32 (rounded to spec.dtype)."""
     x = _layer_norm(x, dparams["ln_out"])
-    head_t = dparams["head_t"]
-    if spec.pallas_head and spec.matvec != "xla" and head_t.dtype == spec.dtype:
-        from pallas_kernels.matvec import MAX_BATCH, matvec
-
-        if x.shape[0] <= MAX_BATCH:
-            return matvec(x, head_t, out_dtype=jnp.float32, round_dtype=spec.dtype, block_sizes=spec.matvec_blocks,
-                          interpret=spec.matvec == "pallas_interpret")
-    return _matvec(spec, x, head_t, head=True).astype(jnp.float32)
+    return _matvec(spec, x, dparams["head_t"], head=True).astype(jnp.float32)
 
 
 def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> Tuple[jax.Array, State]:
