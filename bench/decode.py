@@ -4,6 +4,7 @@
     python bench/decode.py --cpu           # CPU: a small model, ours vs the PyTorch reference's RNN loop
     python bench/decode.py --sweep-fused   # GPU: block sizes of the fused decode kernels, no table
     python bench/decode.py --sweep-batches 2,4,8,16   # GPU: the decode step's variants per batch size
+    python bench/decode.py --dtypes bfloat16 --batches 1,8 --rows "greedy, one|top_p"   # some rows only
 
 GPU rows (per weight dtype; bfloat16 = matrices in bf16, vectors, state and WKV float32):
 * decode, B=1 and B=64: `generate(model, prompts, N, temperature=0)` with 1-token prompts,
@@ -36,6 +37,7 @@ import functools
 import importlib
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -290,18 +292,22 @@ def sweep_fused(model, log, steps=64, blocks_list=None, gen_tokens=512):
         gen.DEVICE_STEPS_PER_ITER = per_iter
 
 
-def sweep_batches(model, log, batches, steps=32, fused_up_to=4):
+SWEEP_VARIANTS = ("ops", "all", "all-dot5", "pad16", "fused")  # --sweep-variants: sweep_batches' rows, in order
+
+
+def sweep_batches(model, log, batches, steps=32, fused_up_to=4, only=SWEEP_VARIANTS):
     """ms per RNN step (bf16) of a jitted loop of greedy steps at each batch size: the
-    per-operation step (its default products: XLA's, the wide ones on pallas_kernels.matvec),
+    per-operation step unpadded (its default products: XLA's, the wide ones on pallas_kernels.matvec),
     the same with all four products of every layer on pallas_kernels.matvec
     (StepSpec.pallas_products="all"; the head stays XLA's), the latter with the kernel's
     tensor-core path from 5 rows instead of 9 (at 5-8 rows only), the per-operation step with
-    the rows padded to 16 (StepSpec.pad_rows_to; at 5-15 rows only), and the fused kernels
+    the rows padded to 16 (StepSpec.pad_rows; at 5-15 rows only), and the fused kernels
     (pallas_kernels.decode, with the block sizes the step takes by default at that batch size,
     at any batch they take) up to `fused_up_to` rows (2x slower than the per-operation step at
     8 rows, docs/PERF.md session 12): to choose the largest batch that runs the fused kernels
     (rwkv2_jax.decode_step.FUSED_MAX_BATCH) and which products run on the Pallas kernel. Each
-    variant's kernels and one-step logits are checked (against the first variant's)."""
+    variant's kernels and one-step logits are checked (against the first variant's). only: the
+    variants to time, by their SWEEP_VARIANTS keys (in that order)."""
     import dataclasses
 
     import jax
@@ -316,14 +322,15 @@ def sweep_batches(model, log, batches, steps=32, fused_up_to=4):
     dparams = decode_params(model)
     one = jax.jit(rnn_step, static_argnums=0)
     L = model.config.n_layer
-    every = dict(fused=False, pallas_products="all")
-    variants = (("per-operation step", dict(fused=False), 0, None),
+    every = dict(fused=False, pallas_products="all", pad_rows=())
+    variants = (("per-operation step", dict(fused=False, pad_rows=()), 0, None),
                 # four products per layer (a time-mix layer's K/V/R are one merged matrix)
                 ("per-operation step, every layer product on the Pallas matvec", every, 4 * L, None),
                 ("the same, matvec tensor cores from 5 rows", dict(every, matvec_blocks=MatvecBlockSizes(dot_min_batch=5)),
                  4 * L, (5, 8)),
-                ("per-operation step, rows padded to 16", dict(fused=False, pad_rows_to=16), 0, (5, 15)),
+                ("per-operation step, rows padded to 16", dict(fused=False, pad_rows=((5, 15, 16),)), 0, (5, 15)),
                 ("fused kernels", dict(fused=True, fused_max_batch=MAX_BATCH), -1, (1, fused_up_to)))
+    variants = [v for key, v in zip(SWEEP_VARIANTS, variants) if key in only]
     for B in batches:
         _, state0 = prefill(model, [[1, 2, 3]] * B)
         token0 = jnp.ones((B,), jnp.int32)
@@ -424,7 +431,8 @@ def gpu_main(args, log) -> int:
         log(f"# check of the fused decode step failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
     if args.sweep_batches:
         log("| B | bf16, jitted loop of 32 greedy steps | ms/step | tokens/s |\n|---:|---|---:|---:|")
-        sweep_batches(models["bfloat16"], log, [int(b) for b in args.sweep_batches.split(",")])
+        sweep_batches(models["bfloat16"], log, [int(b) for b in args.sweep_batches.split(",")],
+                      only=tuple(args.sweep_variants.split(",")))
         log(f"# total {time.perf_counter() - t_start:.0f} s (--sweep-batches: no table)")
         return 0
     if args.sweep_fused:
@@ -455,6 +463,8 @@ def gpu_main(args, log) -> int:
     for B in (int(b) for b in args.batches.split(",")):
         jobs.append(("bfloat16", B, "decode, top_p=0.7 temperature=1", dict(top_p=0.7)))
 
+    if args.rows:
+        jobs = [job for job in jobs if re.search(args.rows, job[2])]
     t_rows = time.perf_counter()  # the budget counts from the first timed row (not the checks)
     for name, B, what, kw in jobs:
         if time.perf_counter() - t_rows > args.budget_s:
@@ -560,6 +570,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row; the median is shown (default 3)")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining rows once this many seconds have passed since the first row "
                    "(the checks and set-up before it are not counted)")
+    p.add_argument("--rows", default="", help="only the table rows whose description (the 'what' column) matches "
+                   "this regular expression, e.g. 'greedy, one|top_p'")
     p.add_argument("--skip-checks", action="store_true", help="no correctness checks before the timings "
                    "(for a re-timing of code whose checks passed on this card)")
     p.add_argument("--sweep-fused", action="store_true", help="time the fused decode step's block sizes "
@@ -570,12 +582,23 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-batches", default="", help="time the decode step's variants at these batch sizes (bf16, "
                    "comma-separated: the per-operation step, the same with every layer product on the Pallas matvec "
                    "kernel, with the rows padded to 16, the fused kernels up to 4 rows), instead of the table")
+    p.add_argument("--sweep-variants", default=",".join(SWEEP_VARIANTS),
+                   help=f"with --sweep-batches: the variants timed, comma-separated, of {','.join(SWEEP_VARIANTS)} "
+                   "(per-operation step; every layer product on the matvec kernel; the same with its tensor cores "
+                   "from 5 rows; rows padded to 16; fused kernels) (default all)")
     p.add_argument("--cpu-layers", type=int, default=6)
     p.add_argument("--cpu-width", type=int, default=512)
     p.add_argument("--cpu-vocab", type=int, default=50277)
     p.add_argument("--cpu-steps", type=int, default=32, help="tokens decoded in the CPU rows (default 32)")
     p.add_argument("--log", default=None, help="also append the output to this file")
     args = p.parse_args(argv)
+    try:
+        re.compile(args.rows)
+    except re.error as err:
+        p.error(f"--rows: {args.rows!r} is not a regular expression ({err})")
+    unknown = sorted(set(args.sweep_variants.split(",")) - set(SWEEP_VARIANTS))
+    if unknown:
+        p.error(f"--sweep-variants: unknown {unknown}; choose from {','.join(SWEEP_VARIANTS)}")
 
     def log(line):
         print(line, flush=True)

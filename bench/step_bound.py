@@ -85,8 +85,8 @@ def main(argv=None):
     original = decode_step._head
     for variant in args.variants.split(","):
         if variant == "no-head":
-            def small_head(spec, dparams, x):
-                return original(spec, {**dparams, "head_t": dparams["head_t"][:1024]}, x)
+            def small_head(spec, dparams, x, **kw):
+                return original(spec, {**dparams, "head_t": dparams["head_t"][:1024]}, x, **kw)
             decode_step._head = small_head
         try:
             spec = dataclasses.replace(spec_of(model), **VARIANTS[variant])

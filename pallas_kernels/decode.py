@@ -13,6 +13,10 @@ product that consumes or produces it, leaving four kernels per layer:
     mix_out         x_next = ln2(x_mid) + sigmoid(R) * (W_value @ relu(K)^2)
 
 (a v2 "ffnPre" block is channel_mix_in with ln1 and mix_out with ln1's output as its base).
+The first layer's time_mix_in can read its rows of the embedding table itself (`token=`), and
+`layer_norm` is the final LayerNorm as one kernel of one program (XLA's takes two): two fewer
+kernels per step (H200, batch 1: GPU busy time 0.426 -> 0.424 ms per step; the wall time
+within the run-to-run spread; docs/PERF.md, session 16).
 One kernel per layer with grid barriers between the phases (each phase's weights loaded
 before the barrier) was correct on an H200 but slower (0.60 vs 0.50 ms per token) and was
 removed (docs/PERF.md, session 6).
@@ -49,6 +53,10 @@ kernel call (bench/decode_kernels.py, GPU time): 4.6 us for the time-mix kernel 
 1.4 TB/s), 5.3 us for the channel-mix one (10.5 MB), 4.0 us for the value product (8.4 MB),
 2.1 us for the output product (2.1 MB): still mostly launch, one memory latency and the
 reductions, not the bytes.
+
+Summing a program's products (and the LayerNorm's two sums) as one joined reduction (Triton's
+join/split: one cross-warp exchange instead of one per matrix) was 0.1 us faster per kernel
+alone and no faster in the step (H200, session 16); not kept.
 
 Reading the next kernel's matrix during each kernel, so that it would come from the L2 cache
 (a `prefetch` option, session 9), made the step 41% slower on an H200 (0.597 vs 0.423 ms:
@@ -98,7 +106,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 __all__ = ["DecodeBlockSizes", "LayerBlockSizes", "supported", "time_mix_in", "channel_mix_in", "mix_out",
-           "time_mix_in_reference", "channel_mix_in_reference", "mix_out_reference"]
+           "layer_norm", "time_mix_in_reference", "channel_mix_in_reference", "mix_out_reference",
+           "layer_norm_reference"]
 
 MAX_BATCH = 16  # rows of x: B accumulators per matrix live in registers
 MAX_BLOCKS = 64  # column blocks per product (unrolled): 4C / block_in
@@ -272,15 +281,30 @@ def _sigmoid(x):
 # Kernel pieces.
 
 
-def _vectors(layer, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, plan: _Plan):
+def _x_loader(x_ref, tok_ref):
+    """x(b, cols) -> float32 [len(cols)]: row b of x, or with tok_ref (time_mix_in's `token`)
+    row token[b] of the embedding table x_ref (the index clamped into the table)."""
+    if tok_ref is None:
+        return lambda b, cols: x_ref[b, cols]
+    last = x_ref.shape[0] - 1
+    toks = {}
+
+    def x(b, cols):
+        if b not in toks:
+            toks[b] = jnp.minimum(jnp.maximum(tok_ref[b], 0), last)
+        return x_ref[pl.ds(toks[b], 1), cols].astype(jnp.float32).reshape(-1)
+    return x
+
+
+def _vectors(layer, x, scale_ref, bias_ref, prev_ref, tmix_ref, plan: _Plan):
     """vec(j) -> column block j of (ln scale, ln bias, time_mix as float32, [x[b]], [prev[b]]).
-    With plan.early every block is loaded here, so the loads go out with the weights' (a
-    reduction's barrier is also a barrier to moving loads: each load issued after one adds a
-    memory latency); else each block is loaded where it is used."""
+    x: _x_loader's. With plan.early every block is loaded here, so the loads go out with the
+    weights' (a reduction's barrier is also a barrier to moving loads: each load issued after
+    one adds a memory latency); else each block is loaded where it is used."""
     def load(j):
         cols = pl.ds(j * plan.bi, plan.bi)
         return (scale_ref[cols], bias_ref[cols], tmix_ref[cols].astype(jnp.float32),
-                [x_ref[b, cols] for b in range(plan.B)],
+                [x(b, cols) for b in range(plan.B)],
                 [prev_ref[layer * plan.B + b, cols] for b in range(plan.B)])
 
     if not plan.early:
@@ -353,19 +377,21 @@ def _store_row(ref, row, rows, value):
     ref[pl.ds(row, 1), rows] = value[None, :].astype(ref.dtype)
 
 
-def _time_mix_in_kernel(layer_ref, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, w_ref,
-                        aa_ref, bb_ref, pp_ref, wlog_ref, ulog_ref,
-                        xln_ref, rwkv_ref, aa_out, bb_out, pp_out, *, plan: _Plan, k_clamp, log_eps, ln_eps):
+def _time_mix_in_kernel(layer_ref, *refs, plan: _Plan, k_clamp, log_eps, ln_eps, from_table: bool):
+    tok_ref = refs[0] if from_table else None
+    (x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, w_ref, aa_ref, bb_ref, pp_ref, wlog_ref, ulog_ref,
+     xln_ref, rwkv_ref, aa_out, bb_out, pp_out) = refs[1:] if from_table else refs
     ws = _load_weights(w_ref, plan)
     layer = layer_ref[0]
     r0 = pl.program_id(0) * plan.bo
     rows = pl.ds(r0, plan.bo)
+    x = _x_loader(x_ref, tok_ref)
     # This program's channels of the state and parameters, also loaded before any reduction.
     state = [(aa_ref[layer * plan.B + b, rows], bb_ref[layer * plan.B + b, rows],
-              pp_ref[layer * plan.B + b, rows], x_ref[b, rows]) for b in range(plan.B)]
+              pp_ref[layer * plan.B + b, rows], x(b, rows)) for b in range(plan.B)]
     w_log, u_log = wlog_ref[rows], ulog_ref[rows]
     scale, bias = scale_ref[rows], bias_ref[rows]
-    vec = _vectors(layer, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, plan)
+    vec = _vectors(layer, x, scale_ref, bias_ref, prev_ref, tmix_ref, plan)
     stats = _ln_stats(vec, plan, ln_eps)
     acc = _mixed_products(ws, vec, plan, stats)
     for b in range(plan.B):
@@ -403,7 +429,7 @@ def _channel_mix_in_kernel(layer_ref, x_ref, scale_ref, bias_ref, prev_ref, tmix
     rows = pl.ds(r0, plan.bo)
     scale, bias = scale_ref[rows], bias_ref[rows]
     x_rows = [x_ref[b, rows] for b in range(plan.B)]
-    vec = _vectors(layer, x_ref, scale_ref, bias_ref, prev_ref, tmix_ref, plan)
+    vec = _vectors(layer, _x_loader(x_ref, None), scale_ref, bias_ref, prev_ref, tmix_ref, plan)
     stats = _ln_stats(vec, plan, ln_eps)
     acc = _mixed_products(ws, vec, plan, stats)
     for b in range(plan.B):
@@ -453,17 +479,27 @@ def _check(name, **arrays):
 
 def time_mix_in(x, ln_scale, ln_bias, prev, time_mix, kvr_t, aa, bb, pp, w_log, u_log, layer, *,
                 k_clamp: Optional[float], log_eps: Optional[float], ln_eps: float,
-                blocks: Optional[DecodeBlockSizes] = None, interpret: bool = False):
+                blocks: Optional[DecodeBlockSizes] = None, interpret: bool = False, token=None):
     """One layer's time-mix up to the output product, for B rows.
 
-    x [B, C] float32: the residual entering the layer (before ln1); ln_scale, ln_bias,
+    x [B, C] float32: the residual entering the layer (before ln1), or with token [B] int32,
+    the embedding table [V, C] (any float dtype): the kernel reads row token[b] of it as
+    x[b] (converted to float32; an id outside [0, V) is clamped into it), so the first layer
+    needs no separate gather of the embeddings. ln_scale, ln_bias,
     time_mix [C]; prev [L*B, C] float32: every layer's token-shift vector (row layer*B + b);
     kvr_t [3C, C]: K, V, R stacked [out, in]; aa, bb, pp [L*B, C] float32 WKV state;
     w_log = -exp(time_decay), u_log = time_first [C] float32; layer: int32 [1].
     Returns (ln1(x) [B, C] float32, sigmoid(R) * wkv [B, C] in kvr_t's dtype, aa, bb, pp with
     row block `layer` updated (the inputs' buffers, updated in place under jit when donated)).
     """
-    B, C = x.shape
+    from_table = token is not None
+    if from_table:
+        if token.ndim != 1 or not jnp.issubdtype(token.dtype, jnp.integer) or x.ndim != 2:
+            raise ValueError(f"time_mix_in: token must be int [B] and x the embedding table [V, C], got token "
+                             f"{token.dtype} {tuple(token.shape)}, x {tuple(x.shape)}")
+        B, C = token.shape[0], x.shape[1]
+    else:
+        B, C = x.shape
     LB = prev.shape[0]
     _check("time_mix_in", ln_scale=(ln_scale, (C,)), ln_bias=(ln_bias, (C,)), prev=(prev, (LB, C)),
            time_mix=(time_mix, (C,)), kvr_t=(kvr_t, (3 * C, C)), aa=(aa, (LB, C)), bb=(bb, (LB, C)),
@@ -473,11 +509,13 @@ def time_mix_in(x, ln_scale, ln_bias, prev, time_mix, kvr_t, aa, bb, pp, w_log, 
     out_shape = (jax.ShapeDtypeStruct((B, C), f32), jax.ShapeDtypeStruct((B, C), plan.dtype),
                  jax.ShapeDtypeStruct((LB, C), f32), jax.ShapeDtypeStruct((LB, C), f32),
                  jax.ShapeDtypeStruct((LB, C), f32))
-    kernel = functools.partial(_time_mix_in_kernel, k_clamp=k_clamp, log_eps=log_eps, ln_eps=ln_eps)
-    args = (layer.astype(jnp.int32), x.astype(f32), ln_scale.astype(f32), ln_bias.astype(f32),
-            prev.astype(f32), time_mix, kvr_t, aa.astype(f32), bb.astype(f32), pp.astype(f32),
-            w_log.astype(f32), u_log.astype(f32))
-    return _pallas(kernel, plan, "decode_time_mix_in", out_shape, args, {7: 2, 8: 3, 9: 4})
+    kernel = functools.partial(_time_mix_in_kernel, k_clamp=k_clamp, log_eps=log_eps, ln_eps=ln_eps,
+                               from_table=from_table)
+    head = (layer.astype(jnp.int32),) + ((token.astype(jnp.int32), x) if from_table else (x.astype(f32),))
+    args = head + (ln_scale.astype(f32), ln_bias.astype(f32), prev.astype(f32), time_mix, kvr_t,
+                   aa.astype(f32), bb.astype(f32), pp.astype(f32), w_log.astype(f32), u_log.astype(f32))
+    n = len(head) + 5  # aa's index
+    return _pallas(kernel, plan, "decode_time_mix_in", out_shape, args, {n: 2, n + 1: 3, n + 2: 4})
 
 
 def channel_mix_in(x, ln_scale, ln_bias, prev, time_mix, kr_t, layer, *, ln_eps: float,
@@ -531,6 +569,30 @@ def mix_out(u, w_t, base, gate=None, *, state=None, layer=None, blocks: Optional
     return _pallas(kernel, plan, "decode_mix_out", out_shape, args, aliases)
 
 
+def _layer_norm_kernel(x_ref, scale_ref, bias_ref, o_ref, *, plan: _Plan, ln_eps):
+    cols = [pl.ds(j * plan.bi, plan.bi) for j in range(plan.C // plan.bi)]
+    xs = [[x_ref[b, c] for c in cols] for b in range(plan.B)]
+    scale, bias = [scale_ref[c] for c in cols], [bias_ref[c] for c in cols]
+    stats = _ln_stats(lambda j: (None, None, None, [xs[b][j] for b in range(plan.B)], None), plan, ln_eps)
+    for b in range(plan.B):
+        for j, c in enumerate(cols):
+            o_ref[pl.ds(b, 1), c] = _ln(xs[b][j], stats[b], scale[j], bias[j])[None, :].astype(o_ref.dtype)
+
+
+def layer_norm(x, ln_scale, ln_bias, *, ln_eps: float, out_dtype, interpret: bool = False):
+    """The model's LayerNorm of x [B, C] float32 -> [B, C] in out_dtype, as one kernel of one
+    program (XLA takes two: the statistics, then the normalization): the decode step's final
+    LayerNorm, whose output the head product takes in the weights' dtype."""
+    B, C = x.shape
+    _check("layer_norm", ln_scale=(ln_scale, (C,)), ln_bias=(ln_bias, (C,)))
+    plan = _plan(B, C, C, 1, out_dtype, DecodeBlockSizes(block_in=1024), interpret)  # (grid: one program)
+    return pl.pallas_call(
+        functools.partial(_layer_norm_kernel, plan=plan, ln_eps=ln_eps),
+        out_shape=jax.ShapeDtypeStruct((B, C), out_dtype), grid=(1,), interpret=interpret, name="decode_layer_norm",
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+    )(x.astype(jnp.float32), ln_scale.astype(jnp.float32), ln_bias.astype(jnp.float32))
+
+
 # ----------------------------------------------------------------------------------------
 # Plain-JAX references: the same functions, as rwkv2_jax.decode_step's XLA path computes them.
 
@@ -552,10 +614,16 @@ def _mixed_reference(x, ln_scale, ln_bias, prev_l, time_mix, w_t, ln_eps):
     return y, _dot(y * tm + prev_l * (1.0 - tm), w_t)
 
 
+def layer_norm_reference(x, ln_scale, ln_bias, *, ln_eps, out_dtype):
+    return _ln_reference(x.astype(jnp.float32), ln_scale, ln_bias, ln_eps).astype(out_dtype)
+
+
 def time_mix_in_reference(x, ln_scale, ln_bias, prev, time_mix, kvr_t, aa, bb, pp, w_log, u_log, layer, *,
-                          k_clamp, log_eps, ln_eps):
+                          k_clamp, log_eps, ln_eps, token=None):
     from rwkv2_jax.wkv import WKVState, wkv_step
 
+    if token is not None:  # x is the embedding table
+        x = jnp.take(x, jnp.clip(token, 0, x.shape[0] - 1), axis=0).astype(jnp.float32)
     B, C = x.shape
     rows = slice(int(layer[0]) * B, int(layer[0]) * B + B)
     y, kvr = _mixed_reference(x, ln_scale, ln_bias, prev[rows], time_mix, kvr_t, ln_eps)

@@ -33,7 +33,8 @@ With all four products of every layer on the kernel (`StepSpec.pallas_products="
 per-operation step was slower from 4 rows on (4/8/16 rows: 0.95/1.47/1.10 ms per step against
 0.81/1.00/0.82; H200, bf16, docs/PERF.md session 15), though the kernel alone beat XLA on
 several of these shapes at 4-16 rows (bench/matvec.py); not profiled (XLA may fuse the
-elementwise code around its products).
+elementwise code around its products). On a GPU the per-operation step runs 5-8 rows padded
+to 16 (PAD_ROWS): XLA's products took 1.01 ms per step at 8 rows, 0.82 at 16 (session 16).
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ from rwkv2_jax.wkv import WKVState, wkv_step
 # per-operation step at 1 and 2 rows, slower at 3 (7%), 4 (41%) and 8 (2x) (H200, bf16,
 # L24-D1024, `bench/decode.py --sweep-batches`, docs/PERF.md sessions 12 and 13).
 FUSED_MAX_BATCH = 2
+# Per backend: batches of lo..hi rows run the per-operation step as `to` rows (the extra rows
+# copies of the last, their outputs dropped): ((lo, hi, to), ...). On an H200 with XLA's GEMMs
+# (bf16, L24-D1024, bench/decode.py --sweep-batches, docs/PERF.md session 16) the step took
+# 1.010 ms at 8 rows and 0.820 padded to 16; 0.855 and 0.817 at 5; at 12 rows padding lost
+# (0.805 vs 0.827), so only 5-8 rows are padded. Elsewhere (CPU) padding would only add work.
+PAD_ROWS = {"gpu": ((5, 8, 16),)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,24 +96,31 @@ class StepSpec:
     # per layer.
     pallas_products: str = "wide"
     matvec_blocks: Optional[object] = None  # pallas_kernels.matvec.MatvecBlockSizes; None: its defaults
-    # Per-operation step: batches of fewer rows than this run padded to it (the last row
-    # repeated; the extra rows' outputs dropped). 0: never. With XLA's GEMMs on an H200 the
-    # step took 0.82 ms at 16 rows and 1.00 at 8 (docs/PERF.md session 15); whether padding
-    # 5-15 rows to 16 wins is for bench/decode.py --sweep-batches to show.
-    pad_rows_to: int = 0
+    # Per-operation step: ((lo, hi, to), ...): a batch of lo..hi rows runs padded to `to` rows
+    # (the last row repeated; the extra rows' outputs dropped). spec_of takes PAD_ROWS's for the
+    # backend; () never pads.
+    pad_rows: Tuple[Tuple[int, int, int], ...] = ()
 
     def __post_init__(self):
         if self.pallas_products not in ("wide", "all"):
             raise ValueError(f"StepSpec: pallas_products={self.pallas_products!r} must be 'wide' or 'all'")
-        if not isinstance(self.pad_rows_to, int) or self.pad_rows_to < 0:
-            raise ValueError(f"StepSpec: pad_rows_to={self.pad_rows_to!r} must be an int >= 0")
+        ok = isinstance(self.pad_rows, tuple) and all(
+            isinstance(r, tuple) and len(r) == 3 and all(isinstance(v, int) for v in r) and 1 <= r[0] <= r[1] < r[2]
+            for r in self.pad_rows)
+        if not ok:
+            raise ValueError(f"StepSpec: pad_rows={self.pad_rows!r} must be a tuple of (lo, hi, to) int "
+                             "triples with 1 <= lo <= hi < to")
+
+    def padded_rows(self, batch_size: int) -> int:
+        """The rows the per-operation step runs for batch_size rows (pad_rows)."""
+        return next((to for lo, hi, to in self.pad_rows if lo <= batch_size <= hi), batch_size)
 
 
 def spec_of(model) -> StepSpec:
     impl = resolve_wkv_impl(model.wkv_impl)
     matvec = impl if impl in ("pallas", "pallas_interpret") else "xla"
     return StepSpec(model.config, jnp.dtype(model.dtype), model.precision, matvec,
-                    fused=model.fused_decode)
+                    fused=model.fused_decode, pad_rows=PAD_ROWS.get(jax.default_backend(), ()))
 
 
 def _t(w):  # Flax kernel [in, out] -> [out, in]
@@ -223,11 +237,14 @@ def _fused_ok(spec: StepSpec, dparams, B: int) -> bool:
     return w.dtype == spec.dtype and B <= spec.fused_max_batch and decode.supported(B, spec.config.n_embd, blocks)
 
 
-def _layer_four_kernels(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, blocks, interpret, in_place):
+def _layer_four_kernels(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, blocks, interpret, in_place,
+                        token=None):
     """One layer as four kernels -> (x after it, prev_att, prev_ffn, WKV state (aa, bb, pp)).
     prev_att, prev_ffn: [L*B, C] token-shift vectors of every layer. in_place: the output
     kernels write this layer's LayerNorm outputs into them; else they are returned as [B, C]
-    arrays (ln1's, ln2's) for the caller to stack. blocks: a LayerBlockSizes."""
+    arrays (ln1's, ln2's) for the caller to stack. blocks: a LayerBlockSizes. token [B]: x
+    is the embedding table, whose rows token[b] the time-mix kernel reads itself (a time-mix
+    layer only)."""
     ln1, ln2, log_eps = blk["ln1"], blk["ln2"], _log_eps(cfg)
     ffn = blk["ffn"]
     cm = dict(blocks=blocks.channel_mix_in, interpret=interpret)
@@ -239,6 +256,7 @@ def _layer_four_kernels(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, blo
         return decode.mix_out(*args, **kw), args[2]
 
     if "pre" in blk:  # ffnPre: a channel mix in place of the time mix
+        assert token is None, "the embedding rows are read by a time-mix kernel only"
         p = blk["pre"]
         x_ln, ksq, r = decode.channel_mix_in(x, ln1["scale"], ln1["bias"], prev_att, p["time_mix"],
                                              p["kr_t"], layer, ln_eps=LN_EPS, **cm)
@@ -248,7 +266,7 @@ def _layer_four_kernels(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, blo
         x_ln, rwkv, *wkv = decode.time_mix_in(
             x, ln1["scale"], ln1["bias"], prev_att, p["time_mix"], p["kvr_t"], *wkv,
             p["w_log"], p["u_log"], layer, k_clamp=cfg.k_clamp, log_eps=log_eps, ln_eps=LN_EPS,
-            blocks=blocks.time_mix_in, interpret=interpret)
+            blocks=blocks.time_mix_in, interpret=interpret, token=token)
         x, prev_att = out(rwkv, p["output_t"], x_ln, state=prev_att, blocks=blocks.att_out, interpret=interpret)
     x_ln2, ksq, r = decode.channel_mix_in(x, ln2["scale"], ln2["bias"], prev_ffn, ffn["time_mix"],
                                           ffn["kr_t"], layer, ln_eps=LN_EPS, **cm)
@@ -256,9 +274,16 @@ def _layer_four_kernels(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, blo
     return x, prev_att, prev_ffn, tuple(wkv)
 
 
-def _head(spec: StepSpec, dparams, x):
-    """The final LayerNorm and the head -> logits [B, V] float32 (rounded to spec.dtype)."""
-    x = _layer_norm(x, dparams["ln_out"])
+def _head(spec: StepSpec, dparams, x, fused: bool = False):
+    """The final LayerNorm and the head -> logits [B, V] float32 (rounded to spec.dtype).
+    fused: the LayerNorm as one Pallas kernel (pallas_kernels.decode.layer_norm), not XLA's two."""
+    if fused:
+        from pallas_kernels import decode
+
+        x = decode.layer_norm(x, dparams["ln_out"]["scale"], dparams["ln_out"]["bias"], ln_eps=LN_EPS,
+                              out_dtype=spec.dtype, interpret=spec.matvec == "pallas_interpret")
+    else:
+        x = _layer_norm(x, dparams["ln_out"])
     return _matvec(spec, x, dparams["head_t"], head=True).astype(jnp.float32)
 
 
@@ -271,12 +296,16 @@ def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> 
     flat = lambda a: a.astype(jnp.float32).reshape(L * B, C)  # noqa: E731 - a reshape, no copy
     prev_att, prev_ffn = flat(state.x_att), flat(state.x_ffn)
     wkv = (flat(state.aa), flat(state.bb), flat(state.pp))  # updated in place, layer by layer
-    x = jnp.take(dparams["emb"], token, axis=0).astype(jnp.float32)  # [B, C]
+    # A first time-mix layer reads its rows of the embedding table itself (one XLA gather
+    # kernel less per step); an ffnPre first layer takes them gathered.
+    from_table = "att" in dparams["blocks"][0]
+    x = dparams["emb"] if from_table else jnp.take(dparams["emb"], token, axis=0).astype(jnp.float32)
     new_att, new_ffn = [], []
     for i, blk in enumerate(dparams["blocks"]):
         layer = jnp.full((1,), i, jnp.int32)
         x, att, ffn, wkv = _layer_four_kernels(decode, spec.config, blk, x, prev_att, prev_ffn, wkv, layer,
-                                               sizes, interpret, spec.shift_in_place)
+                                               sizes, interpret, spec.shift_in_place,
+                                               token=token if i == 0 and from_table else None)
         if spec.shift_in_place:
             prev_att, prev_ffn = att, ffn
         else:
@@ -286,7 +315,7 @@ def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> 
         x_att, x_ffn = prev_att.reshape(L, B, C), prev_ffn.reshape(L, B, C)
     else:
         x_att, x_ffn = jnp.stack(new_att), jnp.stack(new_ffn)
-    logits = _head(spec, dparams, x)
+    logits = _head(spec, dparams, x, fused=True)
     aa, bb, pp = (a.reshape(L, B, C) for a in wkv)
     return logits, State(x_att, x_ffn, aa, bb, pp)
 
@@ -296,8 +325,8 @@ def rnn_step(spec: StepSpec, dparams, token: jax.Array, state: State) -> Tuple[j
     B = token.shape[0]
     if _fused_ok(spec, dparams, B):
         return _rnn_step_fused(spec, dparams, token, state)
-    if B < spec.pad_rows_to:  # rows are independent: pad with copies of the last, drop their outputs
-        rows = spec.pad_rows_to - B
+    if spec.padded_rows(B) > B:  # rows are independent: pad with copies of the last, drop their outputs
+        rows = spec.padded_rows(B) - B
         token = jnp.pad(token, (0, rows), mode="edge")
         state = State(*(jnp.pad(a, ((0, 0), (0, rows), (0, 0)), mode="edge") for a in state))
         logits, state = _rnn_step_ops(spec, dparams, token, state)

@@ -144,9 +144,10 @@ def _decode_step(spec: StepSpec, dparams, dec: Decoding, consts: _Consts, static
                           consts.knobs.frequency_penalty)
     keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), dec.step))(consts.seeds)
     token = draw(logits, keys, consts.knobs, static)  # [B]
-    done = dec.done | consts.stop[token]
-    fed = jnp.where(done, 0, token)  # finished rows feed a valid id
-    new_logits, new_state = _feed(spec, dparams, dec.state, fed)
+    done = dec.done | consts.stop[token] if static.stops else dec.done
+    # Finished rows feed their drawn token too (a valid id): their logits are not used again,
+    # and their state is kept from before (keep_state) or not returned.
+    new_logits, new_state = _feed(spec, dparams, dec.state, token)
     seen, counts = dec.seen, dec.counts
     if static.penalized:
         seen, counts = count_token(seen, counts, token, consts.knobs.penalty_decay, ~done)

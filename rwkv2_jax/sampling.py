@@ -109,7 +109,7 @@ class SamplingParams:
 
     def static(self) -> "SamplerStatic":
         """The choices that select a compiled path."""
-        return SamplerStatic(self.greedy, self.top_p < 1.0, self.top_k > 0, self.penalized)
+        return SamplerStatic(self.greedy, self.top_p < 1.0, self.top_k > 0, self.penalized, bool(self.stop_tokens))
 
     def knobs(self) -> "SamplerKnobs":
         """The values, as numpy scalars: arguments of a jitted function, so traced (changing them
@@ -124,6 +124,7 @@ class SamplerStatic(NamedTuple):
     use_top_p: bool
     use_top_k: bool
     penalized: bool
+    stops: bool = False  # any stop tokens (without, a row never ends early: no per-step check)
 
 
 class SamplerKnobs(NamedTuple):

@@ -53,6 +53,17 @@ def test_decode_bench_gpu_rows_on_cpu():
     assert out.count("| jitted loop of 64 steps + argmax (no generate) |") == 2  # B = 1, per dtype
 
 
+def test_decode_bench_rows_option():
+    """--rows REGEX times only the table rows whose description matches."""
+    out = run("bench/decode.py", "--gpu-rows", "--preset", "L1-D32-V300", "--steps-b1", "4", "--steps", "4",
+              "--prefill-len", "16", "--repeats", "1", "--batches", "1,3", "--dtypes", "bfloat16", "--skip-checks",
+              "--rows", "top_p|greedy, one")
+    rows = [line.split("|")[2:4] for line in out.splitlines() if line.startswith("| bfloat16")]
+    assert [(b.strip(), w.strip()) for b, w in rows] == [
+        ("1", "decode, greedy, one lax.while_loop"), ("3", "decode, greedy, one lax.while_loop"),
+        ("1", "decode, top_p=0.7 temperature=1"), ("3", "decode, top_p=0.7 temperature=1")], out
+
+
 def test_decode_bench_cpu_comparison():
     """--cpu: ours vs the PyTorch reference on the same weights (same greedy tokens, checked in
     the run: exit status 1 otherwise), the step alone, and the head product in both."""
@@ -93,6 +104,18 @@ def test_decode_bench_sweep_batches_on_cpu():
     assert "FAIL" not in out
 
 
+def test_decode_bench_sweep_variants_option():
+    """--sweep-variants picks sweep_batches' rows by key; an unknown key is a one-line usage error."""
+    proc = subprocess.run([sys.executable, "bench/decode.py", "--sweep-batches", "5", "--sweep-variants", "ops,padd16"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown ['padd16']" in proc.stderr and "Traceback" not in proc.stderr
+    out = run("bench/decode.py", "--gpu-rows", "--sweep-batches", "5", "--sweep-variants", "pad16,ops", "--skip-checks",
+              "--preset", "L1-D32-V300", "--prefill-len", "16", "--wkv-impl", "pallas_interpret")
+    rows = [[c.strip() for c in line.split("|")[1:4]] for line in out.splitlines() if line.startswith("| 5 |")]
+    assert [r[1] for r in rows] == ["per-operation step", "per-operation step, rows padded to 16"]
+    assert all(r[2] != "not timed" for r in rows) and "FAIL" not in out
+
+
 def test_decode_kernels_bench_on_cpu():
     """bench/decode_kernels.py times each fused decode kernel per block size (interpret mode on
     CPU: the rows and the check against the plain-JAX reference, not the times)."""
@@ -122,7 +145,7 @@ def test_step_bound_bench_on_cpu():
               "--wkv-impl", "pallas_interpret", "--variants", "default,in-place-shift,pallas-head,no-head")
     rows = [line.split("|")[1:3] for line in out.splitlines() if line.startswith("| ") and "variant" not in line]
     assert [(v.strip(), n.strip()) for v, n in rows] == [
-        ("default", "8"), ("in-place-shift", "8"), ("pallas-head", "8"), ("no-head", "8")], rows
+        ("default", "9"), ("in-place-shift", "9"), ("pallas-head", "9"), ("no-head", "9")], rows  # 4 L + LayerNorm
     assert "rw.generate, default step, 2 greedy tokens:" in out
 
 

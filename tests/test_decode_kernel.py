@@ -87,6 +87,49 @@ def test_time_mix_in(seed, B, C, dtype, blocks, k_clamp, k_eps):
         np.testing.assert_array_equal(np.asarray(g)[rows], np.asarray(before)[rows], err_msg=f"{name} {msg}")
 
 
+@pytest.mark.parametrize("B,C,dtype,blocks", [CASES[0], CASES[1], CASES[3]])
+def test_time_mix_in_reads_the_embedding_rows(seed, B, C, dtype, blocks):
+    """time_mix_in(table, ..., token=ids): the same as with x = table[ids] gathered first (the
+    table in the weights' dtype, rows converted to float32), repeated ids included; an id
+    outside the table is clamped into it (the decode step feeds only drawn ids)."""
+    a = inputs(seed, B, C, dtype)
+    rng = np.random.default_rng(seed + 1)
+    V = 37
+    table = jnp.asarray(rng.normal(0, 1, (V, C)), dtype)
+    ids = jnp.asarray(rng.integers(0, V, B), jnp.int32).at[0].set(V - 1)
+    rest = [a[k] for k in ("ln_scale", "ln_bias", "prev", "time_mix", "kvr_t", "aa", "bb", "pp", "w_log", "u_log",
+                           "layer")]
+    kw = dict(k_clamp=60.0, log_eps=math.log(1e-9), ln_eps=LN_EPS)
+    run = jax.jit(lambda t, i, *r: decode.time_mix_in(t, *r, **kw, blocks=blocks, interpret=True, token=i))
+    got = run(table, ids, *rest)
+    gathered = decode.time_mix_in(jnp.take(table, ids, axis=0).astype(jnp.float32), *rest, **kw, blocks=blocks,
+                                  interpret=True)
+    want = decode.time_mix_in_reference(table, *rest, **kw, token=ids)
+    msg = f"seed={seed} B={B} C={C} {jnp.dtype(dtype).name}"
+    for name, g, same, w in zip(("x_ln", "rwkv", "aa", "bb", "pp"), got, gathered, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(same), err_msg=f"{name} {msg}")
+        close(g, w, dtype if name != "x_ln" else jnp.float32, f"{name} {msg}")
+    clamped = run(table, ids.at[0].set(V + 5), *rest)  # V - 1 before: the same row
+    np.testing.assert_array_equal(np.asarray(clamped[0]), np.asarray(got[0]), err_msg=msg)
+    with pytest.raises(ValueError, match="token must be int"):
+        decode.time_mix_in(table, *rest, **kw, token=ids.astype(jnp.float32))
+
+
+@pytest.mark.parametrize("B,C,out_dtype", [(1, 1024, jnp.bfloat16), (2, 40, jnp.float32), (3, 24, jnp.bfloat16)])
+def test_layer_norm(seed, B, C, out_dtype):
+    """The one-program LayerNorm (the decode step's final one) against the model's formula."""
+    a = inputs(seed, B, C, jnp.float32)
+    got = jax.jit(lambda *x: decode.layer_norm(*x, ln_eps=LN_EPS, out_dtype=out_dtype, interpret=True))(
+        a["x"], a["ln_scale"], a["ln_bias"])
+    want = decode.layer_norm_reference(a["x"], a["ln_scale"], a["ln_bias"], ln_eps=LN_EPS, out_dtype=out_dtype)
+    assert got.dtype == out_dtype and got.shape == (B, C)
+    tol = 2e-5 if out_dtype == jnp.float32 else 1e-2  # bf16: a rounding of the output apart at most
+    np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64), rtol=tol, atol=tol,
+                               err_msg=f"seed={seed} B={B} C={C}")
+    with pytest.raises(ValueError, match="ln_scale has shape"):
+        decode.layer_norm(a["x"], a["ln_scale"][:-1], a["ln_bias"], ln_eps=LN_EPS, out_dtype=out_dtype)
+
+
 @pytest.mark.parametrize("B,C,dtype,blocks", CASES)
 def test_channel_mix_in(seed, B, C, dtype, blocks):
     a = inputs(seed, B, C, dtype, layer=2)
@@ -200,7 +243,7 @@ def test_lowers_to_triton(dtype, monkeypatch, capsys):
     a = inputs(0, B, C, dtype)
     a["prev"], a["aa"], a["bb"], a["pp"] = (jnp.zeros((24 * B, C)),) * 4
     kw = dict(monkeypatch=monkeypatch, capsys=capsys, kernel_module="pallas_kernels.decode")
-    tm = lambda *x: decode.time_mix_in(*x, k_clamp=60.0, log_eps=math.log(1e-9), ln_eps=LN_EPS)  # noqa: E731
+    tm = lambda *x, **k: decode.time_mix_in(*x, k_clamp=60.0, log_eps=math.log(1e-9), ln_eps=LN_EPS, **k)  # noqa: E731
     cm = lambda *x: decode.channel_mix_in(*x, ln_eps=LN_EPS)  # noqa: E731
     u4, w4 = jnp.zeros((B, 4 * C), dtype), jnp.zeros((C, 4 * C), dtype)
     bo, bi = DecodeBlockSizes().block_out, DecodeBlockSizes().block_in
@@ -213,6 +256,10 @@ def test_lowers_to_triton(dtype, monkeypatch, capsys):
         (cm, [a[k] for k in ("x", "ln_scale", "ln_bias", "prev", "time_mix", "kr_t", "layer")], 5 * nb, 5 * nb,
          n_reduce(C, 5)),
         (decode.mix_out, [u4, w4, a["x"], a["x"].astype(dtype)], 4 * nb, 4 * nb, n_reduce(4 * C, 1)),
+        # the first layer's time mix reading its rows of the embedding table (token=)
+        (lambda t, i, *x: tm(t, *x, token=i), [jnp.zeros((50277, C), dtype), jnp.zeros((B,), jnp.int32)]
+         + [a[k] for k in ("ln_scale", "ln_bias", "prev", "time_mix", "kvr_t", "aa", "bb", "pp", "w_log", "u_log",
+                           "layer")], 3 * nb, 5 * nb, n_reduce(C, 3)),
     ]
     assert n_reduce(C, 5) == 2 + 5  # at the defaults, B = 1: one reduction per matrix, both dtypes
     for fn, args, n_weight_blocks, n_vector_blocks, n_reduce in cases:
@@ -224,7 +271,13 @@ def test_lowers_to_triton(dtype, monkeypatch, capsys):
         loads = re.findall(rf"tt\.load[^\n]*tensor<{bo}x{bi}x", body[:first_reduce])
         assert len(loads) >= n_weight_blocks, (fn, len(loads))
         # ... and the vectors' column blocks (x, prev, ln scale and bias, time_mix) go out with them
-        loads = re.findall(rf"tt\.load[^\n]*tensor<{bi}x", body[:first_reduce])
+        # (the embedding table's rows: [1, bi] loads)
+        loads = re.findall(rf"tt\.load[^\n]*tensor<(?:1x)?{bi}x", body[:first_reduce])
         assert len(loads) >= n_vector_blocks, (fn, len(loads))
         # one reduction per matrix (and two for the LayerNorm), not per column block
         assert body.count('"tt.reduce"(') == n_reduce, (fn, body.count('"tt.reduce"('))
+    # the final LayerNorm: one program, two reductions (its statistics), no scalar select
+    ir = lower_to_triton_ir(lambda *x: decode.layer_norm(*x, ln_eps=LN_EPS, out_dtype=dtype),
+                            [a["x"], a["ln_scale"], a["ln_bias"]], **kw)
+    assert_no_scalar_select(ir)
+    assert ir[ir.index("tt.func"):].count('"tt.reduce"(') == 2

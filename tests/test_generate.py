@@ -422,13 +422,16 @@ def test_step_spec_rejects_bad_options():
     args = (rw.RWKVConfig(n_layer=1, n_embd=8, vocab_size=16), jnp.dtype(jnp.float32), None)
     with pytest.raises(ValueError, match="pallas_products='some'"):
         StepSpec(*args, pallas_products="some")
-    with pytest.raises(ValueError, match="pad_rows_to=-1"):
-        StepSpec(*args, pad_rows_to=-1)
+    for bad in (16, ((5, 8),), ((8, 5, 16),), ((5, 8, 8),), ((0, 1, 2),), [(5, 8, 16)]):
+        with pytest.raises(ValueError, match="pad_rows="):
+            StepSpec(*args, pad_rows=bad)
+    spec = StepSpec(*args, pad_rows=((5, 8, 16), (9, 9, 12)))
+    assert [spec.padded_rows(b) for b in (1, 4, 5, 8, 9, 10, 16)] == [1, 4, 16, 16, 12, 10, 16]
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
 def test_decode_step_with_padded_rows(release_files, impl, rng):
-    """StepSpec.pad_rows_to: the per-operation step runs a smaller batch padded to that many rows
+    """StepSpec.pad_rows: the per-operation step runs a batch of 2-4 rows padded to 8 rows
     and returns the real rows' logits and state, the same as without padding."""
     import dataclasses
 
@@ -439,7 +442,7 @@ def test_decode_step_with_padded_rows(release_files, impl, rng):
     B = 3
     _, state = m.prefill(rng.integers(1, V, (B, 5)))
     token = jnp.asarray(rng.integers(0, V, B), jnp.int32)
-    padded = dataclasses.replace(spec, pad_rows_to=8)
+    padded = dataclasses.replace(spec, pad_rows=((2, 4, 8),))
     jaxpr = str(jax.make_jaxpr(rnn_step, static_argnums=0)(padded, decode_params(m), token, state))
     assert f"f32[8,{SMALL['n_embd']}]" in jaxpr and f"f32[8,{V}]" in jaxpr  # the step ran 8 rows
     step = jax.jit(rnn_step, static_argnums=0)
@@ -448,7 +451,7 @@ def test_decode_step_with_padded_rows(release_files, impl, rng):
     for name, a, b in [("logits", logits, want_logits), *zip(rw.State._fields, new, want)]:
         assert a.shape == b.shape and a.dtype == b.dtype, name
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
-    assert step(dataclasses.replace(spec, pad_rows_to=B), decode_params(m), token, state)[0].shape == (B, V)
+    assert step(dataclasses.replace(spec, pad_rows=((4, 6, 8),)), decode_params(m), token, state)[0].shape == (B, V)
 
 
 @pytest.mark.parametrize("variant,dtype,changes", [
@@ -479,7 +482,10 @@ def test_fused_decode_step(release_files, variant, dtype, changes, rng):
     names = re.findall(r"name=(decode_\w+|matvec)", jaxpr)
     heads = ["matvec"] if spec.pallas_head else []
     assert sorted(names) == sorted(re.findall(r"name=(decode_\w+)", jaxpr) + heads), names  # nothing else
-    assert len(names) == 4 * SMALL["n_layer"] + len(heads), names
+    assert len(names) == 4 * SMALL["n_layer"] + 1 + len(heads), names  # + the final LayerNorm
+    assert names.count("decode_layer_norm") == 1, names
+    # a first time-mix layer reads its embedding rows itself; an ffnPre one takes them gathered
+    assert ("gather[" in jaxpr) == (variant == "ffn_pre")
     # the stacking of the layers' token-shift vectors: there exactly when not written in place
     assert ("stack[" in jaxpr) == (not spec.shift_in_place)
     step = jax.jit(rnn_step, static_argnums=0)
@@ -524,6 +530,7 @@ def test_fused_decode_step_block_sizes_per_kernel(release_files, variant, rng):
     token = jnp.asarray(rng.integers(0, V, B), jnp.int32)
     jaxpr = jax.make_jaxpr(rnn_step, static_argnums=0)(spec, decode_params(m), token, state).jaxpr
     got = [_launch(e) for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
+    assert got.pop() == ("decode_layer_norm", (1,), 4)  # the final LayerNorm: one program
     tm, ao = ("decode_time_mix_in", (C,), 1), ("decode_mix_out", (C // 2,), 2)
     cm, fo = ("decode_channel_mix_in", (C // 4,), 4), ("decode_mix_out", (C // 8,), 8)
     first = [cm, fo] if variant == "ffn_pre" else [tm, ao]  # ffnPre: layer 0's time mix is a channel mix
@@ -532,7 +539,8 @@ def test_fused_decode_step_block_sizes_per_kernel(release_files, variant, rng):
     for rows in (1, 2):
         jx = jax.make_jaxpr(rnn_step, static_argnums=0)(
             spec_of(m), decode_params(m), token[:rows], jax.tree.map(lambda a: a[:, :rows], state)).jaxpr
-        launches = {_launch(e)[1:] for e in jx.eqns if e.primitive.name == "pallas_call"}
+        launches = {_launch(e)[1:] for e in jx.eqns if e.primitive.name == "pallas_call"
+                    and e.params["name"] != "decode_layer_norm"}
         want = LayerBlockSizes() if rows == 1 else LayerBlockSizes.of(Blocks())
         assert launches == {((C // b.block_out,), b.num_warps) for b in want}, (rows, launches)
     step = jax.jit(rnn_step, static_argnums=0)
@@ -574,10 +582,11 @@ def test_fused_decode_falls_back(release_files, rng):
         jaxpr = str(jax.make_jaxpr(rnn_step, static_argnums=0)(spec, decode_params(model), token, state))
         return len(re.findall(r"name=decode_", jaxpr))
 
+    fused = 4 * SMALL["n_layer"] + 1  # and the final LayerNorm
     assert FUSED_MAX_BATCH == 2
-    assert n_fused(m, 1) == n_fused(m, 2) == 4 * SMALL["n_layer"]
+    assert n_fused(m, 1) == n_fused(m, 2) == fused
     assert n_fused(m, 3) == n_fused(m, 8) == 0  # slower than the per-operation step there (H200)
-    assert n_fused(m, MAX_BATCH, fused_max_batch=MAX_BATCH) == 4 * SMALL["n_layer"]
+    assert n_fused(m, MAX_BATCH, fused_max_batch=MAX_BATCH) == fused
     assert n_fused(m, MAX_BATCH + 1, fused_max_batch=MAX_BATCH + 1) == 0  # beyond the kernels
     assert n_fused(m.replace(dtype=jnp.bfloat16), 1) == 0  # float32 weights, bf16 compute
     assert n_fused(m.replace(wkv_impl="reference"), 1) == 0  # no Pallas at all
