@@ -323,14 +323,17 @@ def sweep_batches(model, log, batches, steps=32, fused_up_to=4, only=SWEEP_VARIA
     one = jax.jit(rnn_step, static_argnums=0)
     L = model.config.n_layer
     every = dict(fused=False, pallas_products="all", pad_rows=())
-    variants = (("per-operation step", dict(fused=False, pad_rows=()), 0, None),
-                # four products per layer (a time-mix layer's K/V/R are one merged matrix)
-                ("per-operation step, every layer product on the Pallas matvec", every, 4 * L, None),
-                ("the same, matvec tensor cores from 5 rows", dict(every, matvec_blocks=MatvecBlockSizes(dot_min_batch=5)),
-                 4 * L, (5, 8)),
-                ("per-operation step, rows padded to 16", dict(fused=False, pad_rows=((5, 15, 16),)), 0, (5, 15)),
-                ("fused kernels", dict(fused=True, fused_max_batch=MAX_BATCH), -1, (1, fused_up_to)))
-    variants = [v for key, v in zip(SWEEP_VARIANTS, variants) if key in only]
+    variants = {  # SWEEP_VARIANTS key -> (row name, StepSpec changes, matvec kernels meant, rows timed)
+        "ops": ("per-operation step", dict(fused=False, pad_rows=()), 0, None),
+        # four products per layer (a time-mix layer's K/V/R are one merged matrix)
+        "all": ("per-operation step, every layer product on the Pallas matvec", every, 4 * L, None),
+        "all-dot5": ("the same, matvec tensor cores from 5 rows",
+                     dict(every, matvec_blocks=MatvecBlockSizes(dot_min_batch=5)), 4 * L, (5, 8)),
+        "pad16": ("per-operation step, rows padded to 16", dict(fused=False, pad_rows=((5, 15, 16),)), 0, (5, 15)),
+        "fused": ("fused kernels", dict(fused=True, fused_max_batch=MAX_BATCH), -1, (1, fused_up_to)),
+    }
+    assert tuple(variants) == SWEEP_VARIANTS
+    variants = [variants[key] for key in SWEEP_VARIANTS if key in only]
     for B in batches:
         _, state0 = prefill(model, [[1, 2, 3]] * B)
         token0 = jnp.ones((B,), jnp.int32)

@@ -178,7 +178,7 @@ def _matvec(spec: StepSpec, x, w_t, head: bool = False):
     """x [B, in] @ w_t[out, in]^T -> [B, out], with Flax Dense's dtype rules (inputs and output
     in spec.dtype). head: w_t is the head, on the Pallas kernel only with spec.pallas_head, whose
     kernel rounds the logits to spec.dtype and stores them float32 (no convert after it)."""
-    chosen = spec.pallas_head if head else w_t.shape[1] > w_t.shape[0] or spec.pallas_products == "all"
+    chosen = spec.pallas_head if head else (w_t.shape[1] > w_t.shape[0] or spec.pallas_products == "all")
     if spec.matvec != "xla" and w_t.dtype == spec.dtype and chosen:
         from pallas_kernels import matvec  # imported on use: CPU-only users never load Pallas
         from pallas_kernels.matvec import MAX_BATCH
@@ -325,8 +325,8 @@ def rnn_step(spec: StepSpec, dparams, token: jax.Array, state: State) -> Tuple[j
     B = token.shape[0]
     if _fused_ok(spec, dparams, B):
         return _rnn_step_fused(spec, dparams, token, state)
-    if spec.padded_rows(B) > B:  # rows are independent: pad with copies of the last, drop their outputs
-        rows = spec.padded_rows(B) - B
+    rows = spec.padded_rows(B) - B
+    if rows > 0:  # rows are independent: pad with copies of the last, drop their outputs
         token = jnp.pad(token, (0, rows), mode="edge")
         state = State(*(jnp.pad(a, ((0, 0), (0, rows), (0, 0)), mode="edge") for a in state))
         logits, state = _rnn_step_ops(spec, dparams, token, state)
