@@ -20,8 +20,11 @@ Variants (rwkv2_jax.decode_step.StepSpec fields): `default`; `in-place-shift`
 place instead of stacking them after the step; the default during session 13's first run, 2%
 slower); `stacked-shift` (shift_in_place=False, the default since); `pallas-head`
 (pallas_head=True); `no-head` (a diagnostic, not a model: the head cut to its first 1,024 rows,
-to see whether ~35 us less GPU work shows in the wall time). Results: docs/PERF.md, session 13:
-the loop is GPU-bound (busy = wall per step in a trace) and its head already takes only ~26 us.
+to see whether ~35 us less GPU work shows in the wall time); `no-stream` (stream_weights=False:
+no L2 hints, XLA's head, the step before session 17); `no-resident` (resident_out_bytes=0:
+every matrix streamed); `head-bi512` (the stream head with pallas_kernels.matvec's default
+512-column blocks). Results: docs/PERF.md, session 13: the loop is GPU-bound (busy = wall per
+step in a trace) and its head already takes only ~26 us; session 17: the L2 hints.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-VARIANTS = {"default": {}, "in-place-shift": {"shift_in_place": True}, "stacked-shift": {"shift_in_place": False}, "pallas-head": {"pallas_head": True},
-            "no-head": {}}
+VARIANTS = {"default": {}, "in-place-shift": {"shift_in_place": True}, "stacked-shift": {"shift_in_place": False},
+            "pallas-head": {"pallas_head": True}, "no-head": {},
+            "no-stream": {"stream_weights": False}, "no-resident": {"resident_out_bytes": 0},
+            "head-bi512": "matvec_blocks"}
 
 
 def main(argv=None):
@@ -89,7 +94,11 @@ def main(argv=None):
                 return original(spec, {**dparams, "head_t": dparams["head_t"][:1024]}, x, **kw)
             decode_step._head = small_head
         try:
-            spec = dataclasses.replace(spec_of(model), **VARIANTS[variant])
+            change = VARIANTS[variant]
+            if change == "matvec_blocks":  # the Pallas head's default blocks instead of the stream head's
+                from pallas_kernels.matvec import MatvecBlockSizes
+                change = {"matvec_blocks": MatvecBlockSizes()}
+            spec = dataclasses.replace(spec_of(model), **change)
             t0 = time.perf_counter()
             loop = greedy_steps(spec, args.steps).lower(dparams, token0, state0).compile(copts or None)
             text = loop.as_text()

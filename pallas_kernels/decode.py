@@ -54,6 +54,14 @@ kernel call (bench/decode_kernels.py, GPU time): 4.6 us for the time-mix kernel 
 2.1 us for the output product (2.1 MB): still mostly launch, one memory latency and the
 reductions, not the bytes.
 
+L2 hints. `DecodeBlockSizes.eviction_policy` puts Triton's eviction policy on the weight loads
+only (on Hopper: `createpolicy.fractional.L2::evict_first` and an `.L2::cache_hint` load). A
+token streams ~0.86 GB of weights through a 50 MB L2; with "evict_first" on every matrix (and on
+the head, which rwkv2_jax.decode_step then runs on pallas_kernels.matvec) the vectors, state and
+activations that every kernel reads again at the next token stay in the L2, and each kernel is
+~0.1-0.15 us faster (H200, bf16, batch 1: 0.397 ms per token through rw.generate, 2,521 tokens/s,
+against 0.413; docs/PERF.md, session 17). `rwkv2_jax.decode_step.StepSpec.stream_weights`.
+
 Summing a program's products (and the LayerNorm's two sums) as one joined reduction (Triton's
 join/split: one cross-warp exchange instead of one per matrix) was 0.1 us faster per kernel
 alone and no faster in the step (H200, session 16); not kept.
@@ -136,8 +144,14 @@ class DecodeBlockSizes:
     # matrix and batch row) and reduce once at the end, where that fits in the registers
     # (REG_BUDGET); else one reduction per column block.
     reduce_once: bool = True
+    # L2 cache hint of the weight loads (Triton's eviction_policy: None, "evict_first" or
+    # "evict_last"); the vectors and the state are always loaded plainly.
+    eviction_policy: Optional[str] = None
 
     def __post_init__(self):
+        if self.eviction_policy not in (None, "evict_first", "evict_last"):
+            raise ValueError(f"DecodeBlockSizes: eviction_policy={self.eviction_policy!r} must be None, "
+                             "'evict_first' or 'evict_last'")
         for name in ("block_out", "block_in"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
@@ -177,6 +191,10 @@ class LayerBlockSizes:
     def __iter__(self):
         return iter((self.time_mix_in, self.att_out, self.channel_mix_in, self.ffn_out))
 
+    def with_eviction_policy(self, policy: Optional[str]) -> "LayerBlockSizes":
+        """The same with every kernel's weight loads carrying this L2 hint."""
+        return LayerBlockSizes(*(dataclasses.replace(b, eviction_policy=policy) for b in self))
+
 
 def _pow2_divisor(n: int, cap: int) -> int:
     """The largest power of two <= cap that divides n."""
@@ -209,6 +227,7 @@ class _Plan:
     interpret: bool
     early_loads: bool
     reduce_once: bool
+    eviction_policy: Optional[str] = None
 
     @property
     def n_blocks(self) -> int:
@@ -252,7 +271,7 @@ def _plan(B, C, inp, G, dtype, blocks, interpret) -> _Plan:
     return _Plan(B=B, C=C, inp=inp, G=G, bo=_pow2_divisor(C, blocks.block_out),
                  bi=_pow2_divisor(inp, blocks.block_in), dtype=jnp.dtype(dtype),
                  num_warps=blocks.num_warps, interpret=interpret, early_loads=blocks.early_loads,
-                 reduce_once=blocks.reduce_once)
+                 reduce_once=blocks.reduce_once, eviction_policy=blocks.eviction_policy)
 
 
 def _pallas(kernel, plan: _Plan, name, out_shape, args, aliases=None):
@@ -341,8 +360,13 @@ def _load_weights(w_ref, plan: _Plan):
     first thing in every kernel: a reduction's barrier is also a barrier to moving loads, so
     loads issued after one would wait for the previous ones (one memory latency per block)."""
     r0 = pl.program_id(0) * plan.bo
-    return [[w_ref[pl.ds(g * plan.C + r0, plan.bo), pl.ds(j * plan.bi, plan.bi)]
-             for j in range(plan.n_blocks)] for g in range(plan.G)]
+
+    def load(g, j):
+        idx = (pl.ds(g * plan.C + r0, plan.bo), pl.ds(j * plan.bi, plan.bi))
+        if plan.eviction_policy is None:
+            return w_ref[idx]
+        return plgpu.load(w_ref.at[idx], eviction_policy=plan.eviction_policy)
+    return [[load(g, j) for j in range(plan.n_blocks)] for g in range(plan.G)]
 
 
 def _accumulate(acc, w, u, plan: _Plan):

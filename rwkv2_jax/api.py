@@ -68,12 +68,22 @@ class Model:
         than XLA's kernels at 8 rows) as four fused Pallas kernels per layer
         (pallas_kernels.decode; the same function as the per-operation step). False: XLA's
         kernels (and the matrix-vector kernel for the [C, 4C] product).
+      stream_weights, resident_out_bytes: L2 cache hints of that fused step
+        (rwkv2_jax.decode_step.StepSpec, docs/generation.md): the matrices are read with
+        "evict_first" so the vectors and the state stay in the L2 between tokens, except the
+        time-mix output matrices of the first layers that fit in resident_out_bytes (16 MB,
+        for an L2 of ~50 MB as on an H100/H200; 0 on a card with a much smaller L2), which stay.
+        stream_weights=False: plain loads and XLA's head (the step before these hints).
     """
 
     def __init__(self, config: RWKVConfig, params, *, dtype=jnp.float32, wkv_impl: str = "auto",
-                 precision: Optional[str] = None, fused_decode: bool = True):
+                 precision: Optional[str] = None, fused_decode: bool = True, stream_weights: bool = True,
+                 resident_out_bytes: int = 16 << 20):
         if wkv_impl not in WKV_IMPLS:
             raise ValueError(f"unknown wkv_impl={wkv_impl!r}; choose one of {WKV_IMPLS}")
+        if isinstance(resident_out_bytes, bool) or not isinstance(resident_out_bytes, (int, np.integer)) \
+                or resident_out_bytes < 0:
+            raise ValueError(f"resident_out_bytes must be an int >= 0, got {resident_out_bytes!r}")
         self.config = config
         self.params = jax.tree.map(jnp.asarray, params)
         self.dtype = jnp.dtype(dtype)
@@ -82,6 +92,8 @@ class Model:
             precision = "highest"
         self.precision = precision
         self.fused_decode = bool(fused_decode)
+        self.stream_weights = bool(stream_weights)
+        self.resident_out_bytes = int(resident_out_bytes)
         self.module = RWKV(config, dtype=self.dtype, wkv_impl=wkv_impl, precision=precision)
         self._forward = jit(
             lambda p, tokens, state, lengths=None: self.module.apply({"params": p}, tokens, state, lengths)
@@ -155,13 +167,13 @@ class Model:
 
     def replace(self, **changes) -> "Model":
         """A Model on the same params with config fields (k_eps=, k_clamp=, ...), dtype=,
-        wkv_impl=, precision= or fused_decode= changed."""
+        wkv_impl=, precision=, fused_decode=, stream_weights= or resident_out_bytes= changed."""
         dtype = changes.pop("dtype", self.dtype)
         wkv_impl = changes.pop("wkv_impl", self.wkv_impl)
         precision = changes.pop("precision", self.precision if dtype == self.dtype else None)
-        fused_decode = changes.pop("fused_decode", self.fused_decode)
+        decode = {k: changes.pop(k, getattr(self, k)) for k in ("fused_decode", "stream_weights", "resident_out_bytes")}
         return Model(self.config.replace(**changes), self.params, dtype=dtype, wkv_impl=wkv_impl,
-                     precision=precision, fused_decode=fused_decode)
+                     precision=precision, **decode)
 
     @property
     def n_params(self) -> int:

@@ -22,7 +22,10 @@ folded into the products): ~100 kernels per token instead of ~280 (H200, bf16, b
 instead of 0.60 ms per step; batch 2: 0.58 instead of 0.84). The kernels take up to 16 rows,
 but at 8 rows they were twice as slow as the per-operation step (2.30 vs 1.10 ms per step;
 their per-row accumulators no longer fit in the registers), so larger batches run the
-per-operation step (docs/PERF.md, session 12). `Model(fused_decode=False)` keeps the per-operation step below, where the products
+per-operation step (docs/PERF.md, session 12). The fused step loads its matrices with the
+"evict_first" L2 hint, the head on the Pallas matvec kernel for that (StepSpec.stream_weights,
+from Model(stream_weights=, resident_out_bytes=)): batch 1 at 0.397 ms per token (2,521
+tokens/s) instead of 0.413 (docs/PERF.md, session 17). `Model(fused_decode=False)` keeps the per-operation step below, where the products
 with more inputs than outputs (the channel-mix value matrix, [C, 4C]) of batches up to
 `pallas_kernels.matvec.MAX_BATCH` rows go through the Pallas matrix-vector kernel
 (`pallas_kernels.matvec`, which splits the long input over programs): 6.3 us instead of XLA's
@@ -89,6 +92,18 @@ class StepSpec:
     # the loop of steps (docs/PERF.md, sessions 11 and 13), and 2-4x slower than XLA's from 4
     # rows on (bench/matvec.py, session 15).
     pallas_head: bool = False
+    # Fused step: every matrix is loaded with the "evict_first" L2 hint (the layer kernels'
+    # weights, and the head, which then runs on pallas_kernels.matvec), so that the ~0.9 GB
+    # streamed per token no longer evicts what each kernel reads again every token: the
+    # LayerNorm and mix vectors, the state, the activations. H200, bf16, batch 1: 0.409 against
+    # 0.427 ms per step; the hint on the layers alone, with XLA's head, no faster (docs/PERF.md,
+    # session 17).
+    stream_weights: bool = True
+    # With stream_weights: the time-mix output matrices of the first layers, as many as fit in
+    # this many bytes, load without the hint, so they stay in the L2 from one token to the next
+    # (H200, L24-D1024, bf16, batch 1: ~1.85 instead of ~2.15 us per such kernel with 16 MB; all
+    # 24 layers' 48 MB no longer fit and slowed every kernel: docs/PERF.md, session 17). 0: none.
+    resident_out_bytes: int = 16 << 20
     # Per-operation step with Pallas kernels (matvec != "xla"), batches of up to
     # pallas_kernels.matvec.MAX_BATCH rows: which of the layers' products run on
     # pallas_kernels.matvec (the head: pallas_head). "wide": those with more inputs than
@@ -102,6 +117,8 @@ class StepSpec:
     pad_rows: Tuple[Tuple[int, int, int], ...] = ()
 
     def __post_init__(self):
+        if not isinstance(self.resident_out_bytes, int) or self.resident_out_bytes < 0:
+            raise ValueError(f"StepSpec: resident_out_bytes={self.resident_out_bytes!r} must be an int >= 0")
         if self.pallas_products not in ("wide", "all"):
             raise ValueError(f"StepSpec: pallas_products={self.pallas_products!r} must be 'wide' or 'all'")
         ok = isinstance(self.pad_rows, tuple) and all(
@@ -120,7 +137,8 @@ def spec_of(model) -> StepSpec:
     impl = resolve_wkv_impl(model.wkv_impl)
     matvec = impl if impl in ("pallas", "pallas_interpret") else "xla"
     return StepSpec(model.config, jnp.dtype(model.dtype), model.precision, matvec,
-                    fused=model.fused_decode, pad_rows=PAD_ROWS.get(jax.default_backend(), ()))
+                    fused=model.fused_decode, pad_rows=PAD_ROWS.get(jax.default_backend(), ()),
+                    stream_weights=model.stream_weights, resident_out_bytes=model.resident_out_bytes)
 
 
 def _t(w):  # Flax kernel [in, out] -> [out, in]
@@ -174,19 +192,23 @@ def decode_params(model):
     return built
 
 
-def _matvec(spec: StepSpec, x, w_t, head: bool = False):
+def _matvec(spec: StepSpec, x, w_t, head: bool = False, stream: bool = False):
     """x [B, in] @ w_t[out, in]^T -> [B, out], with Flax Dense's dtype rules (inputs and output
-    in spec.dtype). head: w_t is the head, on the Pallas kernel only with spec.pallas_head, whose
-    kernel rounds the logits to spec.dtype and stores them float32 (no convert after it)."""
-    chosen = spec.pallas_head if head else (w_t.shape[1] > w_t.shape[0] or spec.pallas_products == "all")
+    in spec.dtype). head: w_t is the head, on the Pallas kernel with spec.pallas_head or stream,
+    whose kernel rounds the logits to spec.dtype and stores them float32 (no convert after it).
+    stream: the Pallas kernel's weight loads carry the "evict_first" L2 hint (StepSpec.stream_weights)."""
+    chosen = (spec.pallas_head or stream) if head else (w_t.shape[1] > w_t.shape[0] or spec.pallas_products == "all")
     if spec.matvec != "xla" and w_t.dtype == spec.dtype and chosen:
         from pallas_kernels import matvec  # imported on use: CPU-only users never load Pallas
-        from pallas_kernels.matvec import MAX_BATCH
+        from pallas_kernels.matvec import MAX_BATCH, MatvecBlockSizes
 
         if x.shape[0] <= MAX_BATCH:
             dtypes = dict(out_dtype=jnp.float32, round_dtype=spec.dtype) if head else dict(out_dtype=spec.dtype)
-            return matvec(x, w_t, block_sizes=spec.matvec_blocks, interpret=spec.matvec == "pallas_interpret",
-                          **dtypes)
+            blocks = spec.matvec_blocks
+            if stream:  # the head of the fused step: whole rows of up to 1,024 columns per block
+                # (H200, L24-D1024, bf16: 25.0 against 26.1 us with the default 512; session 17)
+                blocks = dataclasses.replace(blocks or MatvecBlockSizes(block_in=1024), eviction_policy="evict_first")
+            return matvec(x, w_t, block_sizes=blocks, interpret=spec.matvec == "pallas_interpret", **dtypes)
     x = x.astype(spec.dtype)
     return lax.dot_general(x, w_t.astype(spec.dtype), (((1,), (1,)), ((), ())), precision=spec.precision)
 
@@ -276,7 +298,8 @@ def _layer_four_kernels(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, blo
 
 def _head(spec: StepSpec, dparams, x, fused: bool = False):
     """The final LayerNorm and the head -> logits [B, V] float32 (rounded to spec.dtype).
-    fused: the LayerNorm as one Pallas kernel (pallas_kernels.decode.layer_norm), not XLA's two."""
+    fused: the LayerNorm as one Pallas kernel (pallas_kernels.decode.layer_norm), not XLA's two,
+    and with spec.stream_weights the head on the Pallas kernel with the "evict_first" hint."""
     if fused:
         from pallas_kernels import decode
 
@@ -284,7 +307,7 @@ def _head(spec: StepSpec, dparams, x, fused: bool = False):
                               out_dtype=spec.dtype, interpret=spec.matvec == "pallas_interpret")
     else:
         x = _layer_norm(x, dparams["ln_out"])
-    return _matvec(spec, x, dparams["head_t"], head=True).astype(jnp.float32)
+    return _matvec(spec, x, dparams["head_t"], head=True, stream=fused and spec.stream_weights).astype(jnp.float32)
 
 
 def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> Tuple[jax.Array, State]:
@@ -293,6 +316,12 @@ def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> 
 
     L, B, C = state.aa.shape
     sizes, interpret = decode.LayerBlockSizes.of(spec.fused_blocks, B), spec.matvec == "pallas_interpret"
+    resident = 0
+    if spec.stream_weights:
+        sizes = sizes.with_eviction_policy("evict_first")
+        out_bytes = C * C * jnp.dtype(spec.dtype).itemsize  # a time-mix output matrix
+        resident = spec.resident_out_bytes // out_bytes
+    kept = dataclasses.replace(sizes, att_out=dataclasses.replace(sizes.att_out, eviction_policy=None))
     flat = lambda a: a.astype(jnp.float32).reshape(L * B, C)  # noqa: E731 - a reshape, no copy
     prev_att, prev_ffn = flat(state.x_att), flat(state.x_ffn)
     wkv = (flat(state.aa), flat(state.bb), flat(state.pp))  # updated in place, layer by layer
@@ -304,7 +333,7 @@ def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> 
     for i, blk in enumerate(dparams["blocks"]):
         layer = jnp.full((1,), i, jnp.int32)
         x, att, ffn, wkv = _layer_four_kernels(decode, spec.config, blk, x, prev_att, prev_ffn, wkv, layer,
-                                               sizes, interpret, spec.shift_in_place,
+                                               kept if i < resident else sizes, interpret, spec.shift_in_place,
                                                token=token if i == 0 and from_table else None)
         if spec.shift_in_place:
             prev_att, prev_ffn = att, ffn

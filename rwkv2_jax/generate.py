@@ -454,4 +454,5 @@ def with_weight_dtype(model: Model, dtype=jnp.bfloat16) -> Model:
     params = jax.tree.map(lambda x: x.astype(dtype) if x.ndim == 2 else x.astype(jnp.float32), model.params)
     return Model(model.config, params, dtype=dtype, wkv_impl=model.wkv_impl,
                  precision=None if dtype != jnp.float32 else model.precision,
-                 fused_decode=model.fused_decode)
+                 fused_decode=model.fused_decode, stream_weights=model.stream_weights,
+                 resident_out_bytes=model.resident_out_bytes)

@@ -79,7 +79,7 @@ def test_decode_bench_cpu_comparison():
 def test_decode_bench_sweep_on_cpu():
     """--sweep-fused (the fused decode step's variants, each checked against the per-operation
     step, then rw.generate's loop) on a tiny model with the kernels in interpret mode."""
-    out = run("bench/decode.py", "--gpu-rows", "--sweep-fused", "--skip-checks", "--preset", "L2-D64",
+    out = run("bench/decode.py", "--gpu-rows", "--sweep-fused", "--skip-checks", "--preset", "L2-D64-V300",
               "--wkv-impl", "pallas_interpret", "--sweep-blocks", "2x16", "--steps-b1", "8")
     assert out.count("PASS") == 3 and "FAIL" not in out
     assert "| per-operation step |" in out and "| fused 2x16x4 |" in out and "(default) |" in out

@@ -281,3 +281,37 @@ def test_lowers_to_triton(dtype, monkeypatch, capsys):
                             [a["x"], a["ln_scale"], a["ln_bias"]], **kw)
     assert_no_scalar_select(ir)
     assert ir[ir.index("tt.func"):].count('"tt.reduce"(') == 2
+
+
+def test_weight_loads_carry_the_eviction_hint(seed, monkeypatch, capsys):
+    """DecodeBlockSizes.eviction_policy: in the Triton IR every [bo, bi] weight load of the three
+    kernels carries the L2 hint and no other load does (the vectors and the state must stay in
+    the L2 between tokens: rwkv2_jax.decode_step.StepSpec.stream_weights); in interpret mode the
+    hint changes nothing. A policy Triton does not know is a one-line error."""
+    B, C, dtype = 1, 256, jnp.bfloat16
+    a = inputs(seed, B, C, dtype)
+    hint = DecodeBlockSizes(eviction_policy="evict_first")
+    bo, bi = hint.block_out, hint.block_in
+    tm = lambda *x, **k: decode.time_mix_in(*x, k_clamp=60.0, log_eps=None, ln_eps=LN_EPS, **k)  # noqa: E731
+    cm = lambda *x, **k: decode.channel_mix_in(*x, ln_eps=LN_EPS, **k)  # noqa: E731
+    u4 = jnp.asarray(np.random.default_rng(seed).normal(size=(B, 4 * C)), dtype)
+    w4 = jnp.asarray(np.random.default_rng(seed + 1).normal(size=(C, 4 * C)) / 32, dtype)
+    cases = [
+        (tm, [a[k] for k in ("x", "ln_scale", "ln_bias", "prev", "time_mix", "kvr_t", "aa", "bb", "pp",
+                             "w_log", "u_log", "layer")]),
+        (cm, [a[k] for k in ("x", "ln_scale", "ln_bias", "prev", "time_mix", "kr_t", "layer")]),
+        (decode.mix_out, [u4, w4, a["x"], a["x"]]),
+    ]
+    for fn, args in cases:
+        plain, hinted = (fn(*args, blocks=b, interpret=True) for b in (None, hint))
+        for p, h in zip(jax.tree.leaves(plain), jax.tree.leaves(hinted)):
+            np.testing.assert_array_equal(np.asarray(p), np.asarray(h))
+        ir = lower_to_triton_ir(lambda *x: fn(*x, blocks=hint), args, monkeypatch=monkeypatch, capsys=capsys,
+                                kernel_module="pallas_kernels.decode")
+        loads = re.findall(r"tt\.load [^\n]*", ir[ir.index("tt.func"):])
+        weights = [ln for ln in loads if re.search(rf"tensor<{bo}x{bi}x!tt\.ptr<bf16>>", ln)]
+        assert weights and all("evictionPolicy = evict_first" in ln for ln in weights), weights[:2]
+        others = [ln for ln in loads if ln not in weights]
+        assert others and not any("evictionPolicy" in ln for ln in others), [ln for ln in others if "evict" in ln][:2]
+    with pytest.raises(ValueError, match="eviction_policy='evict_all'"):
+        DecodeBlockSizes(eviction_policy="evict_all")

@@ -460,6 +460,8 @@ def test_decode_step_with_padded_rows(release_files, impl, rng):
     # written in place by the output kernels; the head through the Pallas matvec kernel
     ("ffn_pre", "float32", {"shift_in_place": True}), ("plain", "bfloat16", {"shift_in_place": True}),
     ("plain", "float32", {"pallas_head": True}), ("ffn_pre", "bfloat16", {"pallas_head": True}),
+    # without the L2 hints (StepSpec.stream_weights): XLA's head
+    ("plain", "bfloat16", {"stream_weights": False}), ("ffn_pre", "float32", {"stream_weights": False}),
 ], ids=lambda v: "-".join(f"{k}={w}" for k, w in v.items()) if isinstance(v, dict) else v)
 def test_fused_decode_step(release_files, variant, dtype, changes, rng):
     """With Pallas kernels the step is four fused kernels per layer (pallas_kernels.decode;
@@ -480,7 +482,7 @@ def test_fused_decode_step(release_files, variant, dtype, changes, rng):
     token = jnp.asarray(rng.integers(0, V, B), jnp.int32)
     jaxpr = str(jax.make_jaxpr(rnn_step, static_argnums=0)(spec, decode_params(m), token, state))
     names = re.findall(r"name=(decode_\w+|matvec)", jaxpr)
-    heads = ["matvec"] if spec.pallas_head else []
+    heads = ["matvec"] if spec.pallas_head or spec.stream_weights else []
     assert sorted(names) == sorted(re.findall(r"name=(decode_\w+)", jaxpr) + heads), names  # nothing else
     assert len(names) == 4 * SMALL["n_layer"] + 1 + len(heads), names  # + the final LayerNorm
     assert names.count("decode_layer_norm") == 1, names
@@ -499,6 +501,71 @@ def test_fused_decode_step(release_files, variant, dtype, changes, rng):
         # test_decode_step_equals_the_module_step); compared in float32 only.
         if dtype == "float32" or name in ("logits", "x_att", "x_ffn"):
             assert np.linalg.norm(a - b) <= tol * np.linalg.norm(b), name
+
+
+def _load_hints(jaxpr) -> set:
+    """The eviction_policy of every explicit load (plgpu.load) in a kernel's jaxpr, nested ones included."""
+    out = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "masked_load":
+            out.add(eqn.params["eviction_policy"])
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    sub = sub.jaxpr
+                if isinstance(sub, jax.extend.core.Jaxpr):
+                    out |= _load_hints(sub)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["plain", "ffn_pre"])
+def test_fused_step_streams_its_weights(release_files, variant, rng):
+    """StepSpec.stream_weights (the default): every matrix of the fused step is loaded with the
+    "evict_first" L2 hint -- the layer kernels' weights and the head, which then runs on the
+    Pallas matvec kernel -- except the time-mix output matrices of the first layers that fit in
+    resident_out_bytes, which load plainly; without it no kernel carries a hint and the head is
+    XLA's. The logits agree either way."""
+    import dataclasses
+
+    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
+
+    m = with_weight_dtype(rw.load_torch(release_files[variant], verbose=False).replace(wkv_impl="pallas_interpret"),
+                          jnp.bfloat16)
+    C, L = SMALL["n_embd"], SMALL["n_layer"]
+    spec = spec_of(m)
+    assert spec.stream_weights and spec.resident_out_bytes >= L * C * C * 2  # all of this model's fit
+    # the Model's knobs reach the step (and survive with_weight_dtype)
+    m = with_weight_dtype(m.replace(resident_out_bytes=2 * C * C * 2 + 1), jnp.bfloat16)  # two [C, C] bf16 matrices
+    spec = spec_of(m)
+    assert spec.resident_out_bytes == 2 * C * C * 2 + 1
+    _, state = m.prefill(rng.integers(1, V, (1, 5)))
+    token = jnp.asarray(rng.integers(0, V, 1), jnp.int32)
+
+    def kernels(spec):
+        jaxpr = jax.make_jaxpr(rnn_step, static_argnums=0)(spec, decode_params(m), token, state).jaxpr
+        return [(str(e.params["name"]), _load_hints(e.params["jaxpr"])) for e in jaxpr.eqns
+                if e.primitive.name == "pallas_call"]
+
+    got = kernels(spec)
+    assert [n for n, _ in got[-2:]] == ["decode_layer_norm", "matvec"], got[-2:]
+    assert got[-1][1] == {"evict_first"} and got[-2][1] == set()  # the head streams; the LayerNorm reads no matrix
+    layers = [got[4 * i: 4 * i + 4] for i in range(L)]
+    assert len(got) == 4 * L + 2
+    for i, layer in enumerate(layers):
+        hints = [h for _, h in layer]
+        att_out = set() if (i < 2 and not (variant == "ffn_pre" and i == 0)) else {"evict_first"}
+        assert hints == [{"evict_first"}, att_out, {"evict_first"}, {"evict_first"}], (i, layer)
+    plain = spec_of(m.replace(stream_weights=False))
+    assert not plain.stream_weights and plain == dataclasses.replace(spec, stream_weights=False)
+    assert all(h == set() for _, h in kernels(plain)) and "matvec" not in [n for n, _ in kernels(plain)]
+    step = jax.jit(rnn_step, static_argnums=0)
+    a, b = (np.asarray(step(s, decode_params(m), token, state)[0], np.float64) for s in (spec, plain))
+    assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(b)  # bf16 logits: one rounding apart at most
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="resident_out_bytes"):
+            m.replace(resident_out_bytes=bad)
+    with pytest.raises(ValueError, match="resident_out_bytes"):
+        dataclasses.replace(spec, resident_out_bytes=-1)
 
 
 def _launch(eqn):
@@ -530,6 +597,7 @@ def test_fused_decode_step_block_sizes_per_kernel(release_files, variant, rng):
     token = jnp.asarray(rng.integers(0, V, B), jnp.int32)
     jaxpr = jax.make_jaxpr(rnn_step, static_argnums=0)(spec, decode_params(m), token, state).jaxpr
     got = [_launch(e) for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
+    assert got.pop()[0] == "matvec"  # the head (StepSpec.stream_weights)
     assert got.pop() == ("decode_layer_norm", (1,), 4)  # the final LayerNorm: one program
     tm, ao = ("decode_time_mix_in", (C,), 1), ("decode_mix_out", (C // 2,), 2)
     cm, fo = ("decode_channel_mix_in", (C // 4,), 4), ("decode_mix_out", (C // 8,), 8)
@@ -540,7 +608,7 @@ def test_fused_decode_step_block_sizes_per_kernel(release_files, variant, rng):
         jx = jax.make_jaxpr(rnn_step, static_argnums=0)(
             spec_of(m), decode_params(m), token[:rows], jax.tree.map(lambda a: a[:, :rows], state)).jaxpr
         launches = {_launch(e)[1:] for e in jx.eqns if e.primitive.name == "pallas_call"
-                    and e.params["name"] != "decode_layer_norm"}
+                    and e.params["name"] not in ("decode_layer_norm", "matvec")}
         want = LayerBlockSizes() if rows == 1 else LayerBlockSizes.of(Blocks())
         assert launches == {((C // b.block_out,), b.num_warps) for b in want}, (rows, launches)
     step = jax.jit(rnn_step, static_argnums=0)
