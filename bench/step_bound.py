@@ -41,11 +41,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pallas_kernels.matvec import MatvecBlockSizes  # noqa: E402 - a frozen dataclass (imports jax, runs nothing)
 
 VARIANTS = {"default": {}, "in-place-shift": {"shift_in_place": True}, "stacked-shift": {"shift_in_place": False},
             "pallas-head": {"pallas_head": True}, "no-head": {},
             "no-stream": {"stream_weights": False}, "no-resident": {"resident_out_bytes": 0},
-            "head-bi512": "matvec_blocks"}
+            "head-bi512": {"matvec_blocks": MatvecBlockSizes()}}
 
 
 def main(argv=None):
@@ -94,11 +95,7 @@ def main(argv=None):
                 return original(spec, {**dparams, "head_t": dparams["head_t"][:1024]}, x, **kw)
             decode_step._head = small_head
         try:
-            change = VARIANTS[variant]
-            if change == "matvec_blocks":  # the Pallas head's default blocks instead of the stream head's
-                from pallas_kernels.matvec import MatvecBlockSizes
-                change = {"matvec_blocks": MatvecBlockSizes()}
-            spec = dataclasses.replace(spec_of(model), **change)
+            spec = dataclasses.replace(spec_of(model), **VARIANTS[variant])
             t0 = time.perf_counter()
             loop = greedy_steps(spec, args.steps).lower(dparams, token0, state0).compile(copts or None)
             text = loop.as_text()

@@ -113,6 +113,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.matvec import check_eviction_policy
+
 __all__ = ["DecodeBlockSizes", "LayerBlockSizes", "supported", "time_mix_in", "channel_mix_in", "mix_out",
            "layer_norm", "time_mix_in_reference", "channel_mix_in_reference", "mix_out_reference",
            "layer_norm_reference"]
@@ -149,9 +151,7 @@ class DecodeBlockSizes:
     eviction_policy: Optional[str] = None
 
     def __post_init__(self):
-        if self.eviction_policy not in (None, "evict_first", "evict_last"):
-            raise ValueError(f"DecodeBlockSizes: eviction_policy={self.eviction_policy!r} must be None, "
-                             "'evict_first' or 'evict_last'")
+        check_eviction_policy("DecodeBlockSizes", self.eviction_policy)
         for name in ("block_out", "block_in"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):

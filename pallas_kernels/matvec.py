@@ -83,6 +83,15 @@ _WEIGHT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 MAX_UNROLL = 8
 
 
+EVICTION_POLICIES = (None, "evict_first", "evict_last")  # Triton's L2 hints of a load (None: none)
+
+
+def check_eviction_policy(owner: str, policy) -> None:
+    """A one-line ValueError unless policy is one of EVICTION_POLICIES (also pallas_kernels.decode's)."""
+    if policy not in EVICTION_POLICIES:
+        raise ValueError(f"{owner}: eviction_policy={policy!r} must be None, 'evict_first' or 'evict_last'")
+
+
 @dataclasses.dataclass(frozen=True)
 class MatvecBlockSizes:
     """Launch parameters of the matvec kernel (all static; none needs to divide the shape).
@@ -123,9 +132,7 @@ class MatvecBlockSizes:
                 raise ValueError(f"MatvecBlockSizes: {name}={v} must be a power of two")
         if min(self.num_warps, self.num_stages, self.min_programs, self.min_split_blocks) < 1:
             raise ValueError(f"MatvecBlockSizes: positive sizes needed, got {self}")
-        if self.eviction_policy not in (None, "evict_first", "evict_last"):
-            raise ValueError(f"MatvecBlockSizes: {self.eviction_policy=} must be None, "
-                             "'evict_first' or 'evict_last'")
+        check_eviction_policy("MatvecBlockSizes", self.eviction_policy)
 
 
 @dataclasses.dataclass(frozen=True)

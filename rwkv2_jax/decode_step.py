@@ -117,7 +117,8 @@ class StepSpec:
     pad_rows: Tuple[Tuple[int, int, int], ...] = ()
 
     def __post_init__(self):
-        if not isinstance(self.resident_out_bytes, int) or self.resident_out_bytes < 0:
+        if isinstance(self.resident_out_bytes, bool) or not isinstance(self.resident_out_bytes, int) \
+                or self.resident_out_bytes < 0:
             raise ValueError(f"StepSpec: resident_out_bytes={self.resident_out_bytes!r} must be an int >= 0")
         if self.pallas_products not in ("wide", "all"):
             raise ValueError(f"StepSpec: pallas_products={self.pallas_products!r} must be 'wide' or 'all'")
