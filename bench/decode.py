@@ -110,7 +110,7 @@ def gpu_checks(log):
     import numpy as np
 
     import rwkv2_jax as rw
-    from rwkv2_jax.generate import generate, prefill
+    from rwkv2_jax.generation.generator import generate, prefill
     from tests.release_checkpoint import make_release_state_dict
 
     sd = make_release_state_dict(n_layer=3, n_embd=64, vocab_size=97, seed=1)
@@ -140,8 +140,8 @@ def fused_check(models, prompt, log):
     import jax.numpy as jnp
     import numpy as np
 
-    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
-    from rwkv2_jax.generate import prefill
+    from rwkv2_jax.generation.step import decode_params, rnn_step, spec_of
+    from rwkv2_jax.generation.generator import prefill
 
     step = jax.jit(rnn_step, static_argnums=0)
     ok = True
@@ -208,7 +208,7 @@ def greedy_steps(spec, steps: int):
     import jax
     import jax.numpy as jnp
 
-    from rwkv2_jax.decode_step import rnn_step
+    from rwkv2_jax.generation.step import rnn_step
     from rwkv2_jax.xla import DECODE_COMPILER_OPTIONS, compiler_options
 
     def body(dparams, _, carry):
@@ -233,8 +233,8 @@ def sweep_fused(model, log, steps=64, blocks_list=None, gen_tokens=512):
     import jax.numpy as jnp
 
     from pallas_kernels.decode import DecodeBlockSizes, LayerBlockSizes
-    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
-    from rwkv2_jax.generate import prefill
+    from rwkv2_jax.generation.step import decode_params, rnn_step, spec_of
+    from rwkv2_jax.generation.generator import prefill
 
     _, state0 = prefill(model, [[1, 2, 3]])
     dparams = decode_params(model)
@@ -277,7 +277,7 @@ def sweep_fused(model, log, steps=64, blocks_list=None, gen_tokens=512):
             f"one step's logits vs the per-operation step's: rel. {dev:.1e} {verdict})")
     # rw.generate around the default step: its loop's steps per iteration, and the cost
     # that does not grow with the tokens (from two lengths).
-    gen = importlib.import_module("rwkv2_jax.generate")  # the module (rwkv2_jax.generate is also the function)
+    gen = importlib.import_module("rwkv2_jax.generation.generator")  # the module (rwkv2_jax.generation.generator is also the function)
 
     per_iter = gen.DEVICE_STEPS_PER_ITER
     try:
@@ -305,7 +305,7 @@ def sweep_batches(model, log, batches, steps=32, fused_up_to=4, only=SWEEP_VARIA
     (pallas_kernels.decode, with the block sizes the step takes by default at that batch size,
     at any batch they take) up to `fused_up_to` rows (2x slower than the per-operation step at
     8 rows, docs/PERF.md session 12): to choose the largest batch that runs the fused kernels
-    (rwkv2_jax.decode_step.FUSED_MAX_BATCH) and which products run on the Pallas kernel. Each
+    (rwkv2_jax.generation.step.FUSED_MAX_BATCH) and which products run on the Pallas kernel. Each
     variant's kernels and one-step logits are checked (against the first variant's). only: the
     variants to time, by their SWEEP_VARIANTS keys (in that order)."""
     import dataclasses
@@ -316,8 +316,8 @@ def sweep_batches(model, log, batches, steps=32, fused_up_to=4, only=SWEEP_VARIA
     from pallas_kernels.decode import MAX_BATCH
     from pallas_kernels.matvec import MAX_BATCH as MATVEC_MAX_BATCH
     from pallas_kernels.matvec import MatvecBlockSizes
-    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
-    from rwkv2_jax.generate import prefill
+    from rwkv2_jax.generation.step import decode_params, rnn_step, spec_of
+    from rwkv2_jax.generation.generator import prefill
 
     dparams = decode_params(model)
     one = jax.jit(rnn_step, static_argnums=0)
@@ -371,8 +371,8 @@ def steps_loop(model, steps):
     import jax
     import jax.numpy as jnp
 
-    from rwkv2_jax.decode_step import decode_params, spec_of
-    from rwkv2_jax.generate import prefill
+    from rwkv2_jax.generation.step import decode_params, spec_of
+    from rwkv2_jax.generation.generator import prefill
 
     _, state0 = prefill(model, [[1, 2, 3]])
     f = greedy_steps(spec_of(model), steps)
@@ -380,13 +380,13 @@ def steps_loop(model, steps):
 
 
 def run_prefill(model, prompts):
-    from rwkv2_jax.generate import prefill
+    from rwkv2_jax.generation.generator import prefill
 
     prefill(model, prompts)[0].block_until_ready()
 
 
 def run_decode(model, prompts, n, kw):
-    from rwkv2_jax.generate import generate
+    from rwkv2_jax.generation.generator import generate
 
     out = generate(model, prompts, n, seed=1, **{"decode_loop": "device", **kw})
     assert all(len(r) == n for r in out)
@@ -398,7 +398,7 @@ def gpu_main(args, log) -> int:
     import numpy as np
 
     import rwkv2_jax as rw
-    from rwkv2_jax.generate import prefill, with_weight_dtype
+    from rwkv2_jax.generation.generator import prefill, with_weight_dtype
 
     t_start = time.perf_counter()
     dev = jax.devices()[0]
@@ -500,7 +500,7 @@ def cpu_main(args, log) -> int:
     import torch
 
     import rwkv2_jax as rw
-    from rwkv2_jax.generate import generate
+    from rwkv2_jax.generation.generator import generate
     from tests.release_checkpoint import make_release_state_dict
     from tests.torch_reference import TorchRWKV2
 

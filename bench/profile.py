@@ -89,15 +89,15 @@ def workload(args):
 
     import rwkv2_jax as rw
     from bench.decode import parse_size, random_params
-    from rwkv2_jax.generate import generate, prefill, with_weight_dtype
+    from rwkv2_jax.generation.generator import generate, prefill, with_weight_dtype
 
     if args.smoke:
         args.preset = "L2-D64"
     config = parse_size(args.preset)
     if args.what == "train":
-        from rwkv2_jax import training as tr
+        from rwkv2_jax.training import trainer as tr
         from rwkv2_jax.model import RWKV
-        from rwkv2_jax.sharding import make_mesh
+        from rwkv2_jax.training.sharding import make_mesh
 
         B = args.batch or 8
         T = 32 if args.smoke else (args.tokens if args.tokens != 2048 else 768)

@@ -15,7 +15,7 @@ busy time per step (the sum of the kernels' durations), its span per step (first
 start to last kernel end) and the kernels per step: wall well above busy means the GPU waits.
 Then `rw.generate`'s time per token (512 greedy tokens) with the default step.
 
-Variants (rwkv2_jax.decode_step.StepSpec fields): `default`; `in-place-shift`
+Variants (rwkv2_jax.generation.step.StepSpec fields): `default`; `in-place-shift`
 (shift_in_place=True: the output kernels write the layers' token-shift vectors into the state in
 place instead of stacking them after the step; the default during session 13's first run, 2%
 slower); `stacked-shift` (shift_in_place=False, the default since); `pallas-head`
@@ -70,12 +70,12 @@ def main(argv=None):
     import rwkv2_jax as rw
     from bench.decode import greedy_steps, parse_size, random_params
     from bench.timing import gpu_kernel_events, median_time
-    from rwkv2_jax import decode_step
-    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
-    from rwkv2_jax.generate import prefill
+    from rwkv2_jax.generation import step as decode_step
+    from rwkv2_jax.generation.step import decode_params, rnn_step, spec_of
+    from rwkv2_jax.generation.generator import prefill
 
     cfg = parse_size(args.preset)
-    from rwkv2_jax.generate import with_weight_dtype
+    from rwkv2_jax.generation.generator import with_weight_dtype
 
     model = with_weight_dtype(rw.Model(cfg, random_params(cfg, 0), wkv_impl=args.wkv_impl), jnp.bfloat16)  # bf16 weights: fused step
     dparams = decode_params(model)

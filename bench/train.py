@@ -6,7 +6,7 @@
 
 Each configuration runs in its own subprocess, so its peak memory (the device's
 `peak_bytes_in_use`) is its own and compiles do not add up. A configuration: the jitted
-step of `rwkv2_jax.training.setup` (Adam, clipping, float32 parameters and optimizer
+step of `rwkv2_jax.training.trainer.setup` (Adam, clipping, float32 parameters and optimizer
 state, the given compute dtype, the chosen WKV), `--warmup` steps (compile), then
 `--steps` timed steps ended by one block; tokens/s = steps x B x T / seconds.
 Before timing, a check on a small model: the step with the chosen WKV against the step
@@ -59,8 +59,8 @@ def check(args) -> str:  # runs in a subprocess (--one check)
     import numpy as np
 
     import rwkv2_jax as rw
-    from rwkv2_jax import training as tr
-    from rwkv2_jax.sharding import make_mesh
+    from rwkv2_jax.training import trainer as tr
+    from rwkv2_jax.training.sharding import make_mesh
 
     config = rw.RWKVConfig(n_layer=2, n_embd=128, vocab_size=97)
     model = rw.init(config, seed=0, wkv_impl="reference")
@@ -90,8 +90,8 @@ def determinism(args) -> str:  # runs in a subprocess (--one determinism)
     import numpy as np
 
     import rwkv2_jax as rw
-    from rwkv2_jax import training as tr
-    from rwkv2_jax.sharding import make_mesh
+    from rwkv2_jax.training import trainer as tr
+    from rwkv2_jax.training.sharding import make_mesh
 
     config = rw.RWKVConfig(n_layer=2, n_embd=128, vocab_size=97)
     params = jax.device_get(rw.init(config, seed=0, wkv_impl="reference").params)
@@ -111,10 +111,10 @@ def one(args, dtype: str, n_devices: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from rwkv2_jax import training as tr
+    from rwkv2_jax.training import trainer as tr
     from rwkv2_jax.config import RWKVConfig
     from rwkv2_jax.model import RWKV
-    from rwkv2_jax.sharding import make_mesh
+    from rwkv2_jax.training.sharding import make_mesh
 
     config = RWKVConfig(n_layer=args.layers, n_embd=args.width, vocab_size=args.vocab, ctx_len=args.ctx)
     B = args.batch * n_devices

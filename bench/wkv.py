@@ -21,8 +21,8 @@ Slow rows (over 0.1 s a call: the baselines) are not traced; their cell is the w
 forward k, v, out; backward k, v, g, dk, dv) over the GPU time (else the wall time), and
 "%copy" compares it with this card's measured device-to-device copy.
 Implementations: the Pallas kernel (pallas_kernels.wkv), the plain-JAX O(T) scan
-(rwkv2_jax.wkv.wkv_reference) and the original O(T^2) convolution
-(rwkv2_jax.wkv.wkv_convolution, skipped where its [T, T, C] weights would not fit).
+(pallas_kernels.wkv.wkv_reference) and the original O(T^2) convolution
+(pallas_kernels.wkv.wkv_convolution, skipped where its [T, T, C] weights would not fit).
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ from bench.timing import copy_bandwidth, device_time, time_fn  # noqa: E402
 
 from pallas_kernels import WKVBlockSizes, wkv, wkv_with_state  # noqa: E402
 from pallas_kernels.wkv import _make_plan  # noqa: E402
-from rwkv2_jax.wkv import WKVState, wkv_convolution, wkv_reference  # noqa: E402
-from rwkv2_jax.wkv import wkv_with_state as reference_with_state  # noqa: E402
+from pallas_kernels.wkv import WKVState, wkv_convolution, wkv_reference  # noqa: E402
+from pallas_kernels.wkv import wkv_with_state_reference as reference_with_state  # noqa: E402
 
 # The five of issue 3, then (1, 1024, 1024): one 1,024-token chunk of a batch-1 prefill.
 SIZES = [(8, 1024, 768), (8, 1024, 1024), (8, 2048, 1024), (1, 1024, 16384), (1, 1024, 65536), (1, 1024, 1024)]

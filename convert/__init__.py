@@ -1,5 +1,2 @@
-"""Checkpoint converter: release `.pth` <-> native `.safetensors` (see `python -m convert --help`)."""
-
-from convert.cli import main
-
-__all__ = ["main"]
+"""`python -m convert IN OUT`: release `.pth` <-> native `.safetensors` (rwkv2_jax.cli.convert;
+also `rwkv2-convert`)."""

@@ -1,5 +1,5 @@
 import sys
 
-from convert.cli import main
+from rwkv2_jax.cli.convert import main
 
 sys.exit(main())

@@ -20,7 +20,7 @@ within the run-to-run spread; docs/PERF.md, session 16).
 One kernel per layer with grid barriers between the phases (each phase's weights loaded
 before the barrier) was correct on an H200 but slower (0.60 vs 0.50 ms per token) and was
 removed (docs/PERF.md, session 6).
-Every function here computes exactly what `rwkv2_jax.decode_step`'s XLA path computes, with
+Every function here computes exactly what `rwkv2_jax.generation.step`'s XLA path computes, with
 the same roundings: inputs of a product in the weights' dtype, products summed in float32
 and the sum rounded to the weights' dtype once, everything else float32; only the order of
 the float32 additions differs. Each kernel has a plain-JAX `*_reference` beside it
@@ -57,10 +57,10 @@ reductions, not the bytes.
 L2 hints. `DecodeBlockSizes.eviction_policy` puts Triton's eviction policy on the weight loads
 only (on Hopper: `createpolicy.fractional.L2::evict_first` and an `.L2::cache_hint` load). A
 token streams ~0.86 GB of weights through a 50 MB L2; with "evict_first" on every matrix (and on
-the head, which rwkv2_jax.decode_step then runs on pallas_kernels.matvec) the vectors, state and
+the head, which rwkv2_jax.generation.step then runs on pallas_kernels.matvec) the vectors, state and
 activations that every kernel reads again at the next token stay in the L2, and each kernel is
 ~0.1-0.15 us faster (H200, bf16, batch 1: 0.397 ms per token through rw.generate, 2,521 tokens/s,
-against 0.413; docs/PERF.md, session 17). `rwkv2_jax.decode_step.StepSpec.stream_weights`.
+against 0.413; docs/PERF.md, session 17). `rwkv2_jax.generation.step.StepSpec.stream_weights`.
 
 Summing a program's products (and the LayerNorm's two sums) as one joined reduction (Triton's
 join/split: one cross-warp exchange instead of one per matrix) was 0.1 us faster per kernel
@@ -84,7 +84,7 @@ Two kernels per layer, by folding each output product into the kernel that produ
 Batch. The kernels take up to MAX_BATCH rows, but every row adds accumulators and vectors that
 stop fitting in the registers (REG_BUDGET: the early loads and single reductions fall back),
 and at 8 rows the step took 2.30 ms against the per-operation step's 1.10 (H200, bf16); at 2
-rows 0.58 against 0.84. `rwkv2_jax.decode_step` runs them for at most FUSED_MAX_BATCH (2) rows.
+rows 0.58 against 0.84. `rwkv2_jax.generation.step` runs them for at most FUSED_MAX_BATCH (2) rows.
 
 State. `aa`, `bb`, `pp` of all layers are passed whole ([L * B, C]) with the layer index as
 a traced int32 (one compiled kernel for all layers) and updated in place
@@ -93,7 +93,7 @@ reads what another wrote. The token-shift vectors are read whole by every progra
 new values (the LayerNorm outputs) go to fresh [B, C] arrays instead, stacked after the step;
 `mix_out(state=, layer=)` can write them into the [L * B, C] state in place instead (the
 layer's *_in kernel, their only reader, has run by then), but that step was 2% slower on an
-H200 (docs/PERF.md, session 13): `rwkv2_jax.decode_step.StepSpec.shift_in_place`, off.
+H200 (docs/PERF.md, session 13): `rwkv2_jax.generation.step.StepSpec.shift_in_place`, off.
 
 Lowering: **Pallas Triton** (`plgpu.CompilerParams`), for the reasons given in
 pallas_kernels/wkv.py (the same small API in jax 0.10 and 0.11, any CUDA GPU from Ampere on).
@@ -162,7 +162,7 @@ class DecodeBlockSizes:
 
 @dataclasses.dataclass(frozen=True)
 class LayerBlockSizes:
-    """DecodeBlockSizes for each of a layer's four kernels (rwkv2_jax.decode_step; an ffnPre
+    """DecodeBlockSizes for each of a layer's four kernels (rwkv2_jax.generation.step; an ffnPre
     block's kernels take channel_mix_in's and ffn_out's). The defaults are the fastest of
     `python bench/decode_kernels.py` per kernel at L24-D1024, bf16, B = 1 on an H200
     (docs/PERF.md, session 11): fewer warps for the wide K/R product, one row per program for
@@ -618,7 +618,7 @@ def layer_norm(x, ln_scale, ln_bias, *, ln_eps: float, out_dtype, interpret: boo
 
 
 # ----------------------------------------------------------------------------------------
-# Plain-JAX references: the same functions, as rwkv2_jax.decode_step's XLA path computes them.
+# Plain-JAX references: the same functions, as rwkv2_jax.generation.step's XLA path computes them.
 
 
 def _ln_reference(x, scale, bias, ln_eps):

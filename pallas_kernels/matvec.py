@@ -3,7 +3,7 @@
 At T = 1 every matrix product of the model is a few vectors times a matrix, so its time is
 the time to read the matrix once (0.86 GB per token for L24-D1024 in bf16; docs/PERF.md,
 "Session 2": XLA's reductions reach ~1 TB/s on these, a third of an H100's bandwidth). This
-kernel streams the weights, stored [out, in] with `in` contiguous as `rwkv2_jax.decode_step`
+kernel streams the weights, stored [out, in] with `in` contiguous as `rwkv2_jax.generation.step`
 keeps them, exactly once, and is meant for B = 1 to MAX_BATCH (16) rows.
 
 Numerics (the same function as `matvec_reference`): x is rounded to w_t's dtype first, as a
@@ -16,7 +16,7 @@ Inference only: no VJP is defined (jax.grad through `matvec` fails); train with 
 Measured (`python3 bench/matvec.py`, H200, B = 1, bf16; docs/PERF.md): 1.58x XLA for the
 [1024, 4096] channel-mix value matrix (split-K), on par or slower for the [out, 1024]
 matrices, where both take 6-11 us per 2-10 MB product (per-kernel latency, not bandwidth);
-91% of the copy bandwidth on the 103 MB head, as XLA. rwkv2_jax.decode_step therefore uses
+91% of the copy bandwidth on the 103 MB head, as XLA. rwkv2_jax.generation.step therefore uses
 it only for products with more inputs than outputs.
 
 Lowering: **Pallas Triton** (`plgpu.CompilerParams`), for the reasons given in

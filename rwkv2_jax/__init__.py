@@ -5,7 +5,7 @@ block, RNN state) -> checkpoint formats -> api (the notebook handle).
 Importing it runs nothing.
 """
 
-from rwkv2_jax.api import (
+from rwkv2_jax.handle import (
     Model,
     check_tokens,
     from_release_arrays,
@@ -16,15 +16,15 @@ from rwkv2_jax.api import (
     save,
     save_torch,
 )
-from rwkv2_jax.checkpoint import CheckpointError
-from rwkv2_jax.evaluation import loglikelihood
-from rwkv2_jax.generate import generate, stream, stream_batch, with_weight_dtype
-from rwkv2_jax.generate import prefill as prefill_prompts
+from rwkv2_jax.formats import CheckpointError
+from rwkv2_jax.evaluation.scoring import loglikelihood
+from rwkv2_jax.generation.generator import generate, stream, stream_batch, with_weight_dtype
+from rwkv2_jax.generation.generator import prefill as prefill_prompts
 from rwkv2_jax.config import K_CLAMP, K_EPS, PRESETS, RELEASE_K_EPS, RWKVConfig
 from rwkv2_jax.model import RWKV, State, init_state
-from rwkv2_jax.sampling import SamplingParams
-from rwkv2_jax.state_io import load_state, save_state
-from rwkv2_jax.training import TrainConfig, loss_and_grad
+from rwkv2_jax.generation.sampling import SamplingParams
+from rwkv2_jax.generation.state_file import load_state, save_state
+from rwkv2_jax.training.trainer import TrainConfig, loss_and_grad
 from rwkv2_jax.wkv import WKVState, wkv_reference, wkv_with_state
 
 __all__ = [

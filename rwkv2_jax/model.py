@@ -22,10 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rwkv2_jax.config import LN_EPS, RWKVConfig
-from rwkv2_jax.wkv import EMPTY_EXP, WKVState, wkv_step, wkv_with_state
-
-WKV_IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
-
+from rwkv2_jax.wkv import EMPTY_EXP, WKVState, wkv_dispatch
 
 class State(NamedTuple):
     """RNN state of the whole model; every field is [L, B, C] float32.
@@ -116,66 +113,11 @@ def _layer_norm(name: str):
     return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name=name)
 
 
-def default_wkv_impl() -> str:
-    """The Pallas kernel on GPU, the plain-JAX scan elsewhere."""
-    return "pallas" if jax.default_backend() == "gpu" else "reference"
-
-
-def resolve_wkv_impl(impl):
-    """A wkv_impl with "auto" replaced by the backend's default (others unchanged)."""
-    return default_wkv_impl() if impl == "auto" else impl
-
-
 def last_valid(x: jax.Array, lengths: Optional[jax.Array]) -> jax.Array:
     """x [B, T, C] -> the vector at each row's last real token [B, C] (the shift state)."""
     if lengths is None:
         return x[:, -1]
     return jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
-
-
-def wkv_dispatch(impl, k, v, time_decay, time_first, state, *, k_clamp, k_eps, lengths=None):
-    """Run the WKV with the chosen implementation; T = 1 is always a single plain step.
-
-    `impl` is one of WKV_IMPLS or a callable with the signature of
-    `wkv_with_state(k, v, time_decay, time_first, state, *, k_clamp, k_eps) -> (out, state)`.
-
-    With `lengths` (right-padded rows) padded steps leave the state unchanged: the Pallas
-    kernel with K masked (`pallas_kernels.wkv_with_state(lengths=)`), else the plain-JAX
-    scan; a callable impl is not given lengths (the plain-JAX scan runs).
-    """
-    impl = resolve_wkv_impl(impl)
-    if lengths is not None:
-        if impl in ("pallas", "pallas_interpret") and k.shape[1] > 1:
-            import pallas_kernels  # imported on use: CPU-only users never load Pallas
-
-            return pallas_kernels.wkv_with_state(
-                k, v, time_decay, time_first, state, k_clamp=k_clamp, k_eps=k_eps,
-                interpret=impl == "pallas_interpret", lengths=lengths,
-            )
-        return wkv_with_state(k, v, time_decay, time_first, state,
-                              k_clamp=k_clamp, k_eps=k_eps, lengths=lengths)
-    if k.shape[1] == 1:
-        k1 = k[:, 0].astype(jnp.float32)
-        if k_clamp is not None:
-            k1 = jnp.minimum(k1, k_clamp)
-        log_eps = math.log(k_eps) if k_eps > 0 else None
-        w_log = -jnp.exp(time_decay.astype(jnp.float32))
-        state, out = wkv_step(
-            state, k1, v[:, 0].astype(jnp.float32), w_log, time_first.astype(jnp.float32), log_eps
-        )
-        return out[:, None], state
-    if callable(impl):  # a custom WKV, e.g. the kernel under shard_map (rwkv2_jax.sharding)
-        return impl(k, v, time_decay, time_first, state, k_clamp=k_clamp, k_eps=k_eps)
-    if impl == "reference":
-        return wkv_with_state(k, v, time_decay, time_first, state, k_clamp=k_clamp, k_eps=k_eps)
-    if impl in ("pallas", "pallas_interpret"):
-        import pallas_kernels  # imported on use: CPU-only users never load Pallas
-
-        return pallas_kernels.wkv_with_state(
-            k, v, time_decay, time_first, state,
-            k_clamp=k_clamp, k_eps=k_eps, interpret=impl == "pallas_interpret",
-        )
-    raise ValueError(f"unknown wkv_impl={impl!r}; choose one of {WKV_IMPLS}")
 
 
 class ChannelMix(nn.Module):

@@ -1,192 +1,128 @@
-"""The WKV operator of RWKV-v2 in plain JAX: O(T) time and memory, any length, no overflow.
+"""Which WKV runs: the plain-JAX scan, the Pallas kernel, or the kernel per batch shard.
 
-Per channel, with k_t = exp(min(K_t, k_clamp)), u = exp(time_first) and
-d = exp(-exp(time_decay)) (spec, "The network"):
-
-    num_t = u*k_t*v_t + sum_{i<t} d^(t-1-i) * k_i*v_i
-    den_t = u*k_t     + sum_{i<t} d^(t-1-i) * k_i     + k_eps
-    out_t = num_t / den_t
-
-We carry the two sums as a recurrence (RNN mode of the spec) instead of the
-original O(T^2) convolution, and store them scaled by exp(-pp), where pp is a
-running maximum exponent (as RWKV-4 later did):
-
-    A_t = aa_t * exp(pp_t),  B_t = bb_t * exp(pp_t)
-
-Every exp() below takes a difference against the current maximum, so it is <= 1
-and nothing overflows for any K and any T, with or without the clamp. k_eps is
-treated as one more term of the denominator, with exponent log(k_eps), so it is
-scaled by the same exp(-p) and the function is unchanged.
-
-This file is the reference that `pallas_kernels.wkv` is tested against, and the
-WKV used by GPT mode on CPU.
+The function itself, its plain-JAX reference and its kernels live in `pallas_kernels.wkv`;
+this module picks one for the model (`wkv_impl`) and wraps the kernel in `shard_map` for a
+device mesh (`ShardedWKV`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
-# Exponent of an empty sum. Finite (not -inf) so that no inf - inf appears in gradients.
-EMPTY_EXP = -1e38
+from pallas_kernels import wkv as pallas_wkv
+from pallas_kernels.wkv import (
+    EMPTY_EXP,
+    WKVState,
+    wkv_reference,
+    wkv_step,
+    wkv_with_state_reference as wkv_with_state,
+)
+
+__all__ = ["EMPTY_EXP", "WKV_IMPLS", "ShardedWKV", "WKVState", "default_wkv_impl", "resolve_wkv_impl",
+           "wkv_dispatch", "wkv_reference", "wkv_step", "wkv_with_state"]
+
+WKV_IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
+BATCH_AXES = ("data", "fsdp")  # a mesh's batch rows are split over both axes
 
 
-class WKVState(NamedTuple):
-    """The WKV part of one layer's RNN state, each [B, C] float32.
+def default_wkv_impl() -> str:
+    """The Pallas kernel on GPU, the plain-JAX scan elsewhere."""
+    return "pallas" if jax.default_backend() == "gpu" else "reference"
 
-    The true accumulators of the spec are aa * exp(pp) and bb * exp(pp):
-      aa * exp(pp) = sum_{i<=t} d^(t-i) k_i v_i,   bb * exp(pp) = sum_{i<=t} d^(t-i) k_i.
+
+def resolve_wkv_impl(impl):
+    """A wkv_impl with "auto" replaced by the backend's default (others unchanged)."""
+    return default_wkv_impl() if impl == "auto" else impl
+
+
+def wkv_dispatch(impl, k, v, time_decay, time_first, state, *, k_clamp, k_eps, lengths=None):
+    """Run the WKV with the chosen implementation; T = 1 is always a single plain step.
+
+    `impl` is one of WKV_IMPLS or a callable with the signature of
+    `wkv_with_state(k, v, time_decay, time_first, state, *, k_clamp, k_eps) -> (out, state)`.
+
+    With `lengths` (right-padded rows) padded steps leave the state unchanged: the Pallas
+    kernel with K masked (`pallas_kernels.wkv_with_state(lengths=)`), else the plain-JAX
+    scan; a callable impl is not given lengths (the plain-JAX scan runs).
     """
-
-    aa: jax.Array
-    bb: jax.Array
-    pp: jax.Array
-
-    @classmethod
-    def zeros(cls, batch_size: int, n_embd: int) -> "WKVState":
-        """The state at the start of a sequence (all sums empty)."""
-        zeros = jnp.zeros((batch_size, n_embd), jnp.float32)
-        return cls(zeros, zeros, jnp.full((batch_size, n_embd), EMPTY_EXP, jnp.float32))
-
-    def unscaled(self) -> Tuple[jax.Array, jax.Array]:
-        """(aa, bb) of the spec's RNN mode; overflows to inf where pp > ~88 (float32)."""
-        scale = jnp.exp(self.pp)
-        return self.aa * scale, self.bb * scale
-
-
-def _log_eps(k_eps: float) -> Optional[float]:
-    return math.log(k_eps) if k_eps > 0 else None
-
-
-def wkv_step(
-    state: WKVState,
-    k: jax.Array,  # [B, C] K of this token, before exp, already clamped
-    v: jax.Array,  # [B, C]
-    w_log: jax.Array,  # [C] log d = -exp(time_decay)
-    u_log: jax.Array,  # [C] log u = time_first
-    log_eps: Optional[float],
-) -> Tuple[WKVState, jax.Array]:
-    """One token of the recurrence: (state before, token) -> (state after, out [B, C])."""
-    aa, bb, pp = state
-    # Output: the state's sums plus the current token weighted by u.
-    ww = u_log + k
-    p = jnp.maximum(pp, ww)
-    if log_eps is not None:
-        p = jnp.maximum(p, log_eps)
-    e1 = jnp.exp(pp - p)
-    e2 = jnp.exp(ww - p)
-    num = e1 * aa + e2 * v
-    den = e1 * bb + e2
-    if log_eps is not None:
-        den = den + jnp.exp(log_eps - p)
-    out = num / den
-    # Update: decay the sums by d, add the current token with weight 1.
-    pd = pp + w_log
-    p2 = jnp.maximum(pd, k)
-    e1 = jnp.exp(pd - p2)
-    e2 = jnp.exp(k - p2)
-    return WKVState(e1 * aa + e2 * v, e1 * bb + e2, p2), out
-
-
-def wkv_with_state(
-    k: jax.Array,  # [B, T, C] K before exp
-    v: jax.Array,  # [B, T, C]
-    time_decay: jax.Array,  # [C] raw parameter: d = exp(-exp(time_decay))
-    time_first: jax.Array,  # [C] raw parameter: u = exp(time_first)
-    state: Optional[WKVState] = None,
-    *,
-    k_clamp: Optional[float] = 60.0,
-    k_eps: float = 1e-9,
-    lengths: Optional[jax.Array] = None,
-) -> Tuple[jax.Array, WKVState]:
-    """WKV over a sequence, starting from `state` (None: start of sequence).
-
-    Returns (out [B, T, C] float32, state after the last token). Differentiable
-    (JAX autodiff through the scan); the gradient of K is zero where the clamp cuts.
-    `lengths` [B] (optional): row b is right-padded after lengths[b] tokens; its
-    state is the one after token lengths[b] - 1 (outputs at padded steps are junk).
-    """
-    B, T, C = k.shape
-    if v.shape != k.shape:
-        raise ValueError(f"wkv: k and v must have the same shape, got {k.shape=} {v.shape=}")
-    if time_decay.shape != (C,) or time_first.shape != (C,):
-        raise ValueError(
-            f"wkv: time_decay and time_first must be [C={C}], got "
-            f"{time_decay.shape=} {time_first.shape=}"
+    impl = resolve_wkv_impl(impl)
+    if lengths is not None:
+        if impl in ("pallas", "pallas_interpret") and k.shape[1] > 1:
+            return pallas_wkv.wkv_with_state(
+                k, v, time_decay, time_first, state, k_clamp=k_clamp, k_eps=k_eps,
+                interpret=impl == "pallas_interpret", lengths=lengths,
+            )
+        return wkv_with_state(k, v, time_decay, time_first, state,
+                              k_clamp=k_clamp, k_eps=k_eps, lengths=lengths)
+    if k.shape[1] == 1:
+        k1 = k[:, 0].astype(jnp.float32)
+        if k_clamp is not None:
+            k1 = jnp.minimum(k1, k_clamp)
+        log_eps = math.log(k_eps) if k_eps > 0 else None
+        w_log = -jnp.exp(time_decay.astype(jnp.float32))
+        state, out = wkv_step(
+            state, k1, v[:, 0].astype(jnp.float32), w_log, time_first.astype(jnp.float32), log_eps
         )
-    k = k.astype(jnp.float32)
-    v = v.astype(jnp.float32)
-    if k_clamp is not None:
-        k = jnp.minimum(k, k_clamp)
-    w_log = -jnp.exp(time_decay.astype(jnp.float32))
-    u_log = time_first.astype(jnp.float32)
-    log_eps = _log_eps(k_eps)
-    if state is None:
-        state = WKVState.zeros(B, C)
-
-    def body(carry, kv):
-        return wkv_step(carry, kv[0], kv[1], w_log, u_log, log_eps)
-
-    def masked_body(carry, kvt):
-        k_t, v_t, t = kvt
-        new, out = wkv_step(carry, k_t, v_t, w_log, u_log, log_eps)
-        valid = (t < lengths)[:, None]  # [B, 1]: padded steps keep the state
-        return WKVState(*(jnp.where(valid, n, c) for n, c in zip(new, carry))), out
-
-    # Scan over time: [B, T, C] -> [T, B, C].
-    xs = (k.swapaxes(0, 1), v.swapaxes(0, 1))
-    if lengths is None:
-        state, out = jax.lax.scan(body, state, xs)
-    else:
-        state, out = jax.lax.scan(masked_body, state, xs + (jnp.arange(T),))
-    return out.swapaxes(0, 1), state
+        return out[:, None], state
+    if callable(impl):  # a custom WKV, e.g. ShardedWKV
+        return impl(k, v, time_decay, time_first, state, k_clamp=k_clamp, k_eps=k_eps)
+    if impl == "reference":
+        return wkv_with_state(k, v, time_decay, time_first, state, k_clamp=k_clamp, k_eps=k_eps)
+    if impl in ("pallas", "pallas_interpret"):
+        return pallas_wkv.wkv_with_state(
+            k, v, time_decay, time_first, state,
+            k_clamp=k_clamp, k_eps=k_eps, interpret=impl == "pallas_interpret",
+        )
+    raise ValueError(f"unknown wkv_impl={impl!r}; choose one of {WKV_IMPLS}")
 
 
-def wkv_reference(
-    k: jax.Array,
-    v: jax.Array,
-    time_decay: jax.Array,
-    time_first: jax.Array,
-    *,
-    k_clamp: Optional[float] = 60.0,
-    k_eps: float = 1e-9,
-) -> jax.Array:
-    """out [B, T, C] = num / den of the spec, from the start of a sequence."""
-    out, _ = wkv_with_state(k, v, time_decay, time_first, k_clamp=k_clamp, k_eps=k_eps)
-    return out
+@dataclasses.dataclass(frozen=True)
+class ShardedWKV:
+    """The WKV as a callable `wkv_impl` of `rwkv2_jax.model.RWKV`, run per batch shard.
 
-
-def wkv_convolution(
-    k: jax.Array,
-    v: jax.Array,
-    time_decay: jax.Array,
-    time_first: jax.Array,
-    *,
-    k_clamp: Optional[float] = 60.0,
-    k_eps: float = 1e-9,
-) -> jax.Array:
-    """The original O(T^2) form: a causal convolution with lag weights u, 1, d, d^2, ...
-
-    Memory and time grow with T^2 and exp(K) overflows float32 without the clamp;
-    kept only as a second reference and for benchmarks.
+    impl: "pallas" | "pallas_interpret" | "reference" (the kernel or the plain-JAX scan).
+    mesh: shard_map over its ("data", "fsdp") axes along the batch; None: no shard_map.
+    from_zero_state: for training, where every sequence starts from the empty state. The
+      kernel then runs in its fast stateless form (`pallas_kernels.wkv`) and the WKV state
+      returned is the input state unchanged: use this only where the state after the
+      sequence is not needed (the loss).
     """
-    B, T, C = k.shape
-    kf = k.astype(jnp.float32)
-    if k_clamp is not None:
-        kf = jnp.minimum(kf, k_clamp)
-    ek = jnp.exp(kf)  # [B, T, C]
-    ekv = ek * v.astype(jnp.float32)
-    w_log = -jnp.exp(time_decay.astype(jnp.float32))  # [C]
-    lag = jnp.arange(T)[:, None] - jnp.arange(T)[None, :]  # [T, T] t - i
-    weights = jnp.where(
-        lag[..., None] >= 1,
-        jnp.exp(jnp.maximum(lag[..., None] - 1, 0) * w_log),
-        0.0,
-    )  # [T, T, C]
-    weights = jnp.where((lag == 0)[..., None], jnp.exp(time_first.astype(jnp.float32)), weights)
-    num = jnp.einsum("tic,bic->btc", weights, ekv)
-    den = jnp.einsum("tic,bic->btc", weights, ek) + k_eps
-    return num / den
+
+    impl: str = "pallas"
+    mesh: Optional[Mesh] = None
+    from_zero_state: bool = False
+
+    def _local(self, k, v, time_decay, time_first, state, *, k_clamp, k_eps):
+        if self.impl == "reference":
+            if self.from_zero_state:
+                return wkv_with_state(k, v, time_decay, time_first, None, k_clamp=k_clamp, k_eps=k_eps)[0], state
+            return wkv_with_state(k, v, time_decay, time_first, state, k_clamp=k_clamp, k_eps=k_eps)
+        interpret = self.impl == "pallas_interpret"
+        if self.from_zero_state:
+            out = pallas_wkv.wkv(k, v, time_decay, time_first, k_clamp=k_clamp, k_eps=k_eps,
+                                     interpret=interpret)
+            return out, state
+        return pallas_wkv.wkv_with_state(k, v, time_decay, time_first, state, k_clamp=k_clamp,
+                                             k_eps=k_eps, interpret=interpret)
+
+    def __call__(self, k, v, time_decay, time_first, state, *, k_clamp, k_eps):
+        # k, v [B, T, C]; time_decay, time_first [C]; state: WKVState of [B, C] arrays.
+        def local(k, v, time_decay, time_first, state):
+            return self._local(k, v, time_decay, time_first, state, k_clamp=k_clamp, k_eps=k_eps)
+
+        if self.mesh is None:
+            return local(k, v, time_decay, time_first, state)
+        rows = P(BATCH_AXES)  # [B, ...] split over data x fsdp, the rest whole
+        fn = jax.shard_map(
+            local, mesh=self.mesh,
+            in_specs=(rows, rows, P(), P(), rows),
+            out_specs=(rows, rows),
+            check_vma=False,  # the Pallas call has no replication rule
+        )
+        return fn(k, v, time_decay.astype(jnp.float32), time_first.astype(jnp.float32), state)

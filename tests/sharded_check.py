@@ -24,7 +24,7 @@ STEPS = 2
 def run(mesh, model_config, params, cfg, windows):
     import jax
 
-    from rwkv2_jax import training as tr
+    from rwkv2_jax.training import trainer as tr
 
     s = tr.setup(model_config, cfg, mesh)
     state = s.init_state(params)
@@ -55,8 +55,8 @@ def main() -> int:
     import jax
 
     import rwkv2_jax as rw
-    from rwkv2_jax import sharding as shd
-    from rwkv2_jax.training import TrainConfig
+    from rwkv2_jax.training import sharding as shd
+    from rwkv2_jax.training.trainer import TrainConfig
     from tests.release_checkpoint import make_release_state_dict
 
     devices = jax.devices()

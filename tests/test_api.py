@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import rwkv2_jax as rw
-from rwkv2_jax.generate import stream
-from rwkv2_jax.sampling import ban_mask, sample_logits
+from rwkv2_jax.generation.generator import stream
+from rwkv2_jax.generation.sampling import ban_mask, sample_logits
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rwkv2_jax as rw
-from rwkv2_jax import checkpoint as ckpt
+from rwkv2_jax import formats as ckpt
 from tests.conftest import SMALL
 from tests.release_checkpoint import make_release_state_dict, write_release_checkpoint
 

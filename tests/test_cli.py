@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import rwkv2_jax as rw
-import sample
-from convert.cli import main as convert_main
-from rwkv2_jax.demo import DEMO_TEXT, char_tokenizer
+from rwkv2_jax.cli import sample
+from rwkv2_jax.cli.convert import main as convert_main
+from rwkv2_jax.cli.demo import DEMO_TEXT, char_tokenizer
 from tests.conftest import REPO, one_line_error, real_tokenizer_path
 from tests.release_checkpoint import make_release_state_dict, write_release_checkpoint
 
@@ -176,7 +176,7 @@ def test_sample_help():
 
 
 def test_demo_trains_and_samples(tmp_path, capsys):
-    from rwkv2_jax import demo
+    from rwkv2_jax.cli import demo
 
     assert demo.main(["--steps", "120", "--out", str(tmp_path), "--tokens", "40"]) == 0
     out = capsys.readouterr().out

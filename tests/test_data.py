@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from rwkv2_jax.data import (
+from rwkv2_jax.training.data import (
     DataError,
     TokenFile,
     WindowSampler,
@@ -19,8 +19,8 @@ from rwkv2_jax.data import (
     token_dtype,
     tokenize_to_npy,
 )
-from rwkv2_jax.demo import DEMO_TEXT
-from rwkv2_jax.prepare_data import main as prepare_main
+from rwkv2_jax.cli.demo import DEMO_TEXT
+from rwkv2_jax.cli.prepare_data import main as prepare_main
 from tests.conftest import REPO, SHARED_TOKENIZER
 
 
@@ -200,7 +200,7 @@ def test_prepare_data_cli(tmp_path, capsys):
 
 
 def test_prepare_data_help():
-    r = subprocess.run([sys.executable, "-m", "rwkv2_jax.prepare_data", "--help"], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "rwkv2_jax.cli.prepare_data", "--help"], cwd=REPO,
                        capture_output=True, text=True)
     assert r.returncode == 0
     for flag in ("--tokenizer", "--out", "--text-field", "--separator", "--verify", "--chunk-chars"):

@@ -286,7 +286,7 @@ def test_lowers_to_triton(dtype, monkeypatch, capsys):
 def test_weight_loads_carry_the_eviction_hint(seed, monkeypatch, capsys):
     """DecodeBlockSizes.eviction_policy: in the Triton IR every [bo, bi] weight load of the three
     kernels carries the L2 hint and no other load does (the vectors and the state must stay in
-    the L2 between tokens: rwkv2_jax.decode_step.StepSpec.stream_weights); in interpret mode the
+    the L2 between tokens: rwkv2_jax.generation.step.StepSpec.stream_weights); in interpret mode the
     hint changes nothing. A policy Triton does not know is a one-line error."""
     B, C, dtype = 1, 256, jnp.bfloat16
     a = inputs(seed, B, C, dtype)

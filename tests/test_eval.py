@@ -1,5 +1,5 @@
 """Evaluation: loglikelihood and per-token losses vs the PyTorch reference, the
-`python -m rwkv2_jax.eval` subcommands end to end, and the lm-evaluation-harness adapter."""
+`python -m rwkv2_jax.cli.eval` subcommands end to end, and the lm-evaluation-harness adapter."""
 
 import csv
 import json
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import rwkv2_jax as rw
-from rwkv2_jax import eval as ev_cli
-from rwkv2_jax import evaluation as ev
-from rwkv2_jax.demo import DEMO_TEXT, char_tokenizer
+from rwkv2_jax.cli import eval as ev_cli
+from rwkv2_jax.evaluation import scoring as ev
+from rwkv2_jax.cli.demo import DEMO_TEXT, char_tokenizer
 from tests.conftest import REPO, one_line_error, real_tokenizer_path
 from tests.release_checkpoint import make_release_state_dict, write_release_checkpoint
 from tests.torch_reference import TorchRWKV2
@@ -159,7 +159,7 @@ def test_window_starts():
         ev.window_starts(10, 24)
 
 
-# --- python -m rwkv2_jax.eval lambada ------------------------------------------------------
+# --- python -m rwkv2_jax.cli.eval lambada ------------------------------------------------------
 
 
 def write_jsonl(path, texts):
@@ -338,7 +338,7 @@ def test_verify_gpt_rnn_prefill_agree(char_setup, capsys):
 
 
 def test_eval_help_lists_subcommands():
-    r = subprocess.run([sys.executable, "-m", "rwkv2_jax.eval", "--help"], cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "rwkv2_jax.cli.eval", "--help"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0
     assert all(name in r.stdout for name in ("lambada", "loss", "positional", "verify"))
 
@@ -354,7 +354,7 @@ def harness():
         pytest.skip("lm_eval not installed (pip install -e '.[eval]')")
     import lm_eval
 
-    from rwkv2_jax import lm_eval_adapter
+    from rwkv2_jax.evaluation import lm_eval_adapter
 
     return lm_eval, lm_eval_adapter
 
@@ -396,7 +396,7 @@ def test_harness_loglikelihood_equals_library(harness, char_setup, newline_prefi
 
 def test_harness_rejects_unknown_model_args(harness, char_setup):
     _, adapter = harness
-    from rwkv2_jax.eval import UsageError
+    from rwkv2_jax.cli.eval import UsageError
 
     with pytest.raises(UsageError, match=r"unknown model_args \['checkpont'\]"):
         adapter.RWKV2LM.create_from_arg_string(f"checkpont={char_setup['ckpt']}")
@@ -472,10 +472,10 @@ metric_list:
 
 
 def test_harness_command_line_finds_the_model(harness, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "rwkv2_jax.lm_eval_adapter", "--model", "rwkv2_jax",
+    r = subprocess.run([sys.executable, "-m", "rwkv2_jax.evaluation.lm_eval_adapter", "--model", "rwkv2_jax",
                         "--model_args", f"checkpoint={tmp_path / 'none.pth'}", "--tasks", "lambada_openai"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
-        f"python -m rwkv2_jax.lm_eval_adapter: error: checkpoint not found: {tmp_path / 'none.pth'}")
+        f"python -m rwkv2_jax.evaluation.lm_eval_adapter: error: checkpoint not found: {tmp_path / 'none.pth'}")

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import rwkv2_jax as rw
-from rwkv2_jax.checkpoint import CheckpointError
-from rwkv2_jax.generate import generate, prefill, stream, stream_batch, with_weight_dtype
-from rwkv2_jax.sampling import SamplingParams, draw, inverse_cdf_draw, largest_threshold
-from rwkv2_jax.state_io import load_state, save_state
+from rwkv2_jax.formats import CheckpointError
+from rwkv2_jax.generation.generator import generate, prefill, stream, stream_batch, with_weight_dtype
+from rwkv2_jax.generation.sampling import SamplingParams, draw, inverse_cdf_draw, largest_threshold
+from rwkv2_jax.generation.state_file import load_state, save_state
 from tests.conftest import SMALL
 from tests.release_checkpoint import make_release_state_dict
 from tests.torch_reference import TorchRWKV2
@@ -96,7 +96,7 @@ def test_batched_equals_one_by_one_greedy_and_sampled(model):
 @pytest.mark.parametrize("n", [1, 5, 7])
 def test_device_loop_runs_several_steps_per_iteration_exactly(model, n):
     """n not a multiple of the steps per iteration: the last steps run one per iteration (same tokens and state)."""
-    from rwkv2_jax.generate import DEVICE_STEPS_PER_ITER
+    from rwkv2_jax.generation.generator import DEVICE_STEPS_PER_ITER
 
     assert DEVICE_STEPS_PER_ITER > 1
     sampled = dict(temperature=0.9, top_p=0.8, presence_penalty=0.3, seed=3)
@@ -348,9 +348,9 @@ def test_bfloat16_weights_keep_vectors_float32(model):
 @pytest.mark.parametrize("variant", ["plain", "ffn_pre"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_decode_step_equals_the_module_step(release_files, variant, dtype, rng):
-    """rwkv2_jax.decode_step (transposed, merged matrices) is the module at T = 1: logits and
+    """rwkv2_jax.generation.step (transposed, merged matrices) is the module at T = 1: logits and
     every state field, from a mid-sequence state, for a batch of different tokens."""
-    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
+    from rwkv2_jax.generation.step import decode_params, rnn_step, spec_of
 
     m = rw.load_torch(release_files[variant], verbose=False)
     if dtype == "bfloat16":
@@ -390,7 +390,7 @@ def test_decode_step_with_the_pallas_matvec(release_files, dtype, products, head
     summation order."""
     import dataclasses
 
-    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
+    from rwkv2_jax.generation.step import decode_params, rnn_step, spec_of
 
     m = rw.load_torch(release_files["ffn_pre"], verbose=False)
     m = m.replace(wkv_impl="pallas_interpret")
@@ -417,7 +417,7 @@ def test_decode_step_with_the_pallas_matvec(release_files, dtype, products, head
 
 
 def test_step_spec_rejects_bad_options():
-    from rwkv2_jax.decode_step import StepSpec
+    from rwkv2_jax.generation.step import StepSpec
 
     args = (rw.RWKVConfig(n_layer=1, n_embd=8, vocab_size=16), jnp.dtype(jnp.float32), None)
     with pytest.raises(ValueError, match="pallas_products='some'"):
@@ -435,7 +435,7 @@ def test_decode_step_with_padded_rows(release_files, impl, rng):
     and returns the real rows' logits and state, the same as without padding."""
     import dataclasses
 
-    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
+    from rwkv2_jax.generation.step import decode_params, rnn_step, spec_of
 
     m = rw.load_torch(release_files["ffn_pre"], verbose=False).replace(wkv_impl="pallas_interpret")
     spec = dataclasses.replace(spec_of(m), fused=False, matvec=impl)
@@ -470,7 +470,7 @@ def test_fused_decode_step(release_files, variant, dtype, changes, rng):
     import dataclasses
 
     from pallas_kernels.decode import MAX_BATCH
-    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
+    from rwkv2_jax.generation.step import decode_params, rnn_step, spec_of
 
     m = rw.load_torch(release_files[variant], verbose=False).replace(wkv_impl="pallas_interpret")
     if dtype == "bfloat16":
@@ -527,7 +527,7 @@ def test_fused_step_streams_its_weights(release_files, variant, rng):
     XLA's. The logits agree either way."""
     import dataclasses
 
-    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
+    from rwkv2_jax.generation.step import decode_params, rnn_step, spec_of
 
     m = with_weight_dtype(rw.load_torch(release_files[variant], verbose=False).replace(wkv_impl="pallas_interpret"),
                           jnp.bfloat16)
@@ -586,7 +586,7 @@ def test_fused_decode_step_block_sizes_per_kernel(release_files, variant, rng):
 
     from pallas_kernels.decode import DecodeBlockSizes as Blocks
     from pallas_kernels.decode import LayerBlockSizes
-    from rwkv2_jax.decode_step import decode_params, rnn_step, spec_of
+    from rwkv2_jax.generation.step import decode_params, rnn_step, spec_of
 
     m = rw.load_torch(release_files[variant], verbose=False).replace(wkv_impl="pallas_interpret")
     sizes = LayerBlockSizes(Blocks(1, 8, num_warps=1), Blocks(2, 8, num_warps=2), Blocks(4, 8, num_warps=4),
@@ -639,7 +639,7 @@ def test_fused_decode_falls_back(release_files, rng):
     import dataclasses
 
     from pallas_kernels.decode import MAX_BATCH
-    from rwkv2_jax.decode_step import FUSED_MAX_BATCH, decode_params, rnn_step, spec_of
+    from rwkv2_jax.generation.step import FUSED_MAX_BATCH, decode_params, rnn_step, spec_of
 
     m = rw.load_torch(release_files["plain"], verbose=False).replace(wkv_impl="pallas_interpret")
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 import rwkv2_jax as rw
-import train
-from rwkv2_jax import training as tr
-from rwkv2_jax.demo import DEMO_TEXT, char_tokenizer
-from rwkv2_jax.sharding import make_mesh
+from rwkv2_jax.cli import train
+from rwkv2_jax.training import trainer as tr
+from rwkv2_jax.cli.demo import DEMO_TEXT, char_tokenizer
+from rwkv2_jax.training.sharding import make_mesh
 from tests.conftest import REPO, SMALL
 from tests.torch_reference import TorchRWKV2
 
@@ -281,7 +281,7 @@ def test_sigkill_and_resume_is_exact(char_data, reference_run, tmp_path):
 def test_context_extension_from_release(release_files, tmp_path, capsys):
     """Start from a release .pth at a longer context; step 1's loss is the loss of that
     checkpoint on the windows the sampler gives step 0."""
-    from rwkv2_jax.data import WindowSampler
+    from rwkv2_jax.training.data import WindowSampler
 
     tokens = np.random.default_rng(3).integers(0, SMALL["vocab_size"], 5000).astype(np.uint16)
     np.save(tmp_path / "d.npy", tokens)

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rwkv2_jax.wkv import WKVState, wkv_convolution, wkv_reference, wkv_with_state
+from pallas_kernels.wkv import WKVState, wkv_convolution, wkv_reference
+from pallas_kernels.wkv import wkv_with_state_reference as wkv_with_state
 
 
 def numpy_wkv(k, v, time_decay, time_first, k_clamp=60.0, k_eps=1e-9):

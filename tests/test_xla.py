@@ -62,7 +62,7 @@ def test_decode_programs_take_the_decode_options(monkeypatch):
 
     import rwkv2_jax as rw
 
-    gen = importlib.import_module("rwkv2_jax.generate")  # the module (rw.generate is the function)
+    gen = importlib.import_module("rwkv2_jax.generation.generator")  # the module (rw.generate is the function)
 
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     assert xla.compiler_options("gpu", options=xla.DECODE_COMPILER_OPTIONS) is None  # XLA's defaults

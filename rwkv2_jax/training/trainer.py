@@ -27,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rwkv2_jax import checkpoint as ckpt
+from rwkv2_jax import formats as ckpt
 from rwkv2_jax.config import RWKVConfig
-from rwkv2_jax.model import RWKV, WKV_IMPLS, resolve_wkv_impl
-from rwkv2_jax.sharding import ShardedWKV, batch_sharding, host_to_global, replicated, tree_shardings
+from rwkv2_jax.model import RWKV
+from rwkv2_jax.training.sharding import batch_sharding, host_to_global, replicated, tree_shardings
+from rwkv2_jax.wkv import WKV_IMPLS, ShardedWKV, resolve_wkv_impl
 from rwkv2_jax.xla import jit
 
 SCHEDULES = ("cosine", "exponential")
@@ -304,7 +305,7 @@ def loss_and_grad(model, inputs, targets) -> Tuple[float, Dict[str, np.ndarray]]
     release key ("blocks.1.att.key.weight") to a numpy array in the release shape, in the
     parameters' dtype. Uses the model's compute dtype, precision and WKV implementation.
     """
-    from rwkv2_jax.api import check_tokens
+    from rwkv2_jax.handle import check_tokens
 
     x, _ = check_tokens(inputs, model.config.vocab_size)
     y, _ = check_tokens(targets, model.config.vocab_size)

@@ -1,13 +1,13 @@
 """RWKV-v2 as an lm-evaluation-harness model, registered as "rwkv2_jax".
 
     pip install -e ".[eval]"        # lm_eval
-    python -m rwkv2_jax.lm_eval_adapter --model rwkv2_jax \\
+    python -m rwkv2_jax.evaluation.lm_eval_adapter --model rwkv2_jax \\
         --model_args checkpoint=20220615-10803.pth,tokenizer=20B_tokenizer.json --tasks lambada_openai
 
-`python -m rwkv2_jax.lm_eval_adapter ARGS` is the `lm_eval` command line (same
+`python -m rwkv2_jax.evaluation.lm_eval_adapter ARGS` is the `lm_eval` command line (same
 arguments) with this model registered: the harness finds models in its own
 registry only, and importing this module is what adds "rwkv2_jax" to it. In
-Python, `import rwkv2_jax.lm_eval_adapter` before `lm_eval.simple_evaluate(model="rwkv2_jax", ...)`.
+Python, `import rwkv2_jax.evaluation.lm_eval_adapter` before `lm_eval.simple_evaluate(model="rwkv2_jax", ...)`.
 
 model_args:
   checkpoint      release .pth or native .safetensors (required)
@@ -20,11 +20,11 @@ model_args:
   max_gen_toks    default generation length of generate_until (default 256)
 and the harness's --batch_size (an int; "auto" means 8).
 
-loglikelihood is `rwkv2_jax.evaluation.loglikelihood` on the harness's tokenization
+loglikelihood is `rwkv2_jax.evaluation.scoring.loglikelihood` on the harness's tokenization
 (context and continuation split as lm_eval's TemplateLM does; an empty context becomes
 the "\\n" prefix, or token 0 without it). loglikelihood_rolling uses the harness's
 rolling windows of max_length tokens with one token of context, prefixed by token 0.
-generate_until decodes batch_size requests at a time with `rwkv2_jax.generate` (GPT-mode
+generate_until decodes batch_size requests at a time with `rwkv2_jax.generation.generator` (GPT-mode
 prefill, then RNN mode; greedy unless the request samples), each row ending at token 0,
 and cuts the text at the first `until` string.
 """
@@ -46,11 +46,11 @@ try:
 except ModuleNotFoundError as err:
     if err.name is None or not err.name.startswith("lm_eval"):
         raise
-    raise ModuleNotFoundError("rwkv2_jax.lm_eval_adapter needs lm-evaluation-harness: "
+    raise ModuleNotFoundError("rwkv2_jax.evaluation.lm_eval_adapter needs lm-evaluation-harness: "
                               "pip install -e '.[eval]' (or pip install 'lm_eval>=0.4.10')") from err
 
-from rwkv2_jax.eval import UsageError
-from rwkv2_jax.evaluation import EOT_ID, loglikelihood
+from rwkv2_jax.cli.eval import UsageError
+from rwkv2_jax.evaluation.scoring import EOT_ID, loglikelihood
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 8
@@ -96,7 +96,7 @@ class RWKV2LM(TemplateLM):
         super().__init__()
         from tokenizers import Tokenizer
 
-        from rwkv2_jax.eval import load_tokenizer
+        from rwkv2_jax.cli.eval import load_tokenizer
 
         if unknown:
             raise UsageError(f"unknown model_args {sorted(unknown)} for rwkv2_jax; known: checkpoint, tokenizer, "
@@ -192,9 +192,9 @@ class RWKV2LM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
-        """Batched decoding with `rwkv2_jax.generate` (greedy unless a request samples), each row
+        """Batched decoding with `rwkv2_jax.generation.generator` (greedy unless a request samples), each row
         ending at token 0; the text is cut at the first `until` string."""
-        from rwkv2_jax.generate import generate
+        from rwkv2_jax.generation.generator import generate
 
         jobs = []  # (request index, prompt ids, until, (max_new, temperature, seed))
         for i, req in enumerate(requests):
@@ -232,13 +232,13 @@ def main(argv=None) -> int:
     """The lm_eval command line, with "rwkv2_jax" registered."""
     from lm_eval.__main__ import cli_evaluate
 
-    from rwkv2_jax.checkpoint import CheckpointError
+    from rwkv2_jax.formats import CheckpointError
 
     sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
     try:
         cli_evaluate()
     except (UsageError, CheckpointError) as err:
-        print(f"python -m rwkv2_jax.lm_eval_adapter: error: {err}", file=sys.stderr)
+        print(f"python -m rwkv2_jax.evaluation.lm_eval_adapter: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -51,9 +51,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from rwkv2_jax.config import LN_EPS, RWKVConfig
-from rwkv2_jax.model import State, resolve_wkv_impl
+from rwkv2_jax.model import State
 from rwkv2_jax.model import _layer_norm as model_layer_norm
-from rwkv2_jax.wkv import WKVState, wkv_step
+from rwkv2_jax.wkv import WKVState, resolve_wkv_impl, wkv_step
 
 
 # The largest batch whose step runs the fused kernels by default: measured faster than the

@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rwkv2_jax.wkv import BATCH_AXES  # batch rows are split over ("data", "fsdp")
+
 MESH_AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")  # batch rows are split over both axes
 # Arrays smaller than this stay replicated under fsdp: gathering them costs more than it saves.
 MIN_FSDP_SIZE = 1 << 14
 
@@ -92,53 +93,3 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def host_to_global(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global array from the same host batch on every process; each device gets its rows only."""
     return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardedWKV:
-    """The WKV as a callable `wkv_impl` of `rwkv2_jax.model.RWKV`, run per batch shard.
-
-    impl: "pallas" | "pallas_interpret" | "reference" (the kernel or the plain-JAX scan).
-    mesh: shard_map over its ("data", "fsdp") axes along the batch; None: no shard_map.
-    from_zero_state: for training, where every sequence starts from the empty state. The
-      kernel then runs in its fast stateless form (`pallas_kernels.wkv`) and the WKV state
-      returned is the input state unchanged: use this only where the state after the
-      sequence is not needed (the loss).
-    """
-
-    impl: str = "pallas"
-    mesh: Optional[Mesh] = None
-    from_zero_state: bool = False
-
-    def _local(self, k, v, time_decay, time_first, state, *, k_clamp, k_eps):
-        from rwkv2_jax.wkv import wkv_with_state
-
-        if self.impl == "reference":
-            if self.from_zero_state:
-                return wkv_with_state(k, v, time_decay, time_first, None, k_clamp=k_clamp, k_eps=k_eps)[0], state
-            return wkv_with_state(k, v, time_decay, time_first, state, k_clamp=k_clamp, k_eps=k_eps)
-        import pallas_kernels  # imported on use
-
-        interpret = self.impl == "pallas_interpret"
-        if self.from_zero_state:
-            out = pallas_kernels.wkv(k, v, time_decay, time_first, k_clamp=k_clamp, k_eps=k_eps,
-                                     interpret=interpret)
-            return out, state
-        return pallas_kernels.wkv_with_state(k, v, time_decay, time_first, state, k_clamp=k_clamp,
-                                             k_eps=k_eps, interpret=interpret)
-
-    def __call__(self, k, v, time_decay, time_first, state, *, k_clamp, k_eps):
-        # k, v [B, T, C]; time_decay, time_first [C]; state: WKVState of [B, C] arrays.
-        def local(k, v, time_decay, time_first, state):
-            return self._local(k, v, time_decay, time_first, state, k_clamp=k_clamp, k_eps=k_eps)
-
-        if self.mesh is None:
-            return local(k, v, time_decay, time_first, state)
-        rows = P(BATCH_AXES)  # [B, ...] split over data x fsdp, the rest whole
-        fn = jax.shard_map(
-            local, mesh=self.mesh,
-            in_specs=(rows, rows, P(), P(), rows),
-            out_specs=(rows, rows),
-            check_vma=False,  # the Pallas call has no replication rule
-        )
-        return fn(k, v, time_decay.astype(jnp.float32), time_first.astype(jnp.float32), state)

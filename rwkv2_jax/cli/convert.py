@@ -37,8 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def convert(args) -> str:
-    from rwkv2_jax import checkpoint as ckpt
-    from rwkv2_jax.api import from_release_arrays
+    from rwkv2_jax import formats as ckpt
+    from rwkv2_jax.handle import from_release_arrays
     from rwkv2_jax.config import release_k_eps
 
     src, dst = Path(args.input), Path(args.output)
@@ -99,3 +99,7 @@ def main(argv=None) -> int:
         print(f"convert: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwkv2_jax import checkpoint as ckpt
+from rwkv2_jax import formats as ckpt
 from rwkv2_jax.config import K_EPS, RWKVConfig, release_k_eps
-from rwkv2_jax.model import RWKV, WKV_IMPLS, State, init_state, resolve_wkv_impl, rnn_scan
+from rwkv2_jax.model import RWKV, State, init_state, rnn_scan
+from rwkv2_jax.wkv import WKV_IMPLS, ShardedWKV, resolve_wkv_impl
 from rwkv2_jax.xla import jit
 
 _UNSET = object()
@@ -64,12 +65,12 @@ class Model:
       precision: matmul precision; None means "highest" for float32 compute (exact
         float32 on GPUs, where JAX's default may use TF32) and JAX's default otherwise.
       fused_decode: with Pallas kernels (wkv_impl "pallas", or "auto" on a GPU), run the RNN
-        step of `generate` for 1 or 2 rows (rwkv2_jax.decode_step.FUSED_MAX_BATCH; slower
+        step of `generate` for 1 or 2 rows (rwkv2_jax.generation.step.FUSED_MAX_BATCH; slower
         than XLA's kernels at 8 rows) as four fused Pallas kernels per layer
         (pallas_kernels.decode; the same function as the per-operation step). False: XLA's
         kernels (and the matrix-vector kernel for the [C, 4C] product).
       stream_weights, resident_out_bytes: L2 cache hints of that fused step
-        (rwkv2_jax.decode_step.StepSpec, docs/generation.md): the matrices are read with
+        (rwkv2_jax.generation.step.StepSpec, docs/generation.md): the matrices are read with
         "evict_first" so the vectors and the state stay in the L2 between tokens, except the
         time-mix output matrices of the first layers that fit in resident_out_bytes (16 MB,
         for an L2 of ~50 MB as on an H100/H200; 0 on a card with a much smaller L2), which stay.
@@ -110,8 +111,6 @@ class Model:
         impl = resolve_wkv_impl(self.wkv_impl)
         if impl not in ("pallas", "pallas_interpret"):
             return self.module
-        from rwkv2_jax.sharding import ShardedWKV
-
         return self.module.clone(wkv_impl=ShardedWKV(impl, None, from_zero_state=True))
 
     # -- modes ------------------------------------------------------------------------

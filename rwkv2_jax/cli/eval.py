@@ -1,9 +1,9 @@
 """Evaluate an RWKV-v2 checkpoint (release .pth or native .safetensors).
 
-    python -m rwkv2_jax.eval lambada lambada_test.jsonl --checkpoint 20220615-10803.pth
-    python -m rwkv2_jax.eval loss pile_val.npy --checkpoint 20220615-10803.pth
-    python -m rwkv2_jax.eval positional pile_val.npy --max-len 3072 --checkpoint a.pth --checkpoint b.pth
-    python -m rwkv2_jax.eval verify --checkpoint 20220615-10803.pth
+    python -m rwkv2_jax.cli.eval lambada lambada_test.jsonl --checkpoint 20220615-10803.pth
+    python -m rwkv2_jax.cli.eval loss pile_val.npy --checkpoint 20220615-10803.pth
+    python -m rwkv2_jax.cli.eval positional pile_val.npy --max-len 3072 --checkpoint a.pth --checkpoint b.pth
+    python -m rwkv2_jax.cli.eval verify --checkpoint 20220615-10803.pth
 
 lambada     perplexity and last-word accuracy on {"text": ...} lines (lambada_openai),
             as the release computed them: context prefixed with "\\n", no pad token,
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-PROG = "python -m rwkv2_jax.eval"
+PROG = "python -m rwkv2_jax.cli.eval"
 TOKENIZER_NAME = "20B_tokenizer.json"
 # The release's verify prompt.
 VERIFY_PROMPT = ("\nIn a shocking finding, scientist discovered a herd of dragons living in a remote, "
@@ -275,7 +275,7 @@ def write_json(path, record: dict) -> None:
 
 
 def run_lambada(args) -> int:
-    from rwkv2_jax.evaluation import loglikelihood
+    from rwkv2_jax.evaluation.scoring import loglikelihood
 
     _require_file(args.file, "file")
     model = load_model(args, args.checkpoint)
@@ -298,7 +298,7 @@ def run_lambada(args) -> int:
 
 
 def run_loss(args) -> int:
-    from rwkv2_jax.evaluation import gather_windows, mean_with_ci, token_losses, window_starts
+    from rwkv2_jax.evaluation.scoring import gather_windows, mean_with_ci, token_losses, window_starts
 
     _require_file(args.tokens, "token file")
     if args.mode == "random" and args.windows is None:
@@ -330,7 +330,7 @@ def _labels(paths) -> list:
 
 
 def run_positional(args) -> int:
-    from rwkv2_jax.evaluation import positional_loss
+    from rwkv2_jax.evaluation.scoring import positional_loss
 
     _require_file(args.tokens, "token file")
     for checkpoint in args.checkpoint:

@@ -13,7 +13,7 @@ For each row, every step (ChatRWKV's `PIPELINE.generate` + `sample_logits`, batc
   6. top-k: keep the k most probable tokens (ties at the k-th are kept; 0 = off);
   7. temperature: draw from probs ** (1 / temperature), renormalised (by inverse CDF: one
      uniform number per row, as ChatRWKV's torch.multinomial / numpy choice).
-A drawn stop token ends its row (see `rwkv2_jax.generate`).
+A drawn stop token ends its row (see `rwkv2_jax.generation.generator`).
 
 Differences from ChatRWKV, all deliberate: every generated token counts 1 (ChatRWKV counts
 whitespace and digit tokens 0, a rule tied to its tokenizer); ties at the top-k cut are

@@ -1,6 +1,6 @@
 """A demo that needs no downloads: train a tiny character-level RWKV-v2, then sample from it.
 
-    python -m rwkv2_jax.demo [--steps 300] [--out demo_out]
+    python -m rwkv2_jax.cli.demo [--steps 300] [--out demo_out]
 
 It writes the model as a release-format `.pth` and a character tokenizer as a
 `tokenizers` JSON, then runs `sample.py` on them: the same path a user takes
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import rwkv2_jax as rw
-    import sample
+    from rwkv2_jax.cli import sample
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

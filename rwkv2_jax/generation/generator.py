@@ -10,8 +10,8 @@
    One RNN step on the last tokens then gives the next-token logits [B, V] (so the
    vocabulary head never runs over the whole prompt).
 2. decoding: one jitted step for the whole batch draws a token per row on the device
-   (bans, penalties, top-p/top-k/temperature: `rwkv2_jax.sampling`) and feeds it back
-   through `rwkv2_jax.decode_step` (the model at T = 1 on transposed, merged matrices).
+   (bans, penalties, top-p/top-k/temperature: `rwkv2_jax.generation.sampling`) and feeds it back
+   through `rwkv2_jax.generation.step` (the model at T = 1 on transposed, merged matrices).
    On accelerators `generate` runs the whole loop on the device in `lax.while_loop`s
    (`DEVICE_STEPS_PER_ITER` steps per iteration, then the rest), until
    `max_new_tokens` or until every row has drawn a stop token (on CPU, a Python loop of
@@ -36,10 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwkv2_jax.api import Model, check_tokens
-from rwkv2_jax.decode_step import StepSpec, decode_params, rnn_step, spec_of
+from rwkv2_jax.handle import Model, check_tokens
+from rwkv2_jax.generation.step import StepSpec, decode_params, rnn_step, spec_of
 from rwkv2_jax.model import State, init_state
-from rwkv2_jax.sampling import SamplerKnobs, SamplerStatic, SamplingParams, count_token, draw, penalize
+from rwkv2_jax.generation.sampling import SamplerKnobs, SamplerStatic, SamplingParams, count_token, draw, penalize
 from rwkv2_jax.xla import DECODE_COMPILER_OPTIONS, jit
 
 # Prompts longer than this go through GPT mode in pieces of this many tokens: bounded memory
@@ -103,7 +103,7 @@ def _prefill_chunk(module, params, state: Optional[State], tokens: jax.Array, le
 
 
 def _feed(spec: StepSpec, dparams, state: Optional[State], token: jax.Array) -> Tuple[jax.Array, State]:
-    """One RNN step on token [B] -> (logits [B, V] float32, state) (rwkv2_jax.decode_step).
+    """One RNN step on token [B] -> (logits [B, V] float32, state) (rwkv2_jax.generation.step).
     state None: the start of a sequence."""
     if state is None:
         state = init_state(spec.config, token.shape[0])
@@ -313,7 +313,7 @@ def generate(
 
     prompts: B token-id lists of any lengths (>= 1 token each), decoded as one batch.
     Returns the generated ids without the prompt; a row ends early at a stop token, which
-    is not included. Sampling semantics and defaults: `rwkv2_jax.sampling` (temperature 0
+    is not included. Sampling semantics and defaults: `rwkv2_jax.generation.sampling` (temperature 0
     is greedy; token 0 is banned by default). seed: an int (row b uses seed + b) or one int
     per prompt. state: the state before the prompts (e.g. from a saved conversation).
     return_state: also return the state after each prompt and its returned tokens, as

@@ -2,7 +2,7 @@
 per-token loss over windows of a token file, and loss by position in the context.
 
     import rwkv2_jax as rw
-    from rwkv2_jax.evaluation import loglikelihood, token_losses
+    from rwkv2_jax.evaluation.scoring import loglikelihood, token_losses
     results = loglikelihood(model, [(context_ids, continuation_ids), ...])   # [(logprob, is_greedy)]
     losses = token_losses(model, windows)                                    # [N, T] nats per token
 
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from rwkv2_jax.api import Model
+from rwkv2_jax.handle import Model
 from rwkv2_jax.model import State
 from rwkv2_jax.xla import jit
 
@@ -87,7 +87,7 @@ def loglikelihood(
 
     * An empty context is replaced by [EOT_ID] (token 0, <|endoftext|>), as the harness
       does. The release's LAMBADA convention (a "\\n" prefix) is the caller's to add
-      (see `rwkv2_jax.eval lambada`).
+      (see `rwkv2_jax.cli.eval lambada`).
     * An empty continuation scores (0.0, True) without running the model.
     * No truncation: GPT mode has no length cap, so a request of any length is scored
       in one pass with its full context.

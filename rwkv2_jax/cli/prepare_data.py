@@ -1,8 +1,8 @@
 """Tokenize text into a token file for train.py (a .npy of uint16 ids, uint32 when V > 65,536).
 
-    python -m rwkv2_jax.prepare_data enwik8.txt --tokenizer 20B_tokenizer.json --out train.npy --verify
-    python -m rwkv2_jax.prepare_data books/ --tokenizer 20B_tokenizer.json --out books.npy
-    python -m rwkv2_jax.prepare_data corpus.jsonl --text-field text --tokenizer 20B_tokenizer.json --out c.npy
+    python -m rwkv2_jax.cli.prepare_data enwik8.txt --tokenizer 20B_tokenizer.json --out train.npy --verify
+    python -m rwkv2_jax.cli.prepare_data books/ --tokenizer 20B_tokenizer.json --out books.npy
+    python -m rwkv2_jax.cli.prepare_data corpus.jsonl --text-field text --tokenizer 20B_tokenizer.json --out c.npy
 
 Inputs stream through the tokenizer in chunks, so multi-GB files need no RAM; the ids
 equal those of tokenizing each document whole. Each .txt file and each .jsonl line is a
@@ -16,11 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from rwkv2_jax.data import CHUNK_CHARS, END_OF_TEXT, DataError, tokenize_to_npy, verify_token_file
+from rwkv2_jax.training.data import CHUNK_CHARS, END_OF_TEXT, DataError, tokenize_to_npy, verify_token_file
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m rwkv2_jax.prepare_data", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m rwkv2_jax.cli.prepare_data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help=".txt files, .jsonl files, or folders of them (recursive, sorted)")
     p.add_argument("--tokenizer", required=True, help="tokenizer JSON (20B_tokenizer.json for the releases)")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwkv2_jax.checkpoint import CheckpointError
+from rwkv2_jax.formats import CheckpointError
 from rwkv2_jax.config import RWKVConfig
 from rwkv2_jax.model import State
 
