@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from pallas_kernels import wkv as pallas_wkv
 from pallas_kernels.wkv import (
     EMPTY_EXP,
     WKVState,
@@ -23,6 +22,8 @@ from pallas_kernels.wkv import (
     wkv_step,
     wkv_with_state_reference as wkv_with_state,
 )
+from pallas_kernels.wkv import wkv as kernel_wkv
+from pallas_kernels.wkv import wkv_with_state as kernel_wkv_with_state
 
 __all__ = ["EMPTY_EXP", "WKV_IMPLS", "ShardedWKV", "WKVState", "default_wkv_impl", "resolve_wkv_impl",
            "wkv_dispatch", "wkv_reference", "wkv_step", "wkv_with_state"]
@@ -54,7 +55,7 @@ def wkv_dispatch(impl, k, v, time_decay, time_first, state, *, k_clamp, k_eps, l
     impl = resolve_wkv_impl(impl)
     if lengths is not None:
         if impl in ("pallas", "pallas_interpret") and k.shape[1] > 1:
-            return pallas_wkv.wkv_with_state(
+            return kernel_wkv_with_state(
                 k, v, time_decay, time_first, state, k_clamp=k_clamp, k_eps=k_eps,
                 interpret=impl == "pallas_interpret", lengths=lengths,
             )
@@ -75,7 +76,7 @@ def wkv_dispatch(impl, k, v, time_decay, time_first, state, *, k_clamp, k_eps, l
     if impl == "reference":
         return wkv_with_state(k, v, time_decay, time_first, state, k_clamp=k_clamp, k_eps=k_eps)
     if impl in ("pallas", "pallas_interpret"):
-        return pallas_wkv.wkv_with_state(
+        return kernel_wkv_with_state(
             k, v, time_decay, time_first, state,
             k_clamp=k_clamp, k_eps=k_eps, interpret=impl == "pallas_interpret",
         )
@@ -105,10 +106,10 @@ class ShardedWKV:
             return wkv_with_state(k, v, time_decay, time_first, state, k_clamp=k_clamp, k_eps=k_eps)
         interpret = self.impl == "pallas_interpret"
         if self.from_zero_state:
-            out = pallas_wkv.wkv(k, v, time_decay, time_first, k_clamp=k_clamp, k_eps=k_eps,
+            out = kernel_wkv(k, v, time_decay, time_first, k_clamp=k_clamp, k_eps=k_eps,
                                      interpret=interpret)
             return out, state
-        return pallas_wkv.wkv_with_state(k, v, time_decay, time_first, state, k_clamp=k_clamp,
+        return kernel_wkv_with_state(k, v, time_decay, time_first, state, k_clamp=k_clamp,
                                              k_eps=k_eps, interpret=interpret)
 
     def __call__(self, k, v, time_decay, time_first, state, *, k_clamp, k_eps):
