@@ -38,8 +38,8 @@ def main(argv=None) -> int:
     import torch
 
     import rwkv2_jax as rw
-    from tests.release_checkpoint import make_release_state_dict
-    from tests.torch_reference import TorchRWKV2
+    from rwkv2_jax.testing.release_checkpoint import make_release_state_dict
+    from rwkv2_jax.testing.torch_reference import TorchRWKV2
 
     sd = make_release_state_dict(args.layers, args.width, args.vocab, seed=0)
     model = rw.from_release_arrays({k: v.numpy() for k, v in sd.items()}, wkv_impl="reference")

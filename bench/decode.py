@@ -111,7 +111,7 @@ def gpu_checks(log):
 
     import rwkv2_jax as rw
     from rwkv2_jax.generation.generator import generate, prefill
-    from tests.release_checkpoint import make_release_state_dict
+    from rwkv2_jax.testing.release_checkpoint import make_release_state_dict
 
     sd = make_release_state_dict(n_layer=3, n_embd=64, vocab_size=97, seed=1)
     model = rw.from_release_arrays({k: v.numpy() for k, v in sd.items()})
@@ -501,8 +501,8 @@ def cpu_main(args, log) -> int:
 
     import rwkv2_jax as rw
     from rwkv2_jax.generation.generator import generate
-    from tests.release_checkpoint import make_release_state_dict
-    from tests.torch_reference import TorchRWKV2
+    from rwkv2_jax.testing.release_checkpoint import make_release_state_dict
+    from rwkv2_jax.testing.torch_reference import TorchRWKV2
 
     L, C, V, n = args.cpu_layers, args.cpu_width, args.cpu_vocab, args.cpu_steps
     sd = make_release_state_dict(L, C, V, seed=0)

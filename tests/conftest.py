@@ -1,10 +1,12 @@
-"""Shared fixtures: small random checkpoints in the exact release format."""
+"""Shared fixtures: the per-test random seed, small random checkpoints in the exact release format."""
 
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from rwkv2_jax.testing.release_checkpoint import make_release_state_dict, write_release_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZER = REPO.parent / "shared" / "data" / "20B_tokenizer.json"
@@ -16,8 +18,6 @@ SMALL = dict(n_layer=3, n_embd=24, vocab_size=67)
 @pytest.fixture(scope="session")
 def release_files(tmp_path_factory):
     """{variant: path} of release-format .pth files (variants "plain" and "ffn_pre")."""
-    from tests.release_checkpoint import make_release_state_dict, write_release_checkpoint
-
     root = tmp_path_factory.mktemp("release")
     return {
         "plain": write_release_checkpoint(root / "plain.pth", make_release_state_dict(**SMALL, seed=1)),
@@ -27,11 +27,34 @@ def release_files(tmp_path_factory):
     }
 
 
+def replay_seed() -> int | None:
+    """RWKV2_TEST_SEED as an int, or None when it is unset or empty."""
+    value = os.environ.get("RWKV2_TEST_SEED", "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise pytest.UsageError(f"RWKV2_TEST_SEED must be an integer, got {value!r}") from None
+
+
+def pytest_configure(config):
+    replay_seed()  # a bad RWKV2_TEST_SEED stops the run with one line, before any test
+
+
 @pytest.fixture
-def rng():
-    """A fresh seed per test (printed; RWKV2_TEST_SEED=<seed> replays a failure)."""
-    seed = int(os.environ.get("RWKV2_TEST_SEED") or np.random.SeedSequence().entropy % 2**31)
-    print(f"seed={seed}")
+def seed() -> int:
+    """A fresh seed per test, printed (pytest shows it with a failure); RWKV2_TEST_SEED=<seed> replays it."""
+    s = replay_seed()
+    if s is None:
+        s = int(np.random.SeedSequence().entropy % 2**31)
+    print(f"seed={s}")
+    return s
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+    """A numpy Generator from the test's `seed`."""
     return np.random.default_rng(seed)
 
 

@@ -14,7 +14,13 @@ from __future__ import annotations
 import json
 import sys
 
+import jax
 import numpy as np
+
+import rwkv2_jax as rw
+from rwkv2_jax.testing.release_checkpoint import make_release_state_dict
+from rwkv2_jax.training import sharding as shd
+from rwkv2_jax.training import trainer as tr
 
 # Big enough that some weights pass sharding.MIN_FSDP_SIZE (ffn.key is [C, 4C] = 16384 floats).
 CONFIG = dict(n_layer=2, n_embd=64, vocab_size=67)
@@ -22,10 +28,6 @@ STEPS = 2
 
 
 def run(mesh, model_config, params, cfg, windows):
-    import jax
-
-    from rwkv2_jax.training import trainer as tr
-
     s = tr.setup(model_config, cfg, mesh)
     state = s.init_state(params)
     losses, norms = [], []
@@ -52,13 +54,6 @@ def run(mesh, model_config, params, cfg, windows):
 
 
 def main() -> int:
-    import jax
-
-    import rwkv2_jax as rw
-    from rwkv2_jax.training import sharding as shd
-    from rwkv2_jax.training.trainer import TrainConfig
-    from tests.release_checkpoint import make_release_state_dict
-
     devices = jax.devices()
     if len(devices) != 8:
         print(f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), got {len(devices)}",
@@ -73,8 +68,8 @@ def main() -> int:
     # the plain-JAX WKV. The Pallas kernel (interpreted on CPU) runs under shard_map per batch
     # shard; its own tests pin it to the reference, so a difference here is the sharding's.
     for impl, grad_accum, meshes in (("reference", 2, [(2, 4), (8, 1)]), ("pallas_interpret", 1, [(2, 4)])):
-        cfg = TrainConfig(ctx_len=16, batch_size=8, grad_accum=grad_accum, epochs=1, epoch_steps=STEPS,
-                          lr_init=1e-3, lr_final=1e-4, dtype="float32", precision="highest", wkv_impl=impl)
+        cfg = tr.TrainConfig(ctx_len=16, batch_size=8, grad_accum=grad_accum, epochs=1, epoch_steps=STEPS,
+                             lr_init=1e-3, lr_final=1e-4, dtype="float32", precision="highest", wkv_impl=impl)
         windows = [rng.integers(0, CONFIG["vocab_size"], (cfg.grad_accum, cfg.batch_size, cfg.ctx_len + 1))
                    .astype(np.int32) for _ in range(STEPS)]
         base = run(shd.make_mesh(1, 1, devices[:1]), model.config, params, cfg.replace(wkv_impl="reference"),

@@ -2,6 +2,7 @@
 
 import pickle
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,8 +10,8 @@ import torch
 
 import rwkv2_jax as rw
 from rwkv2_jax import formats as ckpt
+from rwkv2_jax.testing.release_checkpoint import make_release_state_dict, write_release_checkpoint
 from tests.conftest import SMALL
-from tests.release_checkpoint import make_release_state_dict, write_release_checkpoint
 
 
 def assert_same_state_dict(a, b):
@@ -24,20 +25,20 @@ def assert_same_state_dict(a, b):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("ffn_pre", [False, True])
-def test_pth_round_trip_is_bit_exact(tmp_path, dtype, ffn_pre):
-    sd = make_release_state_dict(**SMALL, seed=5, ffn_pre=ffn_pre, dtype=dtype)
+def test_pth_round_trip_is_bit_exact(tmp_path, seed, dtype, ffn_pre):
+    sd = make_release_state_dict(**SMALL, seed=seed, ffn_pre=ffn_pre, dtype=dtype)
     src = write_release_checkpoint(tmp_path / "in.pth", sd)
     model = rw.load_torch(src, verbose=False)
     assert model.config.ffn_pre == ffn_pre
-    assert {str(x.dtype) for x in __import__("jax").tree.leaves(model.params)} == {str(dtype).split(".")[1]}
+    assert {str(x.dtype) for x in jax.tree.leaves(model.params)} == {str(dtype).split(".")[1]}
     rw.save_torch(model, tmp_path / "out.pth")
     back = torch.load(tmp_path / "out.pth", weights_only=True)
     assert_same_state_dict(sd, back)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_round_trip_is_bit_exact_and_keeps_config(tmp_path, dtype):
-    sd = make_release_state_dict(**SMALL, seed=6, dtype=dtype)
+def test_native_round_trip_is_bit_exact_and_keeps_config(tmp_path, seed, dtype):
+    sd = make_release_state_dict(**SMALL, seed=seed, dtype=dtype)
     model = rw.load_torch(write_release_checkpoint(tmp_path / "in.pth", sd), k_eps=1e-8, k_clamp=None)
     rw.save(model, tmp_path / "m.safetensors")
     again = rw.load(tmp_path / "m.safetensors")
@@ -79,7 +80,7 @@ def test_k_eps_chosen_from_release_name_and_printed(tmp_path, capsys, name, eps)
 
 def test_dtype_override_casts_params(tmp_path, release_files):
     model = rw.load_torch(release_files["plain"], dtype=jnp.bfloat16, verbose=False)
-    assert all(x.dtype == jnp.bfloat16 for x in __import__("jax").tree.leaves(model.params))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(model.params))
     assert model(np.array([[1, 2, 3]])).dtype == jnp.float32
 
 

@@ -12,7 +12,7 @@ from rwkv2_jax.cli import sample
 from rwkv2_jax.cli.convert import main as convert_main
 from rwkv2_jax.cli.demo import DEMO_TEXT, char_tokenizer
 from tests.conftest import REPO, one_line_error, real_tokenizer_path
-from tests.release_checkpoint import make_release_state_dict, write_release_checkpoint
+from rwkv2_jax.testing.release_checkpoint import make_release_state_dict, write_release_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,6 @@ L = 3  # layers in the stacked state
 LN_EPS = 1e-5
 
 
-@pytest.fixture
-def seed():
-    return int(np.random.SeedSequence().entropy % 2**31)
-
-
 def inputs(seed, B, C, dtype, layer=1):
     rng = np.random.default_rng(seed)
     f = lambda *s, scale=1.0: jnp.asarray(rng.normal(0, scale, s), jnp.float32)  # noqa: E731

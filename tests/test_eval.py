@@ -16,8 +16,8 @@ from rwkv2_jax.cli import eval as ev_cli
 from rwkv2_jax.evaluation import scoring as ev
 from rwkv2_jax.cli.demo import DEMO_TEXT, char_tokenizer
 from tests.conftest import REPO, one_line_error, real_tokenizer_path
-from tests.release_checkpoint import make_release_state_dict, write_release_checkpoint
-from tests.torch_reference import TorchRWKV2
+from rwkv2_jax.testing.release_checkpoint import make_release_state_dict, write_release_checkpoint
+from rwkv2_jax.testing.torch_reference import TorchRWKV2
 
 # --- independent expectations from the PyTorch reference --------------------------------
 

@@ -16,8 +16,8 @@ from rwkv2_jax.generation.generator import generate, prefill, stream, stream_bat
 from rwkv2_jax.generation.sampling import SamplingParams, draw, inverse_cdf_draw, largest_threshold
 from rwkv2_jax.generation.state_file import load_state, save_state
 from tests.conftest import SMALL
-from tests.release_checkpoint import make_release_state_dict
-from tests.torch_reference import TorchRWKV2
+from rwkv2_jax.testing.release_checkpoint import make_release_state_dict
+from rwkv2_jax.testing.torch_reference import TorchRWKV2
 
 V = SMALL["vocab_size"]
 # Prompts of different lengths: 1 (no GPT-mode part), a chunk boundary, several chunks.

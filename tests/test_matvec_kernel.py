@@ -28,11 +28,6 @@ LONG_LOOP = MatvecBlockSizes(block_in=64, min_programs=1)
 ONE_BLOCK_SPLITS = MatvecBlockSizes(block_in=64, min_programs=1024, min_split_blocks=1)
 
 
-@pytest.fixture
-def seed():
-    return int(np.random.SeedSequence().entropy % 2**31)
-
-
 def make_inputs(seed, B, out, inp, w_dtype, x_dtype=jnp.float32):
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.normal(0, 1, (B, inp)), x_dtype)

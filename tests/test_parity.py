@@ -1,4 +1,4 @@
-"""JAX vs the independent PyTorch reference (tests/torch_reference.py), on release-format files.
+"""JAX vs the independent PyTorch reference (rwkv2_jax.testing.torch_reference), on release-format files.
 
 The random checkpoints have K beyond the clamp (60) and far below 0, so the clamp and
 k_eps both change the logits; every comparison is float32, max |Δlogit| <= 1e-4.
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import rwkv2_jax as rw
+from rwkv2_jax.testing.release_checkpoint import make_release_state_dict, write_release_checkpoint
+from rwkv2_jax.testing.torch_reference import TorchRWKV2
 from tests.conftest import SMALL
-from tests.release_checkpoint import make_release_state_dict, write_release_checkpoint
-from tests.torch_reference import TorchRWKV2
 
 ATOL = 1e-4
 

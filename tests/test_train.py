@@ -25,7 +25,7 @@ from rwkv2_jax.training import trainer as tr
 from rwkv2_jax.cli.demo import DEMO_TEXT, char_tokenizer
 from rwkv2_jax.training.sharding import make_mesh
 from tests.conftest import REPO, SMALL
-from tests.torch_reference import TorchRWKV2
+from rwkv2_jax.testing.torch_reference import TorchRWKV2
 
 
 def rel_err(a, b) -> float:

@@ -41,13 +41,6 @@ def random_inputs(seed, B, T, C, k_scale=5.0):
     return k, v, time_decay, time_first
 
 
-@pytest.fixture
-def seed():
-    s = int(np.random.SeedSequence().entropy % 2**31)
-    print(f"seed={s}")
-    return s
-
-
 @pytest.mark.parametrize("B,T,C", [(1, 1, 3), (2, 3, 5), (3, 17, 7)])
 @pytest.mark.parametrize("k_eps", [1e-9, 1e-8])
 def test_matches_float64_loop(seed, B, T, C, k_eps):

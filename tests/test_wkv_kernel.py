@@ -29,11 +29,6 @@ SMALL = WKVBlockSizes(block_c=8, unroll=4, unroll_train=4, min_programs=16, chun
 DEFAULT_C = WKVBlockSizes(unroll=4, unroll_train=4)
 
 
-@pytest.fixture
-def seed():
-    return int(np.random.SeedSequence().entropy % 2**31)
-
-
 def rel_err(x, ref):
     """||x - ref|| / ||ref||, with ||ref|| floored at 0.01 per element: where a gradient is
     a difference of O(1) terms that nearly cancel (T=1: v - out ~ k_eps), float32 rounding

@@ -1,7 +1,7 @@
 """Independent PyTorch reference implementation of RWKV-v2 (BlinkDL's 2022 "RWKV-v2-RNN").
 
-Written only from ``docs/rwkv-v2-spec.md`` (shared spec), deliberately without looking at
-the JAX code in this repository: it is the oracle the JAX port is tested against.
+Written from the RWKV-v2 spec (``rwkv-v2-spec.md``) alone and sharing no code with the JAX
+port: it is the oracle the port is tested against.
 
 * GPT mode computes the WKV the way the original trainer does: it builds the lag weights
   ``u, 1, d, d^2, ...`` for lags ``0..T-1`` and evaluates num/den as an O(T^2) causal

@@ -1,6 +1,6 @@
 """Small random RWKV-v2 checkpoints in the exact release format (a plain dict of tensors).
 
-Key names and shapes follow the table in the spec (``docs/rwkv-v2-spec.md``).  Values are
+Key names and shapes follow the table in the spec (``rwkv-v2-spec.md``).  Values are
 random but scaled so that the model is numerically "interesting":
 
 * attention keys K = Wk xx have a spread of about ``k_scale`` (default 40), so some K exceed
