@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 
 from bench.timing import copy_bandwidth, device_time, time_fn  # noqa: E402
 
-from pallas_kernels import WKVBlockSizes, wkv, wkv_with_state  # noqa: E402
+from pallas_kernels.wkv import WKVBlockSizes, wkv, wkv_with_state  # noqa: E402
 from pallas_kernels.wkv import _make_plan  # noqa: E402
 from pallas_kernels.wkv import WKVState, wkv_convolution, wkv_reference  # noqa: E402
 from pallas_kernels.wkv import wkv_with_state_reference as reference_with_state  # noqa: E402
