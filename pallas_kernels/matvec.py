@@ -290,14 +290,17 @@ def _matvec_kernel(x_ref, w_ref, o_ref, *, plan: _Plan):
     lead = () if split is None else (split,)
     if split is None and plan.round_dtype is not None:
         acc = acc.astype(plan.round_dtype) if plan.dot else tuple(a.astype(plan.round_dtype) for a in acc)
+    # The interpreter's plgpu.store hands the slice starts to lax.dynamic_slice as they are,
+    # which refuses a static start (int64 under jax_enable_x64) beside the int32 program ids.
+    start = (lambda i: jnp.int32(i)) if plan.interpret else (lambda i: i)
     if plan.dot:  # acc [16, bo]; the caller drops the rows of x's padding
         mask = None if row_ok_t is None else jnp.broadcast_to(row_ok_t, (plan.x_rows, bo))
-        plgpu.store(o_ref.at[(*lead, slice(None), rows)], acc.astype(o_ref.dtype), mask=mask)
+        plgpu.store(o_ref.at[(*lead, pl.ds(start(0), plan.x_rows), rows)], acc.astype(o_ref.dtype), mask=mask)
     else:
         # One [1, bo] row per b (a static integer index in a store does not discharge in
         # jax 0.10's interpreter: pl.ds(b, 1) instead).
         for b in range(plan.B):
-            plgpu.store(o_ref.at[(*lead, pl.ds(b, 1), rows)], acc[b][None, :].astype(o_ref.dtype),
+            plgpu.store(o_ref.at[(*lead, pl.ds(start(b), 1), rows)], acc[b][None, :].astype(o_ref.dtype),
                         mask=row_ok_t)
 
 

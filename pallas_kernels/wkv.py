@@ -428,7 +428,7 @@ def _make_plan(B, T, C, *, k_clamp, k_eps, linear, blocks: WKVBlockSizes, interp
 def _program(plan: _Plan):
     """(batch row b, channel slice, chunk index) of this program."""
     pid = pl.program_id(0)
-    b = lax.div(pid, plan.n_cb)
+    b = lax.div(pid, jnp.asarray(plan.n_cb, pid.dtype))  # int32 also under jax_enable_x64
     c0 = pl.multiple_of((pid - b * plan.n_cb) * plan.bc, plan.bc)
     return b, pl.ds(c0, plan.bc), pl.program_id(1)
 
