@@ -66,14 +66,17 @@ def test_decode_bench_rows_option():
 
 def test_decode_bench_cpu_comparison():
     """--cpu: ours vs the PyTorch reference on the same weights (same greedy tokens, checked in
-    the run: exit status 1 otherwise), the step alone, and the head product in both."""
+    the run: exit status 1 otherwise), the step alone, GPT mode in both, the bandwidth floor and
+    the head product in both."""
     out = run("bench/decode.py", "--cpu", "--cpu-layers", "2", "--cpu-width", "32", "--cpu-vocab", "100",
-              "--cpu-steps", "4", "--repeats", "1")
+              "--cpu-steps", "4", "--cpu-gpt-len", "16", "--repeats", "1")
     assert "ours == reference tokens: True" in out
     for what in ("PyTorch reference, RNN loop + argmax (B=1)", "ours, generate() incl. prefill (B=8)",
-                 "ours, jitted loop of 32 steps + argmax (no generate)", "ours, generate() top_p=0.7"):
+                 "ours, jitted loop of 32 steps + argmax (no generate)", "ours, generate() top_p=0.7",
+                 "PyTorch reference, GPT mode T=16 (B=1)", "ours, GPT mode T=16 (B=1)"):
         assert f"| {what}" in out, what
-    assert "batch-1 speed-up over the reference:" in out and "the head product alone (0.0 MB): XLA" in out
+    assert "batch-1 decode speed-up over the reference:" in out and "the head product alone (0.0 MB): XLA" in out
+    assert "# memory-bandwidth floor:" in out
 
 
 def test_decode_bench_sweep_on_cpu():
@@ -81,26 +84,24 @@ def test_decode_bench_sweep_on_cpu():
     step, then rw.generate's loop) on a tiny model with the kernels in interpret mode."""
     out = run("bench/decode.py", "--gpu-rows", "--sweep-fused", "--skip-checks", "--preset", "L2-D64-V300",
               "--wkv-impl", "pallas_interpret", "--sweep-blocks", "2x16", "--steps-b1", "8")
-    assert out.count("PASS") == 3 and "FAIL" not in out
+    assert out.count("PASS") == 5 and "FAIL" not in out
     assert "| per-operation step |" in out and "| fused 2x16x4 |" in out and "(default) |" in out
+    assert "| fused, no L2 hints (XLA's head) |" in out and "| fused, no resident output matrices |" in out
     assert "| rw.generate, 8 tokens, 32 steps per loop iteration |" in out
 
 
 def test_decode_bench_sweep_batches_on_cpu():
-    """--sweep-batches: the per-operation step, the same with every layer product on the matvec
-    kernel (and its tensor-core path, at 5-8 rows), with the rows padded to 16 (at 5-15 rows),
-    and the fused kernels at each batch size
-    (also above FUSED_MAX_BATCH, where the step would not take them by default; not above 4
-    rows); each variant's kernels and logits checked (a FAIL in the row otherwise)."""
+    """--sweep-batches: the per-operation step, the same with the rows padded to 16 (at 5-15
+    rows), and the fused kernels at each batch size (also above FUSED_MAX_BATCH, where the step
+    would not take them by default; not above 4 rows); each variant's kernels and logits
+    checked (a FAIL in the row otherwise)."""
     out = run("bench/decode.py", "--gpu-rows", "--sweep-batches", "1,5", "--skip-checks", "--preset", "L2-D64-V300",
               "--prefill-len", "64", "--wkv-impl", "pallas_interpret")
     rows = [[c.strip() for c in line.split("|")[1:4]] for line in out.splitlines() if line.startswith(("| 1 |", "| 5 |"))]
-    every, dot = "per-operation step, every layer product on the Pallas matvec", "the same, matvec tensor cores from 5 rows"
     pad = "per-operation step, rows padded to 16"
-    assert [r[:2] for r in rows] == [[b, what] for b in "15" for what in ("per-operation step", every, dot, pad,
-                                                                          "fused kernels")]
+    assert [r[:2] for r in rows] == [[b, what] for b in "15" for what in ("per-operation step", pad, "fused kernels")]
     timed = {(b, what): ms != "not timed" for b, what, ms in rows}
-    assert timed == {(b, what): (what, b) not in ((dot, "1"), (pad, "1"), ("fused kernels", "5")) for b, what in timed}
+    assert timed == {(b, what): (what, b) not in ((pad, "1"), ("fused kernels", "5")) for b, what in timed}
     assert "FAIL" not in out
 
 
@@ -127,26 +128,6 @@ def test_decode_kernels_bench_on_cpu():
     assert all(r.count("PASS") == 1 for r in rows), rows
     with pytest.raises(AssertionError, match="each kernel is timed alone"):
         run("bench/decode_kernels.py", "--interpret", "--blocks", "2x16/2x16/2x16/2x16")
-
-
-def test_atomic_tail_bench_on_cpu():
-    """bench/atomic_tail.py: every variant's split product (plain stores, float32 and fixed-point
-    int32 atomics) equals the plain product in interpret mode (the rows, not the times)."""
-    out = run("bench/atomic_tail.py", "--interpret", "--width", "64", "--matrices", "2", "--blocks", "2,8",
-              "--modes", "sum,store,f32,i32")
-    rows = [line.split()[0] for line in out.splitlines() if "block" in line]
-    assert rows == ["mix_out", "mix_out"] + ["sum", "store", "f32", "i32"] * 2, rows
-    assert out.count("PASS") == 2 + 3 * 2 and "FAIL" not in out
-
-
-def test_step_bound_bench_on_cpu():
-    """bench/step_bound.py: the fused step's variants (interpret mode) and generate's row."""
-    out = run("bench/step_bound.py", "--preset", "L2-D64", "--steps", "2", "--repeats", "1", "--gen-tokens", "2",
-              "--wkv-impl", "pallas_interpret", "--variants", "default,in-place-shift,pallas-head,no-head")
-    rows = [line.split("|")[1:3] for line in out.splitlines() if line.startswith("| ") and "variant" not in line]
-    assert [(v.strip(), n.strip()) for v, n in rows] == [
-        ("default", "9"), ("in-place-shift", "9"), ("pallas-head", "9"), ("no-head", "9")], rows  # 4 L + LayerNorm
-    assert "rw.generate, default step, 2 greedy tokens:" in out
 
 
 def test_wkv_bench_cells_use_the_gpu_time_when_traced(monkeypatch):
