@@ -1,7 +1,7 @@
 """Generation throughput: rw.generate's decode loop and its prefill, float32 and bfloat16.
 
     python bench/decode.py                 # on a GPU: L24-D1024, random weights (V=50277)
-    python bench/decode.py --cpu           # CPU: a small model, ours vs the PyTorch reference's RNN loop
+    python bench/decode.py --cpu           # CPU: a small model, ours vs the PyTorch reference (decode and GPT mode)
     python bench/decode.py --sweep-fused   # GPU: block sizes of the fused decode kernels, no table
     python bench/decode.py --sweep-batches 2,4,8,16   # GPU: the decode step's variants per batch size
     python bench/decode.py --dtypes bfloat16 --batches 1,8 --rows "greedy, one|top_p"   # some rows only
@@ -22,19 +22,22 @@ GPU rows (per weight dtype; bfloat16 = matrices in bf16, vectors, state and WKV 
 First a correctness check on a small model (batched == one by one; chunked prefill ==
 one-shot GPT mode), and at full size the decode step as fused Pallas kernels
 (pallas_kernels.decode, the default on a GPU) against the per-operation step; the table has
-a batch-1 row of the latter (`Model(fused_decode=False)`). The "ms" column is per decode step, or per prefill call. Every timing
-is the median of --repeats runs after a warm-up (compile) run, each blocked on once at its end.
+a batch-1 row of the latter (`decode_options=DecodeOptions(fused=False)`). The "ms" column is
+per decode step, or per prefill call. Every timing is the median of --repeats runs after a
+warm-up (compile) run, each blocked on once at its end.
 
-CPU rows (--cpu): batch-1 greedy decode of the same random release-format weights by
-`generate` and by tests/torch_reference.py (TorchRWKV2.rnn one token at a time + argmax,
-a user of the original code's RNN loop), in the same process.
+CPU rows (--cpu), the same random release-format float32 weights in one process: batch-1
+greedy decode by `generate` and by the PyTorch reference (rwkv2_jax.testing.torch_reference:
+TorchRWKV2.rnn one token at a time + argmax, a user of the original code's RNN loop), and GPT
+mode over --cpu-gpt-len tokens by both; then the memory-bandwidth floor of a decode step (its
+weight bytes over this machine's copy bandwidth). Run it at a vocabulary-dominated shape (the
+default) and a layer-dominated one (e.g. --cpu-layers 12 --cpu-width 768 --cpu-vocab 1000).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import math
 import os
 import re
@@ -43,7 +46,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # run as a script from anywhere: this checkout's packages and bench/ first
 
 
 from bench.timing import median_time  # noqa: E402
@@ -134,14 +137,12 @@ def gpu_checks(log):
 def fused_check(models, prompt, log):
     """The decode step as fused Pallas kernels vs the per-operation step, full size, on the GPU:
     one step from the state after 9-token prompts, B = 1 and 2 (rows differ)."""
-    import dataclasses
-
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from rwkv2_jax.generation.step import decode_params, rnn_step, spec_of
     from rwkv2_jax.generation.generator import prefill
+    from rwkv2_jax.generation.step import DecodeOptions, decode_params, rnn_step, spec_of
 
     step = jax.jit(rnn_step, static_argnums=0)
     ok = True
@@ -150,7 +151,7 @@ def fused_check(models, prompt, log):
         for B in (1, 2):
             _, state = prefill(model, [prompt[i: i + 9] for i in range(B)])
             token = jnp.asarray(prompt[9: 9 + B], jnp.int32)
-            want = step(dataclasses.replace(spec, fused=False), decode_params(model), token, state)
+            want = step(spec_of(model, DecodeOptions(fused=False)), decode_params(model), token, state)
             got = step(spec, decode_params(model), token, state)
             errs = {}
             for f, a, b in [("logits", got[0], want[0]),
@@ -191,14 +192,12 @@ def parse_blocks(spec: str, flag: str = "--sweep-blocks"):
 
 
 def blocks_label(blocks) -> str:
-    """DecodeBlockSizes -> "2x256x4" (OUTxINxWARPS, then any option off); LayerBlockSizes ->
-    the four kernels' joined by /."""
+    """DecodeBlockSizes -> "2x256x4" (OUTxINxWARPS); LayerBlockSizes -> the four kernels' joined by /."""
     from pallas_kernels.decode import DecodeBlockSizes
 
     if not isinstance(blocks, DecodeBlockSizes):
         return "/".join(blocks_label(b) for b in blocks)
-    off = [name for name in ("early_loads", "reduce_once") if not getattr(blocks, name)]
-    return f"{blocks.block_out}x{blocks.block_in}x{blocks.num_warps}" + "".join(f" no {n}" for n in off)
+    return f"{blocks.block_out}x{blocks.block_in}x{blocks.num_warps}"
 
 
 def greedy_steps(spec, steps: int):
@@ -225,32 +224,23 @@ def greedy_steps(spec, steps: int):
 def sweep_fused(model, log, steps=64, blocks_list=None, gen_tokens=512):
     """ms per RNN step (bf16, B = 1) of a jitted loop of greedy steps, per block sizes (a
     DecodeBlockSizes for all four kernels of a layer or a LayerBlockSizes; blocks_list: these
-    instead of the default list); then rw.generate's (gen_tokens and a
-    quarter of them)."""
-    import dataclasses
-
+    instead of the default list), with and without the L2 hints and the resident output
+    matrices; then rw.generate's (gen_tokens and a quarter of them)."""
     import jax
     import jax.numpy as jnp
 
     from pallas_kernels.decode import DecodeBlockSizes, LayerBlockSizes
-    from rwkv2_jax.generation.step import decode_params, rnn_step, spec_of
+    from rwkv2_jax.generation import generator
     from rwkv2_jax.generation.generator import prefill
+    from rwkv2_jax.generation.step import DecodeOptions, decode_params, rnn_step, spec_of
 
     _, state0 = prefill(model, [[1, 2, 3]])
     dparams = decode_params(model)
-
-    # Session 5 (H200): block_out 2 or 8 and 8 warps were no faster than the defaults;
-    # session 6: one kernel per layer with grid barriers was slower (docs/PERF.md).
-    # Session 9: early vector loads and one reduction per matrix (on by default), each alone;
-    # the head through pallas_kernels.matvec instead of XLA's cuBLAS gemv: no faster (removed);
-    # session 10: each kernel reading the next one's weights into the L2 (prefetch): 41% slower, removed.
-    # Session 11: block sizes per kernel (bench/decode_kernels.py), LayerBlockSizes().
     default = LayerBlockSizes()
-    variants = [("per-operation step", dict(fused=False)), (f"fused {blocks_label(default)} (default)", {})]
-    for b in blocks_list or (DecodeBlockSizes(),
-                             DecodeBlockSizes(early_loads=False, reduce_once=False),
-                             DecodeBlockSizes(reduce_once=False), DecodeBlockSizes(early_loads=False),
-                             DecodeBlockSizes(num_warps=8), DecodeBlockSizes(block_out=4, block_in=512),
+    variants = [("per-operation step", dict(fused=False)), (f"fused {blocks_label(default)} (default)", {}),
+                ("fused, no L2 hints (XLA's head)", dict(stream_weights=False)),
+                ("fused, no resident output matrices", dict(resident_out_bytes=0))]
+    for b in blocks_list or (DecodeBlockSizes(), DecodeBlockSizes(num_warps=8), DecodeBlockSizes(block_out=4, block_in=512),
                              DecodeBlockSizes(block_out=2, block_in=512), DecodeBlockSizes(block_out=4, block_in=256)):
         if b != default:
             variants.append((f"fused {blocks_label(b)}", dict(fused_blocks=b)))
@@ -258,7 +248,7 @@ def sweep_fused(model, log, steps=64, blocks_list=None, gen_tokens=512):
     token0 = jnp.ones((1,), jnp.int32)
     for name, change in variants:
         t0 = time.perf_counter()
-        spec = dataclasses.replace(spec_of(model), **change)
+        spec = spec_of(model, DecodeOptions(**change))
         f = functools.partial(greedy_steps(spec, steps), dparams, jnp.zeros((1,), jnp.int32))
         jax.block_until_ready(f(state0))
         # one step from the same state vs the per-operation step (bf16: rounding apart)
@@ -271,66 +261,49 @@ def sweep_fused(model, log, steps=64, blocks_list=None, gen_tokens=512):
         kernels = sum(e.primitive.name == "pallas_call" and "decode_" in str(e.params.get("name", ""))
                       for e in jaxpr.eqns)
         sec = median_time(lambda: jax.block_until_ready(f(state0)), 5)
-        # bf16 rounding apart: ~7e-3 on an H200; and the fused kernels must be what ran
+        # bf16 rounding apart (below 1e-2); and the fused kernels must be what ran
         verdict = "PASS" if dev < 5e-2 and (kernels > 0) == fused else f"FAIL ({kernels} fused kernels)"
         log(f"| {name} | {1e3 * sec / steps:.3f} | {steps / sec:,.0f} |  ({time.perf_counter() - t0:.0f} s; "
             f"one step's logits vs the per-operation step's: rel. {dev:.1e} {verdict})")
     # rw.generate around the default step: its loop's steps per iteration, and the cost
     # that does not grow with the tokens (from two lengths).
-    gen = importlib.import_module("rwkv2_jax.generation.generator")  # the module (rwkv2_jax.generation.generator is also the function)
-
-    per_iter = gen.DEVICE_STEPS_PER_ITER
+    per_iter = generator.DEVICE_STEPS_PER_ITER
     try:
         for k, n in ((4, gen_tokens), (per_iter, gen_tokens), (per_iter, max(gen_tokens // 4, 1))):
-            gen.DEVICE_STEPS_PER_ITER = k
+            generator.DEVICE_STEPS_PER_ITER = k
             t0 = time.perf_counter()
             run_decode(model, [[1]], n, dict(temperature=0))
             sec = median_time(functools.partial(run_decode, model, [[1]], n, dict(temperature=0)), 5)
             log(f"| rw.generate, {n} tokens, {k} steps per loop iteration | {1e3 * sec / n:.3f} | {n / sec:,.0f} "
                 f"|  ({time.perf_counter() - t0:.0f} s)")
     finally:
-        gen.DEVICE_STEPS_PER_ITER = per_iter
+        generator.DEVICE_STEPS_PER_ITER = per_iter
 
 
-SWEEP_VARIANTS = ("ops", "all", "all-dot5", "pad16", "fused")  # --sweep-variants: sweep_batches' rows, in order
+SWEEP_VARIANTS = ("ops", "pad16", "fused")  # --sweep-variants: sweep_batches' rows, in order
 
 
 def sweep_batches(model, log, batches, steps=32, fused_up_to=4, only=SWEEP_VARIANTS):
     """ms per RNN step (bf16) of a jitted loop of greedy steps at each batch size: the
-    per-operation step unpadded (its default products: XLA's, the wide ones on pallas_kernels.matvec),
-    the same with all four products of every layer on pallas_kernels.matvec
-    (StepSpec.pallas_products="all"; the head stays XLA's), the latter with the kernel's
-    tensor-core path from 5 rows instead of 9 (at 5-8 rows only), the per-operation step with
-    the rows padded to 16 (StepSpec.pad_rows; at 5-15 rows only), and the fused kernels
-    (pallas_kernels.decode, with the block sizes the step takes by default at that batch size,
-    at any batch they take) up to `fused_up_to` rows (2x slower than the per-operation step at
-    8 rows, docs/PERF.md session 12): to choose the largest batch that runs the fused kernels
-    (rwkv2_jax.generation.step.FUSED_MAX_BATCH) and which products run on the Pallas kernel. Each
-    variant's kernels and one-step logits are checked (against the first variant's). only: the
-    variants to time, by their SWEEP_VARIANTS keys (in that order)."""
-    import dataclasses
-
+    per-operation step unpadded, the same with the rows padded to 16 (DecodeOptions.pad_rows; at
+    5-15 rows only), and the fused kernels (pallas_kernels.decode, with the block sizes the step
+    takes by default at that batch size) up to `fused_up_to` rows: the measurements behind
+    FUSED_MAX_BATCH and PAD_ROWS (rwkv2_jax.generation.step). Each variant's kernels and
+    one-step logits are checked (against the first variant's). only: the variants to time, by
+    their SWEEP_VARIANTS keys (in that order)."""
     import jax
     import jax.numpy as jnp
 
     from pallas_kernels.decode import MAX_BATCH
-    from pallas_kernels.matvec import MAX_BATCH as MATVEC_MAX_BATCH
-    from pallas_kernels.matvec import MatvecBlockSizes
-    from rwkv2_jax.generation.step import decode_params, rnn_step, spec_of
     from rwkv2_jax.generation.generator import prefill
+    from rwkv2_jax.generation.step import DecodeOptions, decode_params, rnn_step, spec_of
 
     dparams = decode_params(model)
     one = jax.jit(rnn_step, static_argnums=0)
-    L = model.config.n_layer
-    every = dict(fused=False, pallas_products="all", pad_rows=())
-    variants = {  # SWEEP_VARIANTS key -> (row name, StepSpec changes, matvec kernels meant, rows timed)
-        "ops": ("per-operation step", dict(fused=False, pad_rows=()), 0, None),
-        # four products per layer (a time-mix layer's K/V/R are one merged matrix)
-        "all": ("per-operation step, every layer product on the Pallas matvec", every, 4 * L, None),
-        "all-dot5": ("the same, matvec tensor cores from 5 rows",
-                     dict(every, matvec_blocks=MatvecBlockSizes(dot_min_batch=5)), 4 * L, (5, 8)),
-        "pad16": ("per-operation step, rows padded to 16", dict(fused=False, pad_rows=((5, 15, 16),)), 0, (5, 15)),
-        "fused": ("fused kernels", dict(fused=True, fused_max_batch=MAX_BATCH), -1, (1, fused_up_to)),
+    variants = {  # SWEEP_VARIANTS key -> (row name, DecodeOptions, rows timed)
+        "ops": ("per-operation step", dict(fused=False, pad_rows=()), None),
+        "pad16": ("per-operation step, rows padded to 16", dict(fused=False, pad_rows=((5, 15, 16),)), (5, 15)),
+        "fused": ("fused kernels", dict(fused=True, fused_max_batch=MAX_BATCH), (1, fused_up_to)),
     }
     assert tuple(variants) == SWEEP_VARIANTS
     variants = [variants[key] for key in SWEEP_VARIANTS if key in only]
@@ -338,27 +311,24 @@ def sweep_batches(model, log, batches, steps=32, fused_up_to=4, only=SWEEP_VARIA
         _, state0 = prefill(model, [[1, 2, 3]] * B)
         token0 = jnp.ones((B,), jnp.int32)
         ref = None
-        for name, change, matvecs, rows in variants:
-            fused = change["fused"]
+        for name, options, rows in variants:
+            fused = options["fused"]
             if rows is not None and not rows[0] <= B <= rows[1]:
                 log(f"| {B} | {name} | not timed | (timed at {rows[0]}-{rows[1]} rows) |")
                 continue
             t0 = time.perf_counter()
-            spec = dataclasses.replace(spec_of(model), **change)
+            spec = spec_of(model, DecodeOptions(**options))
             f = functools.partial(greedy_steps(spec, steps), dparams)
             jax.block_until_ready(f(token0, state0))
             jaxpr = jax.make_jaxpr(rnn_step, static_argnums=0)(spec, dparams, token0, state0).jaxpr
             names = [str(e.params.get("name", "")) for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
             kernels = sum("decode_" in n for n in names)
-            n_matvec = sum(n == "matvec" for n in names)
-            # the step that was meant: fused kernels or none; every product on the matvec kernel
+            # the step that was meant: fused kernels or none
             ran = "" if (kernels > 0) == fused else f" FAIL ({kernels} fused kernels)"
-            if matvecs > 0 and B <= MATVEC_MAX_BATCH and n_matvec != matvecs:
-                ran += f" FAIL ({n_matvec} matvec kernels, {matvecs} meant)"
             logits = one(spec, dparams, token0, state0)[0]
             ref = logits if ref is None else ref
             dev = float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref))
-            if dev > 5e-2:  # bf16 rounding apart: ~7e-3 (fused vs per-operation, sessions 5-13)
+            if dev > 5e-2:  # bf16 rounding apart: below 1e-2
                 ran += f" FAIL (logits rel. {dev:.1e})"
             sec = median_time(lambda: jax.block_until_ready(f(token0, state0)), 5)
             log(f"| {B} | {name} | {1e3 * sec / steps:.3f} | {B * steps / sec:,.0f} |  "
@@ -399,6 +369,7 @@ def gpu_main(args, log) -> int:
 
     import rwkv2_jax as rw
     from rwkv2_jax.generation.generator import prefill, with_weight_dtype
+    from rwkv2_jax.generation.step import DecodeOptions
 
     t_start = time.perf_counter()
     dev = jax.devices()[0]
@@ -443,7 +414,7 @@ def gpu_main(args, log) -> int:
         sweep_fused(models["bfloat16"], log, blocks_list=parse_blocks(args.sweep_blocks), gen_tokens=args.steps_b1)
         log(f"# total {time.perf_counter() - t_start:.0f} s (--sweep-fused: no table)")
         return 0
-    models["bfloat16 per-op"] = models["bfloat16"].replace(fused_decode=False)
+    models["bfloat16 per-op"] = models["bfloat16"]  # with DecodeOptions(fused=False) in its row
     log(row(("weights", "B", "what", "tokens/s", "ms")))
     log("|" + "|".join("-" * (w + 2) for w in WIDTHS) + "|")
     jobs = []
@@ -453,8 +424,8 @@ def gpu_main(args, log) -> int:
             if B == 1:  # the same steps without generate's sampling and bookkeeping, same process
                 jobs.append((name, 1, "jitted loop of 64 steps + argmax (no generate)", "steps"))
         if name == "bfloat16":
-            jobs.append(("bfloat16 per-op", 1, "decode, greedy, per-operation step (fused_decode=False)",
-                         dict(temperature=0)))
+            jobs.append(("bfloat16 per-op", 1, "decode, greedy, per-operation step (DecodeOptions(fused=False))",
+                         dict(temperature=0, decode_options=DecodeOptions(fused=False))))
         jobs.append((name, 1, f"prefill T={args.prefill_len} (+1 RNN step), with state", None))
     # Ragged prompts: 8 rows of T/2 .. T tokens (padded chunks: the kernel with lengths).
     ragged = [prompt[: args.prefill_len // 2 + 1 + i * args.prefill_len // 16] for i in range(8)]
@@ -494,6 +465,16 @@ def gpu_main(args, log) -> int:
     return 0
 
 
+def host_copy_bandwidth(repeats: int, nbytes: int = 256 << 20) -> float:
+    """Bytes read + written per second by a numpy copy of nbytes: roughly what this machine's
+    memory delivers to one stream of reads."""
+    import numpy as np
+
+    src = np.ones(nbytes // 8)
+    dst = np.empty_like(src)
+    return 2 * src.nbytes / median_time(lambda: np.copyto(dst, src), repeats)
+
+
 def cpu_main(args, log) -> int:
     import jax
     import numpy as np
@@ -504,11 +485,13 @@ def cpu_main(args, log) -> int:
     from rwkv2_jax.testing.release_checkpoint import make_release_state_dict
     from rwkv2_jax.testing.torch_reference import TorchRWKV2
 
-    L, C, V, n = args.cpu_layers, args.cpu_width, args.cpu_vocab, args.cpu_steps
+    L, C, V, n, T = args.cpu_layers, args.cpu_width, args.cpu_vocab, args.cpu_steps, args.cpu_gpt_len
     sd = make_release_state_dict(L, C, V, seed=0)
     model = rw.from_release_arrays({k: v.numpy() for k, v in sd.items()}, wkv_impl="reference")
     ref = TorchRWKV2(sd, k_eps=model.config.k_eps)
-    prompt = [int(t) for t in np.random.default_rng(0).integers(1, V, 8)]
+    rng = np.random.default_rng(0)
+    prompt = [int(t) for t in rng.integers(1, V, 8)]
+    tokens = rng.integers(0, V, (1, T))
 
     def ours(B=1):
         return generate(model, [prompt] * B, n, temperature=0)
@@ -538,14 +521,22 @@ def cpu_main(args, log) -> int:
     t_top_p = median_time(lambda: generate(model, [prompt], n, top_p=0.7, seed=0), args.repeats)
     loop = steps_loop(model, 32)  # the decode step alone (no prefill, no sampling, no host loop)
     t_loop = median_time(loop, args.repeats)
+    t_gpt = median_time(lambda: model(tokens).block_until_ready(), args.repeats)
+    t_gpt_ref = median_time(lambda: ref.forward(torch.as_tensor(tokens)), args.repeats)
     log(f"| {'PyTorch reference, RNN loop + argmax (B=1)':52s} | {n / t_ref:9.1f} |")
     log(f"| {'ours, generate() incl. prefill (B=1)':52s} | {n / t_ours:9.1f} |")
     log(f"| {'ours, generate() incl. prefill (B=8)':52s} | {8 * n / t_ours8:9.1f} |")
     log(f"| {'ours, jitted loop of 32 steps + argmax (no generate)':52s} | {32 / t_loop:9.1f} |")
     log(f"| {'ours, generate() top_p=0.7 (sample.py default) (B=1)':52s} | {n / t_top_p:9.1f} |")
-    log(f"# batch-1 speed-up over the reference: {t_ref / t_ours:.1f}x")
-    # What bounds both: the head product alone, [1, C] x [C, V] float32 (the weights' bytes
-    # per token are mostly the head's at this size).
+    log(f"| {f'PyTorch reference, GPT mode T={T} (B=1)':52s} | {T / t_gpt_ref:9.1f} |")
+    log(f"| {f'ours, GPT mode T={T} (B=1)':52s} | {T / t_gpt:9.1f} |")
+    log(f"# batch-1 decode speed-up over the reference: {t_ref / t_ours:.2f}x; GPT mode: {t_gpt_ref / t_gpt:.2f}x")
+    # What bounds both decodes: every matrix but the embedding is read once per token.
+    step_bytes = sum(v.numel() * 4 for k, v in sd.items() if v.ndim == 2 and k != "emb.weight")
+    bw = host_copy_bandwidth(args.repeats)
+    log(f"# memory-bandwidth floor: {step_bytes / 1e6:.1f} MB of float32 weights per token at "
+        f"{bw / 1e9:.1f} GB/s (numpy copy, read + write) -> at most {bw / step_bytes:,.0f} tokens/s")
+    # The head product alone, [1, C] x [C, V] float32 (most of those bytes at a large vocabulary).
     w = sd["head.weight"].float()  # [V, C], as the release stores it
     x = torch.randn(1, C)
     x_jax, w_jax = jax.numpy.asarray(x.numpy()), jax.numpy.asarray(w.numpy())
@@ -577,22 +568,23 @@ def main(argv=None) -> int:
                    "this regular expression, e.g. 'greedy, one|top_p'")
     p.add_argument("--skip-checks", action="store_true", help="no correctness checks before the timings "
                    "(for a re-timing of code whose checks passed on this card)")
-    p.add_argument("--sweep-fused", action="store_true", help="time the fused decode step's block sizes "
-                   "(bf16, B=1; each variant's logits checked against the per-operation step) and rw.generate's loop, instead of the table")
+    p.add_argument("--sweep-fused", action="store_true", help="time the fused decode step's block sizes and L2 hints "
+                   "(bf16, B=1; each variant's logits checked against the per-operation step) and rw.generate's loop, "
+                   "instead of the table")
     p.add_argument("--sweep-blocks", default="", help="with --sweep-fused: these block sizes instead of the "
                    "default list, comma-separated: OUTxIN[xWARPS] for all four kernels of a layer, or four joined by / "
                    "for time_mix_in/att_out/channel_mix_in/ffn_out (e.g. 2x256,4x512x8,2x256/1x256/2x256x2/2x2048)")
     p.add_argument("--sweep-batches", default="", help="time the decode step's variants at these batch sizes (bf16, "
-                   "comma-separated: the per-operation step, the same with every layer product on the Pallas matvec "
-                   "kernel, with the rows padded to 16, the fused kernels up to 4 rows), instead of the table")
+                   "comma-separated: the per-operation step, the same with the rows padded to 16, the fused kernels "
+                   "up to 4 rows), instead of the table")
     p.add_argument("--sweep-variants", default=",".join(SWEEP_VARIANTS),
                    help=f"with --sweep-batches: the variants timed, comma-separated, of {','.join(SWEEP_VARIANTS)} "
-                   "(per-operation step; every layer product on the matvec kernel; the same with its tensor cores "
-                   "from 5 rows; rows padded to 16; fused kernels) (default all)")
+                   "(per-operation step; rows padded to 16; fused kernels) (default all)")
     p.add_argument("--cpu-layers", type=int, default=6)
     p.add_argument("--cpu-width", type=int, default=512)
     p.add_argument("--cpu-vocab", type=int, default=50277)
     p.add_argument("--cpu-steps", type=int, default=32, help="tokens decoded in the CPU rows (default 32)")
+    p.add_argument("--cpu-gpt-len", type=int, default=256, help="tokens of the CPU rows' GPT mode (default 256)")
     p.add_argument("--log", default=None, help="also append the output to this file")
     args = p.parse_args(argv)
     try:

@@ -1,5 +1,5 @@
 """Decode-step matrix products on one GPU: correctness of the Pallas matvec kernel first, then a
-timing table against XLA's dot (the current decode path, rwkv2_jax.generation.step._matvec).
+timing table against XLA's dot (what the decode step runs otherwise).
 
     python3 bench/matvec.py                 # checks, copy bandwidth, the table (B=1, bf16): < ~90 s
     python3 bench/matvec.py --batch 1 8     # also B=8 (checks and table)
@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: this checkout first
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -132,7 +132,7 @@ def plan_str(plan) -> str:
 
 
 def xla_product(x, w_t):
-    """The decode path's product (rwkv2_jax.generation.step._matvec with bf16 weights)."""
+    """XLA's product as the decode step runs it (bf16 weights, [out, in])."""
     return lax.dot_general(x.astype(w_t.dtype), w_t, (((1,), (1,)), ((), ())))
 
 

@@ -2,7 +2,7 @@
 
     python3 bench/profile.py decode --batch 1          # rw.generate's decode loop, bf16 L24-D1024
     python3 bench/profile.py decode --batch 64 --dtype float32
-    python3 bench/profile.py decode --no-fused         # the per-operation step (Model(fused_decode=False))
+    python3 bench/profile.py decode --no-fused         # the per-operation step (DecodeOptions(fused=False))
     python3 bench/profile.py prefill --tokens 2048     # rw.prefill of one prompt
     python3 bench/profile.py train                     # one bf16 training step, B=8, T=768
     python3 bench/profile.py decode --smoke            # tiny model on CPU (checks the script)
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: this checkout first
 
 
 def parse_args(argv=None):
@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=2048, help="prefill tokens / training ctx_len (train default 768)")
     p.add_argument("--top", type=int, default=25, help="kernel groups shown (default 25)")
     p.add_argument("--no-fused", action="store_true",
-                   help="decode with the per-operation step (Model(fused_decode=False))")
+                   help="decode with the per-operation step (DecodeOptions(fused=False))")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU")
     return p.parse_args(argv)
 
@@ -90,6 +90,7 @@ def workload(args):
     import rwkv2_jax as rw
     from bench.decode import parse_size, random_params
     from rwkv2_jax.generation.generator import generate, prefill, with_weight_dtype
+    from rwkv2_jax.generation.step import DecodeOptions
 
     if args.smoke:
         args.preset = "L2-D64"
@@ -112,14 +113,16 @@ def workload(args):
             jax.block_until_ready(m)
 
         return fn, 1
-    model = rw.Model(config, random_params(config, 0), fused_decode=not args.no_fused)
+    model = rw.Model(config, random_params(config, 0))
+    options = DecodeOptions(fused=not args.no_fused)
     if args.dtype == "bfloat16":
         model = with_weight_dtype(model, jnp.bfloat16)
     rng = np.random.default_rng(0)
     if args.what == "decode":
         prompts = rng.integers(1, config.vocab_size, (args.batch or 1, 1)).tolist()
         steps = 8 if args.smoke else args.steps
-        return (lambda: generate(model, prompts, steps, temperature=0, decode_loop="device")), steps
+        return (lambda: generate(model, prompts, steps, temperature=0, decode_loop="device",
+                                 decode_options=options)), steps
     prompt = rng.integers(1, config.vocab_size, (32 if args.smoke else args.tokens) + 1).tolist()
     return (lambda: prefill(model, [prompt])[0].block_until_ready()), 1
 

@@ -74,13 +74,9 @@ def gpu_kernel_events(trace_dir: str):
     return events
 
 
-def device_time(fn, arg_sets, calls: int):
-    """GPU kernel seconds per call, from a jax.profiler trace of `calls` back-to-back calls:
-    for each kernel, its median duration times how often a call runs it, summed over the
-    kernels (None where the trace holds no GPU kernels).
-
-    Unlike wall time per call this does not include the host's dispatch of each call, which
-    is what back-to-back calls of a kernel shorter than the dispatch measure instead."""
+def kernel_breakdown(fn, arg_sets, calls: int):
+    """[(kernel name, launches per call, median µs per launch)] on the GPU, from a jax.profiler
+    trace of `calls` back-to-back calls, longest first (None where the trace holds no GPU kernels)."""
     jax.block_until_ready(fn(*arg_sets[0]))
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
@@ -94,4 +90,18 @@ def device_time(fn, arg_sets, calls: int):
     by_name = collections.defaultdict(list)
     for name, _, dur in events:
         by_name[name].append(dur)
-    return sum(statistics.median(d) * len(d) / calls for d in by_name.values()) / 1e9
+    rows = [(name, len(d) / calls, statistics.median(d) / 1e3) for name, d in by_name.items()]
+    return sorted(rows, key=lambda r: -r[1] * r[2])
+
+
+def device_time(fn, arg_sets, calls: int):
+    """GPU kernel seconds per call, from a jax.profiler trace of `calls` back-to-back calls:
+    for each kernel, its median duration times how often a call runs it, summed over the
+    kernels (None where the trace holds no GPU kernels).
+
+    Unlike wall time per call this does not include the host's dispatch of each call, which
+    is what back-to-back calls of a kernel shorter than the dispatch measure instead."""
+    rows = kernel_breakdown(fn, arg_sets, calls)
+    if not rows:
+        return None
+    return sum(per_call * us for _, per_call, us in rows) / 1e6

@@ -5,17 +5,20 @@
     python3 bench/wkv.py --sweep-only unroll --no-check     # those variants and the defaults only
     python3 bench/wkv.py --trials 5       # each row on 5 fresh allocations: median (range)
     python3 bench/wkv.py --wall-only      # no profiler traces: wall time per call only
+    python3 bench/wkv.py --kernels        # also list the GPU kernels of each Pallas call
     python3 bench/wkv.py --smoke          # tiny shapes in interpret mode (CPU, checks the script)
 
-Each cell has two times per call, after a compile-and-warm-up call, rotating over three input
-sets where they fit so the L2 cache does not hold the inputs:
+Each cell has up to three times per call, after a compile-and-warm-up call, rotating over
+three input sets where they fit so the L2 cache does not hold the inputs:
 * "GPU": the kernels' own time, from a jax.profiler trace of back-to-back calls (each GPU
-  kernel's median duration times its count per call, summed). This is the kernel's speed,
-  and what a call costs inside a jitted model.
+  kernel's median duration times its count per call, summed). This is the kernel's speed.
+* "jit16": the wall time per call of 16 independent calls (distinct inputs) inside one jitted
+  function: what a call costs inside a jitted model, launch gaps and any XLA op around the
+  Pallas calls included (skipped where 16 input sets would not fit in --jit16-gb).
 * "wall": the median over repeats of N back-to-back calls followed by one block (repeat time
-  / N). It includes the host's dispatch of each call: the script prints that floor (a
-  jitted call of four inputs running one tiny kernel; 36-54 us on the H100 and H200 hosts of
-  session 8), and a kernel shorter than it is timed as the dispatch, not as itself.
+  / N). It includes the host's dispatch of each call: the script prints that floor (a jitted
+  call of four inputs running one tiny kernel), and a kernel shorter than it is timed as the
+  dispatch, not as itself.
 Slow rows (over 0.1 s a call: the baselines) are not traced; their cell is the wall time.
 "GB/s" is the fewest bytes the operation must move (inputs read once, outputs written once:
 forward k, v, out; backward k, v, g, dk, dv) over the GPU time (else the wall time), and
@@ -34,28 +37,30 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: this checkout first
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.timing import copy_bandwidth, device_time, time_fn  # noqa: E402
+from bench.timing import copy_bandwidth, device_time, kernel_breakdown, time_fn  # noqa: E402
 
-from pallas_kernels import WKVBlockSizes, wkv, wkv_with_state  # noqa: E402
+from pallas_kernels.wkv import WKVBlockSizes, wkv, wkv_with_state  # noqa: E402
 from pallas_kernels.wkv import _make_plan  # noqa: E402
 from pallas_kernels.wkv import WKVState, wkv_convolution, wkv_reference  # noqa: E402
 from pallas_kernels.wkv import wkv_with_state_reference as reference_with_state  # noqa: E402
 
-# The five of issue 3, then (1, 1024, 1024): one 1,024-token chunk of a batch-1 prefill.
+# (B, C, T): training shapes of the released widths and a longer context, single long rows
+# (time chunks), then (1, 1024, 1024): one 1,024-token chunk of a batch-1 prefill.
 SIZES = [(8, 1024, 768), (8, 1024, 1024), (8, 2048, 1024), (1, 1024, 16384), (1, 1024, 65536), (1, 1024, 1024)]
+IN_JIT_CALLS = 16  # calls per jitted program of the "jit16" time (--smoke: 2)
 CONV_MAX_BYTES = 10e9  # the convolution's [T, T, C] float32 weights must stay under this
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default=None,
-                   help="B,C,T triples separated by ';' (default: the five of issue 3)")
+                   help="B,C,T triples separated by ';' (default: SIZES)")
     p.add_argument("--reps", type=int, default=7, help="timed repeats per measurement (median)")
     p.add_argument("--min-time", type=float, default=0.15,
                    help="seconds of back-to-back calls per repeat (sets N)")
@@ -70,6 +75,10 @@ def parse_args():
     p.add_argument("--wall-only", action="store_true",
                    help="no profiler traces: only the wall time per call of back-to-back calls "
                         "(which includes the host's dispatch of each call)")
+    p.add_argument("--kernels", action="store_true",
+                   help="print each Pallas row's GPU kernels per call (from the trace of the jit16 calls)")
+    p.add_argument("--jit16-gb", type=float, default=8.0,
+                   help="largest total size of the 16 input sets of a jit16 measurement, GB (default 8)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--no-baselines", action="store_true", help="time only the Pallas kernel")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
@@ -111,7 +120,7 @@ def vjp_fn(fn):
 def check(args) -> bool:
     interpret = args.smoke
     seed = int(np.random.SeedSequence().entropy % 2**31)
-    print(f"## Correctness (kernel vs rwkv2_jax.wkv reference, outputs and 4 gradients), seed={seed}")
+    print(f"## Correctness (kernel vs pallas_kernels.wkv's reference, outputs and 4 gradients), seed={seed}")
     big = [] if args.smoke else [(8, 1024, 1024, "normal", 60.0, jnp.float32),
                                  (8, 1024, 1024, "normal", None, jnp.float32)]
     cases = big + [
@@ -184,19 +193,25 @@ def floor_bytes(B, T, C, itemsize):
     return fwd, fwd + bwd
 
 
-def time_cell(gpus, walls, nbytes, copy_bw) -> str:
-    """"GPU median (range); wall median (range) | GB/s (%copy)" in µs, over the trials."""
+def time_cell(gpus, walls, nbytes, copy_bw, jit16=None, calls=IN_JIT_CALLS) -> str:
+    """"GPU median (range); [jit16 t;] wall median (range) | GB/s (%copy)" in µs, over the trials."""
     def stat(ts):
         spread = f" ({min(ts) * 1e6:,.1f}–{max(ts) * 1e6:,.1f})" if len(ts) > 1 else ""
         return f"{statistics.median(ts) * 1e6:,.1f}{spread}"
 
     t = statistics.median(gpus or walls)
     gbs = nbytes / t / 1e9
-    times = f"GPU {stat(gpus)}; wall {stat(walls)}" if gpus else f"wall {stat(walls)}"
+    in_jit = "" if jit16 is None else f"jit{calls} {jit16 * 1e6:,.1f}; "
+    times = f"GPU {stat(gpus)}; {in_jit}wall {stat(walls)}" if gpus else f"{in_jit}wall {stat(walls)}"
     return f"{times} | {gbs:,.0f} ({100 * gbs * 1e9 / copy_bw:.0f}%)"
 
 
-def bench_row(name, fwd, fb, B, C, T, dtype, copy_bw, args, n_sets, trials=None):
+def in_jit(fn):
+    """One jitted function running fn on each of its input sets: independent calls in one program."""
+    return jax.jit(lambda sets: [fn(*a) for a in sets])
+
+
+def bench_row(name, fwd, fb, B, C, T, dtype, copy_bw, args, n_sets, trials=None, jit16=False):
     itemsize = jnp.dtype(dtype).itemsize
     b_fwd, b_fb = floor_bytes(B, T, C, itemsize)
     cells, compile_s = [], []
@@ -217,7 +232,20 @@ def bench_row(name, fwd, fb, B, C, T, dtype, copy_bw, args, n_sets, trials=None)
                     if gpu is not None:
                         gpus.append(gpu)
                 del sets, fa
-            cells.append(time_cell(gpus, walls, nbytes, copy_bw))
+            per_call = None
+            set_bytes = B * T * C * (2 * itemsize + (4 if which else 0))  # k, v (and g)
+            if jit16 and args.jit_calls * set_bytes <= args.jit16_gb * 1e9:
+                sets = [make_inputs(5000 + s, B, T, C, "normal", dtype) for s in range(args.jit_calls)]
+                many = [(tuple(a if which == 0 else (*a, g) for a, g in sets),)]
+                del sets
+                multi = in_jit(fn)
+                per_call = time_fn(multi, many, args.reps, args.min_time) / args.jit_calls
+                if args.kernels and not args.wall_only:
+                    for kname, n, us in kernel_breakdown(multi, many, 3) or ():
+                        print(f"  {name} B={B} C={C} T={T} {'fwd+bwd' if which else 'fwd'}: kernel {kname[:80]} "
+                              f"{n / args.jit_calls:g} per call x {us:,.1f} us")
+                del many
+            cells.append(time_cell(gpus, walls, nbytes, copy_bw, per_call, args.jit_calls))
         except Exception as e:  # noqa: BLE001 - one failure must not end the run
             print(f"  {name} B={B} C={C} T={T}: {type(e).__name__}: {str(e)[:300]}")
             cells.append("failed | -")
@@ -252,7 +280,7 @@ def table(args, copy_bw):
             fwd = jax.jit(lambda k, v, td, tf, kw=kw: wkv(k, v, td, tf, interpret=interp, **kw))
             fb = vjp_fn(lambda k, v, td, tf, kw=kw: wkv(k, v, td, tf, interpret=interp, **kw))
             rows.append(bench_row(f"{name} ({plan.n_chunks} chunk{'s' * (plan.n_chunks > 1)})",
-                                  fwd, fb, B, C, T, dtype, copy_bw, args, n_sets))
+                                  fwd, fb, B, C, T, dtype, copy_bw, args, n_sets, jit16=True))
         if args.no_baselines:
             continue
         rows.append(bench_row("plain-JAX scan", jax.jit(wkv_reference), vjp_fn(wkv_reference),
@@ -274,22 +302,19 @@ def sweep(args, copy_bw):
     print("\n## Sweep (pallas, k_clamp=60, float32): block sizes vs time")
     W = WKVBlockSizes
     big = (8, 1024, 1024)
-    # (block sizes, which passes, shapes): variants of the defaults (docstring of WKVBlockSizes).
+    # (block sizes, which passes, shapes): one change of each default (WKVBlockSizes) at a time.
     variants = [
         (W(), "both", (big,)),
-        # Session 7: the forward and backward with time split across warps (`_fwd_tile_kernel`,
-        # `_bwd_tile_kernel`); time_split 1 is the serial kernels (the defaults before).
-        (W(time_split=1), "both", (big,)),
+        (W(time_split=1), "both", (big,)),  # the serial kernels
         (W(time_split=2), "both", (big,)),
         (W(time_split=8), "both", (big,)),
-        # Session 8 (H200, GPU time) tried block_c 16 (time_split 4 or 8) and 8 (16): two or
-        # four times the programs at the same threads, all slower (fwd 41.7-57.0 vs 29.9 us,
-        # fwd+bwd 120.1-190.3 vs 89.3); block_c 16 stays here for them. unroll 32: fwd 32.1.
-        (W(block_c=16), "both", (big,)),
+        (W(block_c=16), "both", (big,)),  # twice the programs at the same threads
         (W(unroll=8), "fwd", (big,)),
+        (W(unroll=32), "fwd", (big,)),
         (W(unroll_train=8), "fb", (big,)),
-        # 64 time chunks instead of 16 at B = 1, T = 65,536 (session 7: 490 vs 576 us forward).
-        (W(chunk_to=2048), "both", ((1, 1024, 65536),)),
+        (W(unroll_train=32), "fb", (big,)),
+        (W(min_chunk=512), "both", ((1, 1024, 1024),)),  # 2 time chunks instead of 16 (a prefill chunk)
+        (W(chunk_to=2048), "both", ((1, 1024, 65536),)),  # 64 time chunks instead of 16
     ]
     if args.smoke:
         variants = [(bs, which, ((2, 40, 64),)) for bs, which, _ in variants]
@@ -324,6 +349,7 @@ def sweep(args, copy_bw):
 
 def main():
     args = parse_args()
+    args.jit_calls = 2 if args.smoke else IN_JIT_CALLS
     if args.smoke:
         args.reps, args.min_time = 2, 0.01
     dev = jax.devices()[0]

@@ -1,6 +1,8 @@
-"""Pallas GPU kernels (Triton lowering) for rwkv2_jax; each runs on CPU with interpret=True."""
+"""Pallas GPU kernels (Triton lowering), each beside its plain-JAX reference; all run on CPU with interpret=True.
 
-from pallas_kernels.matvec import MatvecBlockSizes, matvec, matvec_reference
-from pallas_kernels.wkv import WKVBlockSizes, wkv, wkv_with_state
+    pallas_kernels.wkv     the WKV operator: forward and backward, with and without state
+    pallas_kernels.matvec  small-batch matrix-vector products of the decode step
+    pallas_kernels.decode  the batch-1 decode step as four fused kernels per layer
 
-__all__ = ["MatvecBlockSizes", "WKVBlockSizes", "matvec", "matvec_reference", "wkv", "wkv_with_state"]
+Import the submodules; this package imports nothing from rwkv2_jax.
+"""

@@ -1,10 +1,9 @@
-"""Pallas GPU kernels for the batch-1 decode step: one layer in four kernels.
+"""Pallas GPU kernels for the decode step of one or two rows: each layer as four kernels.
 
-At T = 1 and a few rows, the RNN step is ~100 matrix-vector products and ~180 small
-elementwise kernels per token for L24-D1024 (bench/profile.py decode, docs/PERF.md); each kernel
-costs 1-5 us however little it reads, so the step is bound by the number of kernels, not
-by reading the weights. These kernels fold every elementwise operation of a layer into the
-product that consumes or produces it, leaving four kernels per layer:
+At T = 1 the RNN step is ~100 small matrix-vector products and ~180 small elementwise
+operations per token (L24-D1024), and each kernel costs more in launch and latency than in
+the bytes it reads. These kernels fold every elementwise operation of a layer into the
+product that consumes or produces it:
 
     time_mix_in     LayerNorm ln1 -> token-shift mix -> [K; V; R] = W_kvr @ xm
                     -> WKV step (the state updated in place) -> sigmoid(R) * wkv
@@ -12,93 +11,30 @@ product that consumes or produces it, leaving four kernels per layer:
     channel_mix_in  LayerNorm ln2 -> token-shift mix -> [K; R] = W_kr @ xm -> relu(K)^2
     mix_out         x_next = ln2(x_mid) + sigmoid(R) * (W_value @ relu(K)^2)
 
-(a v2 "ffnPre" block is channel_mix_in with ln1 and mix_out with ln1's output as its base).
-The first layer's time_mix_in can read its rows of the embedding table itself (`token=`), and
-`layer_norm` is the final LayerNorm as one kernel of one program (XLA's takes two): two fewer
-kernels per step (H200, batch 1: GPU busy time 0.426 -> 0.424 ms per step; the wall time
-within the run-to-run spread; docs/PERF.md, session 16).
-One kernel per layer with grid barriers between the phases (each phase's weights loaded
-before the barrier) was correct on an H200 but slower (0.60 vs 0.50 ms per token) and was
-removed (docs/PERF.md, session 6).
-Every function here computes exactly what `rwkv2_jax.generation.step`'s XLA path computes, with
-the same roundings: inputs of a product in the weights' dtype, products summed in float32
-and the sum rounded to the weights' dtype once, everything else float32; only the order of
-the float32 additions differs. Each kernel has a plain-JAX `*_reference` beside it
-(tests/test_decode_kernel.py compares them in interpret mode, and the decode step built
-from them against the XLA step).
+(an ffnPre block is channel_mix_in with ln1 and mix_out with ln1's output as its base), and
+`layer_norm` is the final LayerNorm as one program. The first layer's time_mix_in can read
+its rows of the embedding table itself (`token=`).
 
-Work split. A program of `*_in` owns `block_out` rows of each of the G stacked matrices
-(rows r, C + r, 2C + r, ... of W_kvr or W_kr), so it holds K, V and R of the same channels
-and can finish the WKV step (or relu^2) for them itself; a program of `mix_out` owns
-`block_out` output rows. Every load a program makes is issued before its first reduction,
-since a reduction's barrier is also a barrier to moving loads (each load behind one adds a
-memory latency): first its weight blocks, then (`early_loads`) every column block of the
-vectors the LayerNorm and the mix need (x, the previous token's x, the LayerNorm scale and
-bias, time_mix). It then computes the LayerNorm statistics of x and walks the columns in
-blocks of `block_in`, forming the mixed input of each block and multiplying it with its
-[block_out, block_in] weight blocks in float32 FMAs. With `reduce_once` the products are
-accumulated elementwise over the blocks and reduced once per matrix (2 + G reductions per
-*_in program, 1 per mix_out program, instead of 2 + G per column block); both options fall
-back where the values would not fit in the registers (REG_BUDGET: larger B, float32 weights
-in wide blocks). The column loop is unrolled (at most MAX_BLOCKS blocks).
+Each function computes what its plain-JAX `*_reference` below computes (the XLA decode step
+of rwkv2_jax.generation.step), with the same roundings: inputs of a product in the weights'
+dtype, products summed in float32 and rounded to the weights' dtype once, everything else
+float32; only the order of the float32 additions differs (tests/test_decode_kernel.py).
 
-Measured (docs/PERF.md, H200, L24-D1024, bf16, batch 1, rw.generate): 2,329 tokens/s
-(session 11; 0.412 ms per step in a jitted loop of steps) against 1,736 with the
-per-operation step in the same run; 2,216-2,239 in session 10 with one block size for all
-four kernels (0.425 ms per step); 1,908 before the early loads and single reductions
-(session 5). In a jitted loop of steps the time per step fell 4% with the early loads alone,
-10% with the single reductions alone, 12% with both (session 9), 3% more with 2 x 256
-blocks, and 3% more with each kernel's own block sizes (LayerBlockSizes, session 11). Per
-kernel call (bench/decode_kernels.py, GPU time): 4.6 us for the time-mix kernel (6.3 MB,
-1.4 TB/s), 5.3 us for the channel-mix one (10.5 MB), 4.0 us for the value product (8.4 MB),
-2.1 us for the output product (2.1 MB): still mostly launch, one memory latency and the
-reductions, not the bytes.
+A program of `*_in` owns `block_out` rows of each of the G stacked matrices, so it holds K, V
+and R of the same channels and finishes the WKV step (or relu^2) for them itself; a program
+of `mix_out` owns `block_out` output rows. A program issues all its loads (weight blocks,
+then the vectors of the LayerNorm and the mix) before its first reduction, whose barrier
+would otherwise cost one memory latency per later load, and sums each product elementwise
+over the column blocks, reducing once per matrix. Both need registers: where the values
+would not fit (REG_BUDGET: more rows, float32 weights in wide blocks) the vectors are loaded
+where used and each column block is reduced on its own.
 
-L2 hints. `DecodeBlockSizes.eviction_policy` puts Triton's eviction policy on the weight loads
-only (on Hopper: `createpolicy.fractional.L2::evict_first` and an `.L2::cache_hint` load). A
-token streams ~0.86 GB of weights through a 50 MB L2; with "evict_first" on every matrix (and on
-the head, which rwkv2_jax.generation.step then runs on pallas_kernels.matvec) the vectors, state and
-activations that every kernel reads again at the next token stay in the L2, and each kernel is
-~0.1-0.15 us faster (H200, bf16, batch 1: 0.397 ms per token through rw.generate, 2,521 tokens/s,
-against 0.413; docs/PERF.md, session 17). `rwkv2_jax.generation.step.StepSpec.stream_weights`.
+The WKV state of every layer ([L * B, C] each) is passed whole with the layer index as a
+traced int32, so one compiled kernel serves all layers, and updated in place
+(input_output_aliases): a program reads and writes only its own channels.
 
-Summing a program's products (and the LayerNorm's two sums) as one joined reduction (Triton's
-join/split: one cross-warp exchange instead of one per matrix) was 0.1 us faster per kernel
-alone and no faster in the step (H200, session 16); not kept.
-
-Reading the next kernel's matrix during each kernel, so that it would come from the L2 cache
-(a `prefetch` option, session 9), made the step 41% slower on an H200 (0.597 vs 0.423 ms:
-the extra loads compete with the kernel's own stream; docs/PERF.md, session 10) and was removed.
-Programmatic dependent launch (session 12: each program issuing `griddepcontrol.launch_dependents`,
-its weight and parameter loads, then `griddepcontrol.wait` before reading the previous kernels'
-outputs, through `plgpu.elementwise_inline_asm`) made the step 6% slower on an H200 (0.439 vs
-0.413 ms), the same with and without XLA_FLAGS=--xla_gpu_enable_pdl=true: the overlap it is
-for did not happen (XLA's flag adds a wait at the start of the kernels XLA itself generates,
-openxla/xla#38544), only the added instructions showed. Removed.
-
-Two kernels per layer, by folding each output product into the kernel that produces its input
-(every program adding its partial output vector with atomics), were probed in session 13
-(bench/atomic_tail.py): the atomics add 1.4-1.7 us to a kernel at best (relaxed or float32,
-128 programs), about what the removed kernel boundary costs; not written.
-
-Batch. The kernels take up to MAX_BATCH rows, but every row adds accumulators and vectors that
-stop fitting in the registers (REG_BUDGET: the early loads and single reductions fall back),
-and at 8 rows the step took 2.30 ms against the per-operation step's 1.10 (H200, bf16); at 2
-rows 0.58 against 0.84. `rwkv2_jax.generation.step` runs them for at most FUSED_MAX_BATCH (2) rows.
-
-State. `aa`, `bb`, `pp` of all layers are passed whole ([L * B, C]) with the layer index as
-a traced int32 (one compiled kernel for all layers) and updated in place
-(input_output_aliases): a program reads and writes only its own channels, so no program
-reads what another wrote. The token-shift vectors are read whole by every program, so their
-new values (the LayerNorm outputs) go to fresh [B, C] arrays instead, stacked after the step;
-`mix_out(state=, layer=)` can write them into the [L * B, C] state in place instead (the
-layer's *_in kernel, their only reader, has run by then), but that step was 2% slower on an
-H200 (docs/PERF.md, session 13): `rwkv2_jax.generation.step.StepSpec.shift_in_place`, off.
-
-Lowering: **Pallas Triton** (`plgpu.CompilerParams`), for the reasons given in
-pallas_kernels/wkv.py (the same small API in jax 0.10 and 0.11, any CUDA GPU from Ampere on).
-Every block is a power of two; `block_in` and `block_out` must divide C (`supported`).
-No scalar-literal `jnp.where` (pallas_kernels/wkv.py, _NO_SCALAR_SELECT): only max/min.
+Lowering: Pallas Triton, as pallas_kernels/wkv.py. Blocks are powers of two dividing C
+(`supported`); no scalar-literal `jnp.where` (pallas_kernels/wkv.py, _NO_SCALAR_SELECT).
 """
 
 from __future__ import annotations
@@ -114,6 +50,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.matvec import check_eviction_policy
+from pallas_kernels.wkv import WKVState, wkv_step
 
 __all__ = ["DecodeBlockSizes", "LayerBlockSizes", "supported", "time_mix_in", "channel_mix_in", "mix_out",
            "layer_norm", "time_mix_in_reference", "channel_mix_in_reference", "mix_out_reference",
@@ -123,10 +60,10 @@ MAX_BATCH = 16  # rows of x: B accumulators per matrix live in registers
 MAX_BLOCKS = 64  # column blocks per product (unrolled): 4C / block_in
 _MIN_BLOCK = 8
 # 32-bit registers per thread (of 255) for the values a program holds through the kernel:
-# its weights, plus the early-loaded vectors (early_loads) and the [bo, bi] accumulators
-# (reduce_once) where those fit (_Plan.early, _Plan.acc_2d). At B = 1, C = 1024, bf16, the
-# default 2 x 256 blocks: time_mix_in 24 + 40 + 12, channel_mix_in 40 + 40 + 20, the value
-# product 32 + 16 + 4; with 4 x 512 blocks 48 + 40 + 48, 80 + 40 + 80, 64 + 16 + 16.
+# its weights, plus the vectors loaded up front and the [bo, bi] accumulators where those fit
+# (_Plan.early, _Plan.acc_2d). At B = 1, C = 1024, bf16, 2 x 256 blocks: time_mix_in
+# 24 + 40 + 12, channel_mix_in 40 + 40 + 20, the value product 32 + 16 + 4; with 4 x 512 blocks
+# 48 + 40 + 48, 80 + 40 + 80, 64 + 16 + 16. The rest of the 255 is the kernel's working set.
 REG_BUDGET = 200
 
 
@@ -138,16 +75,8 @@ class DecodeBlockSizes:
     block_out: int = 2  # rows per matrix per program: C / block_out programs (512 at C = 1024)
     block_in: int = 256  # columns per block
     num_warps: int = 4
-    # Issue the loads of every vector a program needs (x, the previous token's x, the
-    # LayerNorm and mix parameters: all column blocks) with its weights, before the first
-    # reduction, where they fit in the registers (REG_BUDGET).
-    early_loads: bool = True
-    # Accumulate each product elementwise over the column blocks ([block_out, block_in] per
-    # matrix and batch row) and reduce once at the end, where that fits in the registers
-    # (REG_BUDGET); else one reduction per column block.
-    reduce_once: bool = True
-    # L2 cache hint of the weight loads (Triton's eviction_policy: None, "evict_first" or
-    # "evict_last"); the vectors and the state are always loaded plainly.
+    # L2 cache hint of the weight loads (None or "evict_first": a token's weights stream past
+    # the L2 and leave the vectors and the state there); the vectors and the state load plainly.
     eviction_policy: Optional[str] = None
 
     def __post_init__(self):
@@ -162,11 +91,12 @@ class DecodeBlockSizes:
 
 @dataclasses.dataclass(frozen=True)
 class LayerBlockSizes:
-    """DecodeBlockSizes for each of a layer's four kernels (rwkv2_jax.generation.step; an ffnPre
-    block's kernels take channel_mix_in's and ffn_out's). The defaults are the fastest of
-    `python bench/decode_kernels.py` per kernel at L24-D1024, bf16, B = 1 on an H200
-    (docs/PERF.md, session 11): fewer warps for the wide K/R product, one row per program for
-    the output product, whole-width column blocks for the value product."""
+    """DecodeBlockSizes for each of a layer's four kernels (an ffnPre block's kernels take
+    channel_mix_in's and ffn_out's).
+
+    The defaults are the fastest per kernel at L24-D1024, bf16, B = 1 (`bench/decode_kernels.py`
+    on an H200): fewer warps for the wide K/R product, one row per program for the output
+    product, whole-width column blocks for the value product."""
 
     time_mix_in: DecodeBlockSizes = DecodeBlockSizes()
     att_out: DecodeBlockSizes = DecodeBlockSizes(block_out=1)
@@ -176,10 +106,8 @@ class LayerBlockSizes:
     @classmethod
     def of(cls, blocks, batch_size: int = 1) -> "LayerBlockSizes":
         """One DecodeBlockSizes -> it for all four kernels. None -> the defaults at batch 1,
-        where they were timed; for more rows DecodeBlockSizes() for all four kernels, as before
-        session 11 (timed as the whole step at 2 and 8 rows in session 12, not per kernel:
-        there the two-warp channel-mix kernel would lose its early loads to the register
-        budget, REG_BUDGET)."""
+        where they were tuned, and DecodeBlockSizes() for all four kernels at more rows (where
+        the two-warp channel-mix kernel would not fit its up-front loads in REG_BUDGET)."""
         if blocks is None:
             return cls() if batch_size == 1 else cls.of(DecodeBlockSizes())
         if isinstance(blocks, DecodeBlockSizes):
@@ -225,8 +153,6 @@ class _Plan:
     dtype: jnp.dtype  # the weights' dtype: inputs and outputs of the products
     num_warps: int
     interpret: bool
-    early_loads: bool
-    reduce_once: bool
     eviction_policy: Optional[str] = None
 
     @property
@@ -250,13 +176,13 @@ class _Plan:
     @property
     def early(self) -> bool:
         """Every vector of the LayerNorm and the mix loaded up front (*_in kernels)."""
-        return self.early_loads and self._weight_regs + self._vector_regs <= REG_BUDGET
+        return self._weight_regs + self._vector_regs <= REG_BUDGET
 
     @property
     def acc_2d(self) -> bool:
         """[bo, bi] float32 accumulators per matrix and batch row, reduced once at the end."""
         held = self._weight_regs + (self._vector_regs if self.early or self.G == 1 else 0)
-        return self.reduce_once and held + self._regs(self.G * self.B * self.bo * self.bi) <= REG_BUDGET
+        return held + self._regs(self.G * self.B * self.bo * self.bi) <= REG_BUDGET
 
     @property
     def grid(self):
@@ -270,8 +196,7 @@ def _plan(B, C, inp, G, dtype, blocks, interpret) -> _Plan:
                          f"C a multiple of {_MIN_BLOCK}, C / block_in <= {MAX_BLOCKS // 4})")
     return _Plan(B=B, C=C, inp=inp, G=G, bo=_pow2_divisor(C, blocks.block_out),
                  bi=_pow2_divisor(inp, blocks.block_in), dtype=jnp.dtype(dtype),
-                 num_warps=blocks.num_warps, interpret=interpret, early_loads=blocks.early_loads,
-                 reduce_once=blocks.reduce_once, eviction_policy=blocks.eviction_policy)
+                 num_warps=blocks.num_warps, interpret=interpret, eviction_policy=blocks.eviction_policy)
 
 
 def _pallas(kernel, plan: _Plan, name, out_shape, args, aliases=None):
@@ -333,17 +258,16 @@ def _vectors(layer, x, scale_ref, bias_ref, prev_ref, tmix_ref, plan: _Plan):
 
 
 def _ln_stats(vec, plan: _Plan, ln_eps):
-    """Per batch row b: (mean, 1/sqrt(var + eps)) of x[b] (flax's fast variance). With
-    plan.reduce_once the column blocks are summed elementwise first: two reductions per row."""
+    """Per batch row b: (mean, 1/sqrt(var + eps)) of x[b] (flax's fast variance); the column
+    blocks are summed elementwise first, so two reductions per row."""
     out = []
     for b in range(plan.B):
         s1 = s2 = None
         for j in range(plan.C // plan.bi):
             xb = vec(j)[3][b]
-            t1, t2 = (xb, xb * xb) if plan.reduce_once else (jnp.sum(xb), jnp.sum(xb * xb))
+            t1, t2 = xb, xb * xb
             s1, s2 = (t1, t2) if s1 is None else (s1 + t1, s2 + t2)
-        if plan.reduce_once:
-            s1, s2 = jnp.sum(s1), jnp.sum(s2)
+        s1, s2 = jnp.sum(s1), jnp.sum(s2)
         mu = s1 / plan.C
         var = jnp.maximum(s2 / plan.C - mu * mu, 0.0)
         out.append((mu, lax.rsqrt(var + ln_eps)))
@@ -425,7 +349,7 @@ def _time_mix_in_kernel(layer_ref, *refs, plan: _Plan, k_clamp, log_eps, ln_eps,
         v, r = _round(acc[1][b], plan.dtype), _round(acc[2][b], plan.dtype)
         srow = layer * plan.B + b
         aa, bb, pp, x_rows = state[b]
-        # rwkv2_jax.wkv.wkv_step, for these channels
+        # pallas_kernels.wkv.wkv_step, for these channels
         ww = u_log + k
         p = jnp.maximum(pp, ww)
         if log_eps is not None:
@@ -464,14 +388,9 @@ def _channel_mix_in_kernel(layer_ref, x_ref, scale_ref, bias_ref, prev_ref, tmix
         _store_row(xln_ref, b, rows, _ln(x_rows[b], stats[b], scale, bias))
 
 
-def _mix_out_kernel(u_ref, w_ref, base_ref, *rest, plan: _Plan, gated: bool, keep: bool):
-    """rest: [gate_ref], [layer_ref, state_ref (input, aliased)], o_ref, [state_out]."""
-    rest = list(rest)
-    gate_ref = rest.pop(0) if gated else None
-    layer_ref = rest.pop(0) if keep else None
-    if keep:
-        rest.pop(0)  # the state's input ref: its buffer is state_out's (input_output_aliases)
-    o_ref, state_out = rest[0], (rest[1] if keep else None)
+def _mix_out_kernel(u_ref, w_ref, base_ref, *rest, plan: _Plan, gated: bool):
+    """rest: [gate_ref], o_ref."""
+    gate_ref, o_ref = rest if gated else (None, rest[0])
     ws = _load_weights(w_ref, plan)[0]
     f32, bo, bi = jnp.float32, plan.bo, plan.bi
     rows = pl.ds(pl.program_id(0) * bo, bo)
@@ -487,8 +406,6 @@ def _mix_out_kernel(u_ref, w_ref, base_ref, *rest, plan: _Plan, gated: bool, kee
         if gate is not None:
             y = _sigmoid(gate[b].astype(f32)) * y
         _store_row(o_ref, b, rows, base[b] + y)
-        if keep:  # base (this layer's LayerNorm output) is the next token's shift vector
-            _store_row(state_out, layer_ref[0] * plan.B + b, rows, base[b])
 
 
 # ----------------------------------------------------------------------------------------
@@ -563,34 +480,18 @@ def channel_mix_in(x, ln_scale, ln_bias, prev, time_mix, kr_t, layer, *, ln_eps:
                    "decode_channel_mix_in", out_shape, args)
 
 
-def mix_out(u, w_t, base, gate=None, *, state=None, layer=None, blocks: Optional[DecodeBlockSizes] = None,
-            interpret: bool = False):
+def mix_out(u, w_t, base, gate=None, *, blocks: Optional[DecodeBlockSizes] = None, interpret: bool = False):
     """base + [sigmoid(gate) *] (u @ w_t^T): u [B, in] in w_t's dtype, w_t [C, in], base [B, C]
     float32, gate [B, C] (optional). Returns [B, C] float32; the product is rounded to w_t's
-    dtype before the gate and the sum, as an XLA product in that dtype.
-
-    With state [L*B, C] float32 (every layer's token-shift vectors, as time_mix_in's prev) and
-    layer (int32 [1]): also writes base into rows layer*B .. layer*B + B - 1 of state, in place
-    (input_output_aliases; the layer's *_in kernel, their only reader, has run), and returns
-    (the sum, state). This spares stacking the layers' LayerNorm outputs after the step."""
+    dtype before the gate and the sum, as an XLA product in that dtype."""
     B, inp = u.shape
     C = w_t.shape[0]
-    keep = state is not None
     _check("mix_out", w_t=(w_t, (C, inp)), base=(base, (B, C)),
-           **({} if gate is None else {"gate": (gate, (B, C))}),
-           **({} if not keep else {"state": (state, (state.shape[0], C)), "layer": (layer, (1,))}))
-    if keep and (state.shape[0] % B or state.dtype != jnp.float32):
-        raise ValueError(f"mix_out: state must be float32 [L*{B}, {C}], got {state.dtype} {tuple(state.shape)}")
+           **({} if gate is None else {"gate": (gate, (B, C))}))
     plan = _plan(B, C, inp, 1, w_t.dtype, blocks, interpret)
     args = (u.astype(plan.dtype), w_t, base.astype(jnp.float32)) + (() if gate is None else (gate,))
-    out_shape = jax.ShapeDtypeStruct((B, C), jnp.float32)
-    aliases = None
-    if keep:
-        aliases = {len(args) + 1: 1}
-        args = args + (layer.astype(jnp.int32), state)
-        out_shape = (out_shape, jax.ShapeDtypeStruct(state.shape, jnp.float32))
-    kernel = functools.partial(_mix_out_kernel, gated=gate is not None, keep=keep)
-    return _pallas(kernel, plan, "decode_mix_out", out_shape, args, aliases)
+    kernel = functools.partial(_mix_out_kernel, gated=gate is not None)
+    return _pallas(kernel, plan, "decode_mix_out", jax.ShapeDtypeStruct((B, C), jnp.float32), args)
 
 
 def _layer_norm_kernel(x_ref, scale_ref, bias_ref, o_ref, *, plan: _Plan, ln_eps):
@@ -618,7 +519,7 @@ def layer_norm(x, ln_scale, ln_bias, *, ln_eps: float, out_dtype, interpret: boo
 
 
 # ----------------------------------------------------------------------------------------
-# Plain-JAX references: the same functions, as rwkv2_jax.generation.step's XLA path computes them.
+# Plain-JAX references: the same functions, as the XLA decode step computes them.
 
 
 def _ln_reference(x, scale, bias, ln_eps):
@@ -644,8 +545,6 @@ def layer_norm_reference(x, ln_scale, ln_bias, *, ln_eps, out_dtype):
 
 def time_mix_in_reference(x, ln_scale, ln_bias, prev, time_mix, kvr_t, aa, bb, pp, w_log, u_log, layer, *,
                           k_clamp, log_eps, ln_eps, token=None):
-    from rwkv2_jax.wkv import WKVState, wkv_step
-
     if token is not None:  # x is the embedding table
         x = jnp.take(x, jnp.clip(token, 0, x.shape[0] - 1), axis=0).astype(jnp.float32)
     B, C = x.shape
@@ -667,12 +566,8 @@ def channel_mix_in_reference(x, ln_scale, ln_bias, prev, time_mix, kr_t, layer, 
     return y, jnp.square(jax.nn.relu(kr[:, :4 * C])), kr[:, 4 * C:]
 
 
-def mix_out_reference(u, w_t, base, gate=None, *, state=None, layer=None):
+def mix_out_reference(u, w_t, base, gate=None):
     y = _dot(u, w_t).astype(jnp.float32)
     if gate is not None:
         y = jax.nn.sigmoid(gate.astype(jnp.float32)) * y
-    out = base.astype(jnp.float32) + y
-    if state is None:
-        return out
-    B = base.shape[0]
-    return out, lax.dynamic_update_slice(state, base.astype(jnp.float32), (layer[0] * B, 0))
+    return base.astype(jnp.float32) + y

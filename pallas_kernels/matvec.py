@@ -1,62 +1,35 @@
-"""Pallas GPU kernel for the decode step's matrix products: y[B, out] = x[B, in] @ w_t[out, in]^T.
+"""Pallas GPU kernel for small-batch matrix products: y[B, out] = x[B, in] @ w_t[out, in]^T.
 
-At T = 1 every matrix product of the model is a few vectors times a matrix, so its time is
-the time to read the matrix once (0.86 GB per token for L24-D1024 in bf16; docs/PERF.md,
-"Session 2": XLA's reductions reach ~1 TB/s on these, a third of an H100's bandwidth). This
-kernel streams the weights, stored [out, in] with `in` contiguous as `rwkv2_jax.generation.step`
-keeps them, exactly once, and is meant for B = 1 to MAX_BATCH (16) rows.
+At T = 1 a matrix product of the model is a few vectors times a matrix, and its time is the
+time to read the matrix once. This kernel streams the weights, stored [out, in] with `in`
+contiguous as the decode step keeps them, exactly once, for B = 1 to MAX_BATCH (16) rows.
+Where it pays off (the [C, 4C] channel-mix value product: `in` split over programs; the
+head with an L2 hint) is measured by `bench/matvec.py`.
 
-Numerics (the same function as `matvec_reference`): x is rounded to w_t's dtype first, as a
-bf16 matmul (or Flax Dense with dtype = the weights' dtype) does; each product of two bf16
-(or two float32) numbers is then formed and summed in float32, and the sum is cast to
-out_dtype (default w_t.dtype) once at the end. Only the order of the float32 additions
-differs from XLA's (see tests/test_matvec_kernel.py for the tolerance this implies).
-Inference only: no VJP is defined (jax.grad through `matvec` fails); train with XLA's dot.
+Numerics (the same function as `matvec_reference` below): x is rounded to w_t's dtype first,
+as a matmul in that dtype does; each product is formed and summed in float32, and the sum is
+cast to out_dtype (default w_t.dtype) once at the end. Only the order of the float32
+additions differs from XLA's (tests/test_matvec_kernel.py). Inference only: no VJP.
 
-Measured (`python3 bench/matvec.py`, H200, B = 1, bf16; docs/PERF.md): 1.58x XLA for the
-[1024, 4096] channel-mix value matrix (split-K), on par or slower for the [out, 1024]
-matrices, where both take 6-11 us per 2-10 MB product (per-kernel latency, not bandwidth);
-91% of the copy bandwidth on the 103 MB head, as XLA. rwkv2_jax.generation.step therefore uses
-it only for products with more inputs than outputs.
+Lowering: Pallas Triton, as pallas_kernels/wkv.py (every block a power of two in each
+dimension; no scalar-literal `jnp.where`, masks are comparisons and `&` only).
 
-Lowering: **Pallas Triton** (`plgpu.CompilerParams`), for the reasons given in
-pallas_kernels/wkv.py (the same small API in jax 0.10 and 0.11, any CUDA GPU from Ampere on).
-Every loaded block is a power of two in each dimension; a grid has at most three axes.
-Calls used, all present in jax 0.10.2 with these signatures: `pl.pallas_call`,
-`pl.program_id`, `pl.ds`, `pl.multiple_of`, `Ref.at[...]`, `plgpu.load(ref, mask=, other=,
-eviction_policy=)`, `plgpu.store(ref, val, mask=)`, `lax.fori_loop` (traced bounds),
-`lax.dot_general` (tensor-core path only). No scalar-literal `jnp.where` (see _NO_SCALAR_SELECT
-in pallas_kernels/wkv.py): masks are built with comparisons and `&` only.
-
-Algorithm. Program (i, s) of a (out blocks, splits) grid owns `bo` output rows and walks a
+Algorithm. Program (i, s) of an (out blocks, splits) grid owns `bo` output rows and walks a
 range of `in` in blocks of `bi` columns, loading each [bo, bi] weight block once:
 
-* Load latency is hidden by software prefetch in the loop carry (as the WKV kernel does):
-  each iteration issues the loads of block j + 1 before computing with block j, so two
-  blocks per program are in flight. The last block is peeled off the loop, so no prefetch
-  runs past the range and the steady-state loads carry no mask at all (when bo divides out).
-  Static loops of at most MAX_UNROLL blocks are unrolled (in = 1024: two blocks).
-* Ragged edges without copying the weights: rows past `out` are masked in the loads
-  (other=0) and in the stores. The `in % bi` tail is one extra block after the loop, taken
-  as the last bi columns [in - bi, in) (bi <= in always) with the columns the full blocks
-  already covered masked off, so neither x nor w is read out of bounds and x needs no
-  padding either. `bi` is halved (at most twice) when that makes it divide `in` (768 ->
-  256), which removes the tail. Every slice start is either traced or in bounds, since
-  `Ref.at` rejects static out-of-bounds slices.
-* Products, two ways, both float32 accumulation:
-  - "fma" (default): the block is converted to float32 and, for each batch row b (a static
-    loop), acc_b[bo] += sum(w * x_b, axis=1). B FMAs per weight element, which the CUDA
-    cores keep up with at memory speed for small B.
-  - "dot" (B >= dot_min_batch with 16-bit weights): x is padded to 16 rows (the output's
-    extra rows are sliced off) and each block goes through `tl.dot` ([16, bi] x [bi, bo]
-    on tensor cores, float32 accumulator), since 16 FMAs per 2-byte weight is close to an
-    H100's CUDA-core throughput at ~3.3 TB/s.
-* Split-K: when cdiv(out, bo) programs are fewer than `min_programs` (an H100/H200 has 132
-  SMs and needs ~4 MB in flight; e.g. out=1024 gives 128 programs), the full blocks of `in`
-  are split over up to cdiv(min_programs, out blocks) programs per row block (each at
-  least `min_split_blocks` blocks), which write float32 partials [n_split, B, out] that one
-  small XLA reduction sums (B*out*n_split*4 bytes: 16 KB for out=1024, B=1, 4 splits).
-  The last split also takes the ragged tail block.
+* Each iteration issues the loads of block j + 1 before computing with block j (prefetch in
+  the loop carry), so two blocks per program are in flight. The last block is peeled off, so
+  no prefetch runs past the range; static loops of at most MAX_UNROLL blocks are unrolled.
+* Ragged edges without copying the weights: rows past `out` are masked in the loads and
+  stores. The `in % bi` tail is one extra block taken as the last bi columns [in - bi, in)
+  with the columns already covered masked off, so nothing is read out of bounds and x needs
+  no padding. `bi` is halved (at most twice) when that makes it divide `in` (768 -> 256).
+* Products: "fma" (default) converts the block to float32 and, per batch row, sums w * x
+  over the columns; "dot" (B >= dot_min_batch with 16-bit weights) pads x to 16 rows and uses
+  `tl.dot` on tensor cores, where 16 FMAs per 2-byte weight would outrun the CUDA cores.
+* Split-K: when cdiv(out, bo) programs are fewer than `min_programs`, the full blocks of `in`
+  are split over several programs per row block, which write float32 partials
+  [n_split, B, out] that one small XLA reduction sums.
 """
 
 from __future__ import annotations
@@ -83,13 +56,15 @@ _WEIGHT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 MAX_UNROLL = 8
 
 
-EVICTION_POLICIES = (None, "evict_first", "evict_last")  # Triton's L2 hints of a load (None: none)
+# L2 hints a weight load may carry (Triton's eviction_policy; None: none). "evict_first" lets
+# weights that are read once per token stream past the L2 without evicting what stays.
+EVICTION_POLICIES = (None, "evict_first")
 
 
 def check_eviction_policy(owner: str, policy) -> None:
     """A one-line ValueError unless policy is one of EVICTION_POLICIES (also pallas_kernels.decode's)."""
     if policy not in EVICTION_POLICIES:
-        raise ValueError(f"{owner}: eviction_policy={policy!r} must be None, 'evict_first' or 'evict_last'")
+        raise ValueError(f"{owner}: eviction_policy={policy!r} must be None or 'evict_first'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,16 +81,14 @@ class MatvecBlockSizes:
     min_split_blocks: ...but give every split at least this many full `in` blocks.
     dot_min_batch:    B from which 16-bit weights use tensor cores (tl.dot) instead of
                       CUDA-core FMAs; MAX_BATCH + 1 disables the "dot" path.
-    eviction_policy:  cache hint for the weight loads: None, "evict_first" or "evict_last".
+    eviction_policy:  L2 hint of the weight loads: None or "evict_first".
     """
 
-    # Reasoning, not yet a sweep (`python3 bench/matvec.py --sweep` times variants):
-    # a [8, 512] bf16 block is 8 KB (16 bytes = one vector load per thread, 4 per thread
-    # per block with 4 warps), two blocks in flight per program; the head (out=50277) gives
-    # 6,285 programs, enough to keep ~16 KB x several programs in flight on each of 132 SMs.
-    # min_programs 512 (~4 programs per SM): out=1024, in=4096 gets 4 splits of 1,024
-    # columns instead of 128 programs; in=1024 is never split (2 blocks: nothing to gain
-    # against the extra reduction kernel's launch).
+    # A [8, 512] bf16 block is 8 KB (one 16-byte vector load per thread, 4 per thread with 4
+    # warps), two in flight per program; the head (out=50277) gives 6,285 programs. min_programs
+    # 512 (~4 per SM of an H100/H200): out=1024, in=4096 gets 4 splits of 1,024 columns; in=1024
+    # is never split (2 blocks: nothing to gain against the extra reduction's launch).
+    # `bench/matvec.py --sweep` times the alternatives.
     block_out: int = 8
     block_in: int = 512
     num_warps: int = 4
@@ -290,14 +263,17 @@ def _matvec_kernel(x_ref, w_ref, o_ref, *, plan: _Plan):
     lead = () if split is None else (split,)
     if split is None and plan.round_dtype is not None:
         acc = acc.astype(plan.round_dtype) if plan.dot else tuple(a.astype(plan.round_dtype) for a in acc)
+    # The interpreter's plgpu.store hands the slice starts to lax.dynamic_slice as they are,
+    # which refuses a static start (int64 under jax_enable_x64) beside the int32 program ids.
+    start = (lambda i: jnp.int32(i)) if plan.interpret else (lambda i: i)
     if plan.dot:  # acc [16, bo]; the caller drops the rows of x's padding
         mask = None if row_ok_t is None else jnp.broadcast_to(row_ok_t, (plan.x_rows, bo))
-        plgpu.store(o_ref.at[(*lead, slice(None), rows)], acc.astype(o_ref.dtype), mask=mask)
+        plgpu.store(o_ref.at[(*lead, pl.ds(start(0), plan.x_rows), rows)], acc.astype(o_ref.dtype), mask=mask)
     else:
         # One [1, bo] row per b (a static integer index in a store does not discharge in
         # jax 0.10's interpreter: pl.ds(b, 1) instead).
         for b in range(plan.B):
-            plgpu.store(o_ref.at[(*lead, pl.ds(b, 1), rows)], acc[b][None, :].astype(o_ref.dtype),
+            plgpu.store(o_ref.at[(*lead, pl.ds(start(b), 1), rows)], acc[b][None, :].astype(o_ref.dtype),
                         mask=row_ok_t)
 
 

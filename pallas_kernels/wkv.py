@@ -1,86 +1,14 @@
-"""Pallas GPU kernels for the WKV operator of RWKV-v2: forward and backward, O(T), any shape.
-
-Computes exactly the function of the plain-JAX reference `rwkv2_jax.wkv` (spec, "The network"):
+"""The WKV operator of RWKV-v2: its plain-JAX reference and Pallas GPU kernels (O(T), any shape).
 
     k_t = exp(min(K_t, k_clamp)),  u = exp(time_first),  d = exp(-exp(time_decay))
     out_t = (u*k_t*v_t + sum_{i<t} d^(t-1-i) k_i v_i) / (u*k_t + sum_{i<t} d^(t-1-i) k_i + k_eps)
 
-with the same state convention (`WKVState(aa, bb, pp)`, true sums aa*exp(pp), bb*exp(pp)).
-
-Lowering: **Pallas Triton** (`jax.experimental.pallas.triton`, selected by passing
-`plgpu.CompilerParams`). Why not Mosaic GPU: the WKV is an elementwise recurrence over time
-with no matrix products, so Mosaic GPU's strengths (wgmma, TMA, warp specialisation) buy
-nothing here, while its Pallas API (`pl.pallas_call` with Mosaic GPU params is deprecated in
-favour of `plgpu.kernel`, and the warpgroup-level programming model) changed between jax
-0.10 and 0.11. The Triton lowering has had the same small API (`CompilerParams(num_warps,
-num_stages)`, `pallas_call`, ref indexing, `fori_loop`) in both versions, and works on any
-CUDA GPU from Ampere on, not only on Hopper. Its limits shape the code: every loaded block
-is a power of two (we load one row of `block_c` channels per time step and pad C inside),
-a grid has at most three axes (we use two, so `vmap` can add one), and there is no reverse
-scan (the backward indexes `end - 1 - i`).
-
-Known lowering pitfall (see _NO_SCALAR_SELECT below): never `jnp.where` between scalar
-Python literals inside these kernels; the Triton lowering miscompiles it and interpret
-mode cannot see it. tests/test_wkv_kernel.py reads the lowered Triton IR for this.
-
-Algorithm. In the linear mode without state, when time is not chunked (B*C/block_c >=
-min_programs) and T is a multiple of the tile (the model's GPT mode in training and
-evaluation at B*C >= 8192), the forward and the backward split time across the warps of a
-program (`_fwd_tile_kernel`, `_bwd_tile_kernel`; `WKVBlockSizes.time_split`): a program owns
-`block_c` (32) channels of one batch row and walks time in tiles of P*S steps, warp p taking
-sub-chunk p of each tile. Each warp runs its S steps from a zero state, the warps exchange
-their local sums once (an exclusive scan over the P sub-chunks with weights D^j, D = d^S: all
-terms non-negative in the forward, so no cancellation), then each warp runs its S steps again
-from its true start state, writing out (backward: the same in reverse for the adjoints). Four
-warps per 32 channels instead of one keep four times the rows in flight: on the H100 at
-(8, 1024, 1024) the kernels' GPU time went from 55.2 to 38.0 us forward (88% of the card's
-copy bandwidth) and from 166.7 to 109.5 us forward+backward (sessions 7-8, docs/PERF.md).
-Every other case (log mode, state in or out, time chunks, T not a multiple of the tile) runs
-the serial kernels described next.
-
-Serial kernels. One program owns `block_c` channels of one batch row and walks its time range
-with a sequential loop over blocks of `unroll` time steps, whose rows were loaded one block
-earlier (prefetch in the loop carry), which keeps about `2*unroll` row loads in flight per
-program, so that the loop does not wait on load latency. The forward's loop body runs two
-blocks (ping-pong), because with one the compiler copies the prefetched rows into the carried
-registers at the loop's end and each copy waits for its load (seen in the SASS: 62 of 64
-rows, session 4). With one warp per 32 channels, B*C = 8192 channels fill only ~2 warps per
-SM, so what is left is memory latency (ncu on the H100: ~40% of cycles waiting on loads)
-and instructions per step (docs/PERF.md). When B*C/block_c programs would not fill the GPU, time
-is split into chunks: a first kernel computes each chunk's local end state (from a zero state), and the
-main kernel folds the local states of the earlier chunks (decay d^L per chunk) into its
-starting state before its own pass (the backward does the same in reverse).
-A parallel-in-time forward (one program per chunk of 8-32 steps, start states by decoupled
-look-back over published chunk aggregates) was correct on the H100 but never faster at
-(8, 1024, 1024) (62 vs 59 us at best) and was removed (docs/PERF.md, session 6).
-
-Two numeric modes, both exact implementations of the same function:
-* "linear" (the default of `wkv` when `k_clamp` is set, <= 64): plain float32 sums of
-  exp(K) with the clamp keeping them finite, as the original kernel did; one exp per step
-  (an `ex2.approx` by default: `WKVBlockSizes.approx_math`).
-  Needs time_first + k_clamp < ~88 (true of every release) and k_eps > 0.
-* "log": the running-max exponent of the reference (sums scaled by exp(-pp)); finite for any
-  K and any T. Used by `wkv` when `k_clamp` is None (or `mode="log"`), and always by
-  `wkv_with_state`, whose returned state must match the reference's (aa, bb, pp).
-
-Backward. The forward that feeds a gradient also saves its state every `unroll_train` steps
-(2 or 3 floats per channel per block: 1/8 of an array at the default). The backward walks
-time in reverse, one block at a time: it reloads the block's k, v, g rows and checkpoint,
-recomputes the forward over the block in registers (out and den never touch memory), then
-runs the block's steps in reverse, carrying the adjoints of the two sums (GA, GB) and their
-derivatives with respect to log d (GA', GB'). So forward+backward moves k, v, out, k, v, g,
-dk, dv (8 arrays), close to the floor. With den_t and out_t of step t:
-
-    GA_{t-1} = d*GA_t + g_t/den_t,   GB_{t-1} = d*GB_t - g_t*out_t/den_t
-    GA'_{t-1} = d*(GA_t + GA'_t),    GB'_{t-1} = d*(GB_t + GB'_t)
-    dv_t = k_t*GA_t + u*k_t*g_t/den_t
-    dK_t = k_t*(v_t*GA_t + GB_t) + u*k_t*g_t*(v_t - out_t)/den_t      (0 where the clamp cuts)
-    d(log d) += k_t*(v_t*GA'_t + GB'_t),  d(time_first) += u*k_t*g_t*(v_t - out_t)/den_t
-
-(log mode keeps GA, GB, GA', GB' scaled by exp(-q) with a running-max q, so every exp() is
-of a non-positive number). The final state's cotangent enters as the initial (GA, GB);
-the initial state's gradient is the final (GA, GB, GA', GB'). The final `pp` is a max over
-time; its own gradient is taken in plain JAX from `max(pp0 + T*w, max_t(K_t + (T-1-t)*w))`.
+(spec, "The network"). `wkv_with_state_reference`, a lax.scan of `wkv_step`, defines the
+function and the state convention (`WKVState(aa, bb, pp)`: the true sums are aa*exp(pp) and
+bb*exp(pp)). `wkv` and `wkv_with_state` compute the same with Pallas Triton kernels on a GPU
+(`interpret=True` runs them on CPU), differentiable through custom VJPs whose backward is a
+kernel too. rwkv2_jax.wkv picks one for the model; tests/test_wkv_kernel.py checks the kernels
+against the reference and against float64, outputs and gradients.
 """
 
 from __future__ import annotations
@@ -266,6 +194,54 @@ def wkv_convolution(
 
 
 # --- Pallas kernels -------------------------------------------------------------------
+#
+# Lowering: Pallas Triton (`plgpu.CompilerParams`). The WKV is an elementwise recurrence over
+# time with no matrix products, so Mosaic GPU's strengths (wgmma, TMA) buy nothing, and the
+# Triton API (`pallas_call`, ref indexing, `fori_loop`) is the same in jax 0.10 and 0.11 and
+# runs on any CUDA GPU from Ampere on. Its limits shape the code: every loaded block is a
+# power of two (a row of `block_c` channels per time step; C is padded inside), a grid has at
+# most three axes (two are used, so `vmap` can add one), and there is no reverse scan (the
+# backward indexes `end - 1 - i`).
+#
+# Time-split kernels (`_fwd_tile_kernel`, `_bwd_tile_kernel`): linear mode without state, one
+# time chunk, T a multiple of the tile (the model's GPT mode in training and evaluation). A
+# program owns `block_c` channels of one batch row and walks time in tiles of P*S steps, warp p
+# taking sub-chunk p: each warp runs its S steps from a zero state, the warps exchange their
+# local sums once (an exclusive scan over the sub-chunks with weights D^j, D = d^S; all terms
+# non-negative in the forward), then each warp runs its S steps again from its true start
+# state. P warps per 32 channels keep P times the rows in flight of one.
+#
+# Serial kernels (every other case). A program owns `block_c` channels of one batch row and
+# walks its time range in blocks of `unroll` steps whose rows were loaded one block earlier
+# (prefetch in the loop carry), so ~2*unroll row loads are in flight. When B*C/block_c
+# programs would not fill the GPU, time is split into chunks: a first kernel computes each
+# chunk's local end state from a zero state, and the main kernel folds the earlier chunks'
+# states (decay d^L per chunk) into its start state (the backward does the same in reverse).
+#
+# Two numeric modes, both exact implementations of the same function:
+# * "linear" (`wkv`'s default with k_clamp <= 64): plain float32 sums of exp(K), which the
+#   clamp keeps finite, as the original kernel did; one exp per step (`approx_math`). Needs
+#   time_first + k_clamp < ~88 (true of every release) and k_eps > 0.
+# * "log": the reference's running-max exponent (sums scaled by exp(-pp)); finite for any K
+#   and T. Used by `wkv` without a clamp and always by `wkv_with_state`, whose returned state
+#   must match the reference's (aa, bb, pp).
+#
+# Backward. The forward that feeds a gradient saves its state every `unroll_train` steps. The
+# backward walks time in reverse a block at a time: it reloads the block's k, v, g and
+# checkpoint, recomputes the forward over the block in registers (out and den never touch
+# memory), then runs the block's steps in reverse, carrying the adjoints of the two sums (GA,
+# GB) and their derivatives with respect to log d (GA', GB'). With den_t and out_t of step t:
+#
+#     GA_{t-1} = d*GA_t + g_t/den_t,   GB_{t-1} = d*GB_t - g_t*out_t/den_t
+#     GA'_{t-1} = d*(GA_t + GA'_t),    GB'_{t-1} = d*(GB_t + GB'_t)
+#     dv_t = k_t*GA_t + u*k_t*g_t/den_t
+#     dK_t = k_t*(v_t*GA_t + GB_t) + u*k_t*g_t*(v_t - out_t)/den_t      (0 where the clamp cuts)
+#     d(log d) += k_t*(v_t*GA'_t + GB'_t),  d(time_first) += u*k_t*g_t*(v_t - out_t)/den_t
+#
+# (log mode keeps them scaled by exp(-q) with a running-max q, so every exp() is of a
+# non-positive number). The final state's cotangent enters as the initial (GA, GB); the initial
+# state's gradient is the final (GA, GB, GA', GB'). The final `pp` is a max over time; its own
+# gradient is taken in plain JAX from `max(pp0 + T*w, max_t(K_t + (T-1-t)*w))`.
 
 # Largest clamp for which the linear mode's plain float32 sums stay finite:
 # u * e^64 * T / (1 - d) stays far below float32's 3.4e38 ≈ e^88 for realistic time_first.
@@ -299,43 +275,24 @@ class WKVBlockSizes:
     approx_math:  linear mode on the GPU: exp(K) as one `ex2.approx.ftz` of K*log2(e) and
                   1/den as one `rcp.approx.ftz` (inline PTX) instead of libdevice's expf
                   and a division: about half the instructions per step. Relative error of
-                  exp(K) ~|K|*6e-8 (the rounding of K*log2(e)); the kernel's outputs and
-                  gradients stay as close to the reference as without it (H100 check,
-                  session 4: max rel. err 1.6e-6 vs 1.5e-6). The interpreter computes
-                  exp2(K*log2(e)) and 1/den, so CPU tests see the same rounding of K.
+                  exp(K) ~|K|*6e-8 (the rounding of K*log2(e)); outputs and gradients stay
+                  as close to the reference as without it (bench/wkv.py checks on the GPU).
+                  The interpreter computes exp2(K*log2(e)) and 1/den, so CPU tests see the
+                  same rounding of K.
     """
 
-    # Defaults from `python3 bench/wkv.py --sweep` (H200, docs/PERF.md): unroll 32 cut the
-    # forward at (8, 1024, 1024) from 76 to 61 us (48: no better); unroll_train 16 beat 8, 24
-    # and 32 (registers); block_c 16, 8 or 64 were no better. min_chunk 64 (was 512): a
-    # program walks ~140 ns per step however few programs run (H200: 72.7 us for the two
-    # kernels at B=1, T=1024, C=1024 with 2 chunks of 512; 8.5 ns/token at T=65,536 with 16
-    # chunks), so B=1 prefill chunks of 1,024 tokens gain from 16 chunks of 64: measured after
-    # (H200 prefill profile, session 3), 9.2 + 4.3 us per chunk, the prefill's WKV 3.49 -> 0.65
-    # ms per 2,049 tokens. On the H100 (session 3) the defaults then gave 64.8 / 186.7 us at
-    # (8, 1024, 1024); 4 time chunks there: forward 8% slower, forward+backward 4% faster.
-    # Session 4 (H100, docs/PERF.md): the forward's loop runs two blocks per iteration
-    # (ping-pong, `_time_loop`), so a block of 16 is as fast as the old 32 (59.9 vs 64.1 us;
-    # 59.2 with approx_math). unroll 24 gave 54.8 us but a ~3x longer Triton compile (185 s
-    # vs 56 s on a 2-core CPU), 32 (a 64-step loop body) 89 us: the default is 16. With
-    # these defaults: 59.2 / 171.1 us forward / forward+backward at (8, 1024, 1024).
-    # Session 7 (H100, bench/wkv.py --sweep and --trials): time_split 4 (the tile kernels)
-    # 48.0 / 115.0 us against 59.6 / 172.7 for time_split 1 in the same run; time_split 2
-    # 47.6-52.0 / 126.5-127.6, 8: 46.6-78.6 / 129.0-131.1; unroll 8 with time_split 4 or 8 no
-    # faster (48.0-53.0 us); unroll_train 8 127.3 us. (Session 7's times are wall time per
-    # back-to-back call, which includes the host's ~46 us dispatch of each call.) Session 8,
-    # GPU time from profiler traces: H100 38.0 / 109.5 us (time_split 1: 55.2 / 166.7); on an
-    # H200, block_c 16 or 8 (more, smaller programs) and unroll 32 were slower.
-    block_c: int = 32
-    unroll: int = 16
-    unroll_train: int = 16
-    num_warps: int = 1
-    num_stages: int = 1
-    min_programs: int = 256
+    # Each default is the fastest of `python3 bench/wkv.py --sweep` on H100 and H200 at
+    # (B, C, T) = (8, 1024, 1024), the training shape, and at (1, 1024, 65536).
+    block_c: int = 32  # one channel per thread of a warp
+    unroll: int = 16  # 16 rows in flight per block, two blocks per loop iteration (`_time_loop`)
+    unroll_train: int = 16  # the backward's block: rows in flight against registers held
+    num_warps: int = 1  # serial kernels: one warp per 32 channels
+    num_stages: int = 1  # the loops prefetch their rows themselves
+    min_programs: int = 256  # ~2 programs per SM of an H100/H200 before time is chunked
     chunk_to: int = 512
-    min_chunk: int = 64
+    min_chunk: int = 64  # a step costs a program the same however few run: short chunks pay
     approx_math: bool = True
-    time_split: int = 4
+    time_split: int = 4  # four warps per 32 channels: four times the rows in flight
 
     def __post_init__(self):
         if self.block_c < 1 or self.block_c & (self.block_c - 1):
@@ -428,7 +385,7 @@ def _make_plan(B, T, C, *, k_clamp, k_eps, linear, blocks: WKVBlockSizes, interp
 def _program(plan: _Plan):
     """(batch row b, channel slice, chunk index) of this program."""
     pid = pl.program_id(0)
-    b = lax.div(pid, plan.n_cb)
+    b = lax.div(pid, jnp.asarray(plan.n_cb, pid.dtype))  # int32 also under jax_enable_x64
     c0 = pl.multiple_of((pid - b * plan.n_cb) * plan.bc, plan.bc)
     return b, pl.ds(c0, plan.bc), pl.program_id(1)
 
@@ -453,11 +410,11 @@ def _time_loop(U: int, start, n, load, step, carry, on_block=None, ping_pong=Tru
     of row registers), so that the rows carried to the next iteration are the ones loaded
     during this one's second block: with one block per iteration, the compiler copies the
     just-issued loads into the carried registers at the loop's end, and each copy waits for
-    its load (measured on the H100: 62 of 64 prefetched rows, session 4). Prefetches past
-    the range are clamped to its last step (loaded, not used).
+    its load (visible in the SASS). Prefetches past the range are clamped to its last step
+    (loaded, not used).
     on_block(j, carry) runs before each block of U steps (j = 0, 1, ...; the tail too).
-    ping_pong=False: one block per iteration (the session-3 loop), for step functions so
-    long that two blocks overflow the instruction cache (see `_fwd_kernel`).
+    ping_pong=False: one block per iteration, for step functions so long that two blocks
+    overflow the instruction cache (see `_fwd_kernel`), or for the tile kernels.
     """
     last = start + n - 1
     load_at = lambda i: load(jnp.minimum(start + i, last))
@@ -683,10 +640,9 @@ def _bwd_walk(plan: _Plan, w, u_log, start, n, load_rows, load_ckpt, carry, emit
     block are loaded before the current block is processed. The last block of the range
     may be partial: its steps past the range run on clamped rows with a frozen carry, and
     their stores land on the range's last step before the real value overwrites them.
-    One block per loop iteration: the ping-pong of `_time_loop` (two per iteration) made
-    this kernel's Triton compile ~8x slower (the TritonGPUCoalesce pass grows with the
-    number of loads and stores times the size of the function: 449 s against 58 s for
-    the (8, 1024, 1024) backward on a 2-core CPU, session 4), so it is not used here.
+    One block per loop iteration: two (the ping-pong of `_time_loop`) make the Triton compile
+    several times longer (the TritonGPUCoalesce pass grows with the number of loads and
+    stores times the size of the function).
 
     emit: None (carry only, for chunk-local carries) or store(t, dk, dv); then the
     returned carry is (carry, du, dw) with per-channel sums of d log u and d log d.
@@ -823,9 +779,8 @@ def _fwd_kernel(*refs, plan: _Plan, state_in: bool, state_out: bool, save: bool)
         on_block = save_block
 
     start, n = _chunk_range(plan, chunk)
-    # The log mode's forward that saves has ~70 instructions per step: two blocks of 16 are
-    # ~36 KB of loop code (a 64-step linear body, ~32 KB, ran 1.9x slower on the H100), and
-    # its forward+backward went 346.8 -> 397.9 us with them (H100, session 4); one block.
+    # The log mode's forward that saves has ~70 instructions per step: two blocks of 16 would
+    # be ~36 KB of loop code, past the instruction cache; so one block per iteration there.
     ping_pong = plan.linear or not save
     carry = _time_loop(U, start, n, _load_kv(k_ref, v_ref, b, cs), step, carry, on_block,
                        ping_pong=ping_pong)
@@ -909,8 +864,8 @@ def _fwd_tile_kernel(k_ref, v_ref, td_ref, tf_ref, out_ref, *ck_refs, plan: _Pla
             A, Bs = d * A + kv[s], d * Bs + ek[s]
         return nxt
 
-    # One tile per loop iteration: two (ping-pong, as `_time_loop` does for the serial kernel)
-    # were no faster on the H100 (47.0 vs 43.8 us, session 7) and took ~4x longer to compile.
+    # One tile per loop iteration: a tile already keeps P*S rows in flight, and two per
+    # iteration would compile several times longer.
     z = jnp.zeros((P, bc), jnp.float32)
     _time_loop(1, 0, plan.T // (P * S), load, run_tile, (z, z), ping_pong=False)
 
@@ -936,8 +891,8 @@ def _bwd_tile_kernel(k_ref, v_ref, g_ref, td_ref, tf_ref, ckA_ref, ckB_ref,
     d1 = jnp.exp(w)
     d, u, eps = d1[None], jnp.exp(u_log)[None], plan.k_eps
     # Scan weights, [p, i, channel]: W[p, i] = D^(i-1-p) for i > p (else 0), De[p] = D^(P-1-p),
-    # Wn[i] = D^i. (The forward's layout, [i, p] with P equal carry rows, made forward+backward
-    # slower here: 126.5 vs 115.2 us at (8, 1024, 1024) on the H100, session 7.)
+    # Wn[i] = D^i; the carry is one [bc] row, which runs faster in this longer kernel than
+    # the forward's layout ([i, p] with P equal carry rows).
     p_i = lax.broadcasted_iota(jnp.int32, (P, P, bc), 0)
     i_i = lax.broadcasted_iota(jnp.int32, (P, P, bc), 1)
     Sw = S * w
@@ -993,8 +948,7 @@ def _bwd_tile_kernel(k_ref, v_ref, g_ref, td_ref, tf_ref, ckA_ref, ckB_ref,
         return (*nxt, du, dw)
 
     z, zz = jnp.zeros((bc,), jnp.float32), jnp.zeros((P, bc), jnp.float32)
-    # One tile per loop iteration: two made forward+backward slower on the H100 (148.6 vs
-    # 115.3 us at (8, 1024, 1024), session 7).
+    # One tile per loop iteration, as in the forward.
     _, _, du, dw = _time_loop(1, 0, n_tiles, load, run_tile, (z, z, zz, zz), ping_pong=False)
     du_ref[0, b, cs] = jnp.sum(du, axis=0)
     dw_ref[0, b, cs] = jnp.sum(dw, axis=0) * d1
@@ -1309,7 +1263,7 @@ def wkv(
 ) -> jax.Array:
     """out [B, T, C] float32 = num / den of the spec, from the start of a sequence.
 
-    Same function as `rwkv2_jax.wkv.wkv_reference`. Differentiable (custom VJP, Pallas
+    Same function as `wkv_reference`. Differentiable (custom VJP, Pallas
     backward) in k, v, time_decay and time_first; k's gradient is 0 where the clamp cuts.
     mode: None picks "linear" when k_clamp <= 64 and k_eps > 0, else "log" (see module doc).
     interpret=True runs the kernels in the Pallas interpreter (CPU).
@@ -1352,7 +1306,7 @@ def wkv_with_state(
 ) -> Tuple[jax.Array, WKVState]:
     """(out [B, T, C] float32, state after the last step), starting from `state` (None: empty).
 
-    Same function and state convention as `rwkv2_jax.wkv.wkv_with_state` (always the
+    Same function and state convention as `wkv_with_state_reference` (always the
     running-max "log" mode, so the returned (aa, bb, pp) match the reference's).
     Differentiable in k, v, time_decay, time_first and the initial state, and through the
     returned state.

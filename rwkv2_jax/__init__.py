@@ -23,12 +23,13 @@ from rwkv2_jax.generation.generator import prefill as prefill_prompts
 from rwkv2_jax.config import K_CLAMP, K_EPS, PRESETS, RELEASE_K_EPS, RWKVConfig
 from rwkv2_jax.model import RWKV, State, init_state
 from rwkv2_jax.generation.sampling import SamplingParams
+from rwkv2_jax.generation.step import DecodeOptions
 from rwkv2_jax.generation.state_file import load_state, save_state
 from rwkv2_jax.training.trainer import TrainConfig, loss_and_grad
 from rwkv2_jax.wkv import WKVState, wkv_reference, wkv_with_state
 
 __all__ = [
-    "CheckpointError", "K_CLAMP", "K_EPS", "Model", "PRESETS", "RELEASE_K_EPS", "RWKV",
+    "CheckpointError", "DecodeOptions", "K_CLAMP", "K_EPS", "Model", "PRESETS", "RELEASE_K_EPS", "RWKV",
     "RWKVConfig", "SamplingParams", "State", "TrainConfig", "WKVState", "check_tokens", "from_release_arrays",
     "generate", "init", "init_state", "load", "load_any", "load_state", "load_torch", "loglikelihood", "loss_and_grad",
     "prefill_prompts", "save", "save_state", "save_torch", "stream", "stream_batch",

@@ -64,27 +64,15 @@ class Model:
         "reference", "pallas" or "pallas_interpret".
       precision: matmul precision; None means "highest" for float32 compute (exact
         float32 on GPUs, where JAX's default may use TF32) and JAX's default otherwise.
-      fused_decode: with Pallas kernels (wkv_impl "pallas", or "auto" on a GPU), run the RNN
-        step of `generate` for 1 or 2 rows (rwkv2_jax.generation.step.FUSED_MAX_BATCH; slower
-        than XLA's kernels at 8 rows) as four fused Pallas kernels per layer
-        (pallas_kernels.decode; the same function as the per-operation step). False: XLA's
-        kernels (and the matrix-vector kernel for the [C, 4C] product).
-      stream_weights, resident_out_bytes: L2 cache hints of that fused step
-        (rwkv2_jax.generation.step.StepSpec, docs/generation.md): the matrices are read with
-        "evict_first" so the vectors and the state stay in the L2 between tokens, except the
-        time-mix output matrices of the first layers that fit in resident_out_bytes (16 MB,
-        for an L2 of ~50 MB as on an H100/H200; 0 on a card with a much smaller L2), which stay.
-        stream_weights=False: plain loads and XLA's head (the step before these hints).
+
+    How generation runs the decode step on a GPU is not the model's: `rw.generate` and
+    `rw.stream` take `decode_options=` (rwkv2_jax.generation.step.DecodeOptions).
     """
 
     def __init__(self, config: RWKVConfig, params, *, dtype=jnp.float32, wkv_impl: str = "auto",
-                 precision: Optional[str] = None, fused_decode: bool = True, stream_weights: bool = True,
-                 resident_out_bytes: int = 16 << 20):
+                 precision: Optional[str] = None):
         if wkv_impl not in WKV_IMPLS:
             raise ValueError(f"unknown wkv_impl={wkv_impl!r}; choose one of {WKV_IMPLS}")
-        if isinstance(resident_out_bytes, bool) or not isinstance(resident_out_bytes, (int, np.integer)) \
-                or resident_out_bytes < 0:
-            raise ValueError(f"resident_out_bytes must be an int >= 0, got {resident_out_bytes!r}")
         self.config = config
         self.params = jax.tree.map(jnp.asarray, params)
         self.dtype = jnp.dtype(dtype)
@@ -92,9 +80,6 @@ class Model:
         if precision is None and self.dtype == jnp.float32:
             precision = "highest"
         self.precision = precision
-        self.fused_decode = bool(fused_decode)
-        self.stream_weights = bool(stream_weights)
-        self.resident_out_bytes = int(resident_out_bytes)
         self.module = RWKV(config, dtype=self.dtype, wkv_impl=wkv_impl, precision=precision)
         self._forward = jit(
             lambda p, tokens, state, lengths=None: self.module.apply({"params": p}, tokens, state, lengths)
@@ -166,13 +151,12 @@ class Model:
 
     def replace(self, **changes) -> "Model":
         """A Model on the same params with config fields (k_eps=, k_clamp=, ...), dtype=,
-        wkv_impl=, precision=, fused_decode=, stream_weights= or resident_out_bytes= changed."""
+        wkv_impl= or precision= changed."""
         dtype = changes.pop("dtype", self.dtype)
         wkv_impl = changes.pop("wkv_impl", self.wkv_impl)
         precision = changes.pop("precision", self.precision if dtype == self.dtype else None)
-        decode = {k: changes.pop(k, getattr(self, k)) for k in ("fused_decode", "stream_weights", "resident_out_bytes")}
         return Model(self.config.replace(**changes), self.params, dtype=dtype, wkv_impl=wkv_impl,
-                     precision=precision, **decode)
+                     precision=precision)
 
     @property
     def n_params(self) -> int:

@@ -4,8 +4,9 @@ Each kernel against its plain-JAX reference on fresh random inputs (the seed is 
 failure message): float32 to float32 rounding, bf16 weights to one bf16 rounding of a
 product's output; widths that are not powers of two (one and several column blocks), B = 1
 and B > 1, both numeric options of the WKV step (clamp, k_eps), the state updated in place
-for one layer only. The decode step built from them is compared with the per-operation step
-in tests/test_generate.py. A last test lowers the kernels to Triton IR for CUDA.
+for one layer only, and under jax_enable_x64. The decode step built from them is compared with
+the per-operation step in tests/test_decode_step.py. The last tests lower the kernels to
+Triton IR for CUDA.
 """
 
 import math
@@ -55,9 +56,10 @@ CASES = [  # B, C, dtype, blocks
     (3, 96, jnp.float32, SMALL),  # 6 column blocks, 24 programs
     (2, 64, jnp.bfloat16, None),  # one column block
     (1, 40, jnp.bfloat16, SMALL),  # block_in 16 -> 8 (the largest power of two dividing 40)
-    # vectors loaded where used, one reduction per column block (what large B falls back to)
-    (3, 96, jnp.float32, DecodeBlockSizes(block_out=4, block_in=16, early_loads=False, reduce_once=False)),
-    (2, 64, jnp.bfloat16, DecodeBlockSizes(block_in=16, early_loads=False, reduce_once=False)),
+    # past the register budget (test_register_budget): vectors loaded where used and one
+    # reduction per column block; then the vectors up front, one reduction per column block
+    (3, 256, jnp.float32, DecodeBlockSizes(block_out=8, block_in=32, num_warps=1)),
+    (4, 96, jnp.float32, DecodeBlockSizes(block_out=8, block_in=32, num_warps=1)),
 ]
 
 
@@ -153,29 +155,44 @@ def test_mix_out(seed, B, C, dtype, blocks, wide, gated):
     close(got, want, dtype, f"seed={seed} B={B} C={C} in={inp} {jnp.dtype(dtype).name} gated={gated}")
 
 
-@pytest.mark.parametrize("B,C,dtype,blocks", [CASES[0], CASES[1], CASES[2]])
-def test_mix_out_keeps_the_shift_state(seed, B, C, dtype, blocks):
-    """With state and layer: the same sum, and base written into that layer's rows of the
-    state (in place under jit with donation); every other row untouched, bit for bit."""
-    rng = np.random.default_rng(seed)
-    u = jnp.asarray(rng.normal(0, 1, (B, C)), dtype)
-    w = jnp.asarray(rng.normal(0, 1, (C, C)) / math.sqrt(C), dtype)
-    base = jnp.asarray(rng.normal(0, 1, (B, C)), jnp.float32)
-    state = jnp.asarray(rng.normal(0, 1, (L * B, C)), jnp.float32)
-    layer = jnp.asarray([1], jnp.int32)
-    before = np.asarray(state)
-    f = jax.jit(lambda u, w, b, s, i: decode.mix_out(u, w, b, state=s, layer=i, blocks=blocks, interpret=True),
-                donate_argnums=3)
-    got, new = f(u, w, base, state, layer)
-    want, want_state = decode.mix_out_reference(u, w, base, state=jnp.asarray(before), layer=layer)
-    msg = f"seed={seed} B={B} C={C} {jnp.dtype(dtype).name}"
-    close(got, want, dtype, msg)
-    np.testing.assert_array_equal(np.asarray(new)[B:2 * B], np.asarray(base), err_msg=msg)
-    rows = np.arange(L * B) // B != 1
-    np.testing.assert_array_equal(np.asarray(new)[rows], before[rows], err_msg=msg)
-    np.testing.assert_array_equal(np.asarray(new), np.asarray(want_state), err_msg=msg)
-    with pytest.raises(ValueError, match=r"state must be float32 \[L\*%d, %d\]" % (B, C)):
-        decode.mix_out(u, w, base, state=jnp.zeros((L * B, C), jnp.bfloat16), layer=layer, interpret=True)
+@pytest.mark.slow
+def test_under_x64(seed):
+    """With jax_enable_x64 on (Python ints become int64 there), every kernel runs and gives the
+    same outputs, dtypes included, as with it off, and so stays as close to its reference."""
+    B, C, dtype, blocks = 2, 40, jnp.bfloat16, SMALL
+    a = inputs(seed, B, C, dtype)
+    tm = [a[k] for k in ("x", "ln_scale", "ln_bias", "prev", "time_mix", "kvr_t", "aa", "bb", "pp", "w_log", "u_log",
+                         "layer")]
+    cm = [a[k] for k in ("x", "ln_scale", "ln_bias", "prev", "time_mix", "kr_t", "layer")]
+    table = jnp.asarray(np.random.default_rng(seed + 1).normal(size=(37, C)), dtype)
+    ids = jnp.asarray([36, 5], jnp.int32)
+    u = jax.nn.relu(jnp.asarray(np.random.default_rng(seed + 2).normal(size=(B, 4 * C)), dtype))
+    w = (a["kr_t"][:C] * 0.5).reshape(C, C).astype(dtype)
+    wide = jnp.concatenate([w] * 4, axis=1)
+    kw = dict(k_clamp=60.0, log_eps=math.log(1e-9), ln_eps=LN_EPS)
+    runs = {
+        "time_mix_in": (lambda: decode.time_mix_in(*tm, **kw, blocks=blocks, interpret=True),
+                        lambda: decode.time_mix_in_reference(*tm, **kw)),
+        "time_mix_in token=": (lambda: decode.time_mix_in(table, *tm[1:], **kw, blocks=blocks, interpret=True, token=ids),
+                               lambda: decode.time_mix_in_reference(table, *tm[1:], **kw, token=ids)),
+        "channel_mix_in": (lambda: decode.channel_mix_in(*cm, ln_eps=LN_EPS, blocks=blocks, interpret=True),
+                           lambda: decode.channel_mix_in_reference(*cm, ln_eps=LN_EPS)),
+        "mix_out": (lambda: decode.mix_out(u, wide, a["x"], a["x"].astype(dtype), blocks=blocks, interpret=True),
+                    lambda: decode.mix_out_reference(u, wide, a["x"], a["x"].astype(dtype))),
+        "layer_norm": (lambda: decode.layer_norm(a["x"], a["ln_scale"], a["ln_bias"], ln_eps=LN_EPS, out_dtype=dtype,
+                                                 interpret=True),
+                       lambda: decode.layer_norm_reference(a["x"], a["ln_scale"], a["ln_bias"], ln_eps=LN_EPS,
+                                                           out_dtype=dtype)),
+    }
+    for name, (kernel, reference) in runs.items():
+        want = jax.tree.leaves(kernel())
+        with jax.enable_x64(True):
+            got = jax.tree.leaves(kernel())
+        for i, (g, w_, r) in enumerate(zip(got, want, jax.tree.leaves(reference()))):
+            msg = f"{name} output {i} seed={seed}"
+            assert g.dtype == w_.dtype and g.shape == w_.shape, msg
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w_), err_msg=msg)
+            close(g, r, dtype if g.dtype == dtype else jnp.float32, msg)
 
 
 def test_supported_and_bad_inputs():
@@ -213,8 +230,9 @@ def test_layer_block_sizes():
 
 
 def test_register_budget():
-    """Early vector loads and one reduction per matrix where they fit in the registers (the
-    batch-1 step of L24-D1024 gets both in all three kernels); larger B and blocks fall back."""
+    """Vectors loaded up front and one reduction per matrix where they fit in the registers
+    (the batch-1 step of L24-D1024 gets both in all three kernels); larger B and blocks fall
+    back; the fallback CASES take both fallbacks."""
     plan = lambda B, inp, G, dtype=jnp.bfloat16, **kw: decode._plan(  # noqa: E731
         B, 1024, inp, G, dtype, DecodeBlockSizes(**kw), False)
     wide = dict(block_out=4, block_in=512)
@@ -222,10 +240,12 @@ def test_register_budget():
         for dtype in (jnp.bfloat16, jnp.float32):
             assert plan(1, inp, G, dtype).acc_2d and plan(1, inp, G, dtype).early, (inp, G, dtype)
         assert not plan(16, inp, G, **wide).acc_2d, (inp, G)
-        assert not plan(1, inp, G, reduce_once=False).acc_2d
-    assert not plan(16, 1024, 5).early and not plan(1, 1024, 5, early_loads=False).early
+    assert not plan(16, 1024, 5).early
     # float32 weights in wider blocks: the accumulators no longer fit, the early loads do
     assert plan(1, 1024, 5, jnp.float32, **wide).early and not plan(1, 1024, 5, jnp.float32, **wide).acc_2d
+    fallback = lambda B, C, inp, G: decode._plan(B, C, inp, G, jnp.float32, CASES[4][3], False)  # noqa: E731
+    assert not fallback(3, 256, 256, 3).early and not fallback(3, 256, 256, 5).acc_2d
+    assert fallback(4, 96, 96, 3).early and not fallback(4, 96, 96, 3).acc_2d
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
@@ -281,8 +301,8 @@ def test_lowers_to_triton(dtype, monkeypatch, capsys):
 def test_weight_loads_carry_the_eviction_hint(seed, monkeypatch, capsys):
     """DecodeBlockSizes.eviction_policy: in the Triton IR every [bo, bi] weight load of the three
     kernels carries the L2 hint and no other load does (the vectors and the state must stay in
-    the L2 between tokens: rwkv2_jax.generation.step.StepSpec.stream_weights); in interpret mode the
-    hint changes nothing. A policy Triton does not know is a one-line error."""
+    the L2 between tokens: rwkv2_jax.generation.step.DecodeOptions.stream_weights); in interpret
+    mode the hint changes nothing. Any other policy is a one-line error."""
     B, C, dtype = 1, 256, jnp.bfloat16
     a = inputs(seed, B, C, dtype)
     hint = DecodeBlockSizes(eviction_policy="evict_first")
@@ -308,5 +328,6 @@ def test_weight_loads_carry_the_eviction_hint(seed, monkeypatch, capsys):
         assert weights and all("evictionPolicy = evict_first" in ln for ln in weights), weights[:2]
         others = [ln for ln in loads if ln not in weights]
         assert others and not any("evictionPolicy" in ln for ln in others), [ln for ln in others if "evict" in ln][:2]
-    with pytest.raises(ValueError, match="eviction_policy='evict_all'"):
-        DecodeBlockSizes(eviction_policy="evict_all")
+    for bad in ("evict_all", "evict_last"):
+        with pytest.raises(ValueError, match=f"eviction_policy='{bad}' must be None or 'evict_first'"):
+            DecodeBlockSizes(eviction_policy=bad)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from pallas_kernels import WKVBlockSizes, wkv, wkv_with_state
+from pallas_kernels.wkv import WKVBlockSizes, wkv, wkv_with_state
 from pallas_kernels.wkv import WKVState, wkv_reference
 from pallas_kernels.wkv import wkv_with_state_reference as reference_with_state
 from tests.triton_ir import assert_no_scalar_select, lower_to_triton_ir

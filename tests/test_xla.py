@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import rwkv2_jax as rw
 from rwkv2_jax import xla
+from rwkv2_jax.generation import generator as gen
 
 
 def test_options_only_for_gpu(monkeypatch):
@@ -58,12 +60,6 @@ def test_gpu_options_are_valid_xla_options():
 def test_decode_programs_take_the_decode_options(monkeypatch):
     """rw.generate compiles its decode steps with DECODE_COMPILER_OPTIONS (XLA's default GEMMs,
     faster there on an H200) and its GPT-mode prefill with GPU_COMPILER_OPTIONS (cuBLAS)."""
-    import importlib
-
-    import rwkv2_jax as rw
-
-    gen = importlib.import_module("rwkv2_jax.generation.generator")  # the module (rw.generate is the function)
-
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     assert xla.compiler_options("gpu", options=xla.DECODE_COMPILER_OPTIONS) is None  # XLA's defaults
     seen = {}

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rwkv2_jax.handle import Model, check_tokens
-from rwkv2_jax.generation.step import StepSpec, decode_params, rnn_step, spec_of
+from rwkv2_jax.generation.step import DecodeOptions, StepSpec, decode_params, rnn_step, spec_of
 from rwkv2_jax.model import State, init_state
 from rwkv2_jax.generation.sampling import SamplerKnobs, SamplerStatic, SamplingParams, count_token, draw, penalize
 from rwkv2_jax.xla import DECODE_COMPILER_OPTIONS, jit
@@ -261,16 +261,19 @@ def prefill(
     *,
     state: Optional[State] = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    decode_options: Optional[DecodeOptions] = None,
 ) -> Tuple[jax.Array, State]:
     """GPT mode over each prompt (batched, chunked) -> (next-token logits [B, V], state after it).
 
     prompts: B token-id lists, of any lengths >= 1. state: the state before the prompts
     ([L, B, C] fields; None: the start of a sequence), e.g. to continue a conversation.
     Equal, up to float rounding, to `model.prefill` on each prompt alone (its last logits
-    and state); memory is bounded by the chunk, not the prompt length.
+    and state); memory is bounded by the chunk, not the prompt length. decode_options: how
+    the RNN step on the last tokens runs (`DecodeOptions`; None: the defaults).
     """
     if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    spec = spec_of(model, decode_options)
     rows = _check_prompts(prompts, model.config.vocab_size)
     B = len(rows)
     state = _check_state(model, state, B)
@@ -287,7 +290,7 @@ def prefill(
         state = chunk(model.module, model.params, state, tokens, None if full else lengths.astype(np.int32))
         start += size
     last = np.array([r[-1] for r in rows], np.int32)
-    return _jit(_feed, ("spec",), ("state",), decode=True)(spec_of(model), decode_params(model), state, last)
+    return _jit(_feed, ("spec",), ("state",), decode=True)(spec, decode_params(model), state, last)
 
 
 def generate(
@@ -308,6 +311,7 @@ def generate(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     return_state: bool = False,
     decode_loop: Optional[str] = None,
+    decode_options: Optional[DecodeOptions] = None,
 ):
     """Continue each prompt by up to `max_new_tokens` tokens -> list (per prompt) of new ids.
 
@@ -319,6 +323,7 @@ def generate(
     return_state: also return the state after each prompt and its returned tokens, as
     (tokens, state). decode_loop: "device" (one lax.while_loop) or "host" (a Python loop of
     jitted steps); None picks by backend (DECODE_LOOP). Both give the same tokens.
+    decode_options: how the decode step runs on a GPU (`DecodeOptions`; None: the defaults).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -326,26 +331,27 @@ def generate(
                             ban_tokens, stop_tokens)
     rows = _check_prompts(prompts, model.config.vocab_size)
     consts = _consts(model, params, seed, len(rows))  # validates ids and seeds before any compute
+    spec = spec_of(model, decode_options)
     if decode_loop is None:
         decode_loop = DECODE_LOOP.get(jax.default_backend(), DECODE_LOOP_DEFAULT)
     if decode_loop not in ("device", "host"):
         raise ValueError(f"decode_loop must be 'device', 'host' or None, got {decode_loop!r}")
     if max_new_tokens == 0 and not return_state:
         return [[] for _ in rows]
-    logits, prompt_state = prefill(model, rows, state=state, chunk_size=chunk_size)
+    logits, prompt_state = prefill(model, rows, state=state, chunk_size=chunk_size, decode_options=decode_options)
     if max_new_tokens == 0:
         return [[] for _ in rows], prompt_state
     keep_state = return_state and bool(params.stop_tokens)  # else no row's state is kept or read
     if decode_loop == "device":
         loop = _jit(_decode_loop, ("spec", "static", "out_len", "per_iter", "keep_state"), ("logits", "state"),
                     decode=True)
-        dec, out = loop(spec_of(model), decode_params(model), logits, prompt_state, consts, np.int32(max_new_tokens),
+        dec, out = loop(spec, decode_params(model), logits, prompt_state, consts, np.int32(max_new_tokens),
                         static=params.static(), out_len=_pow2_at_least(max_new_tokens, MIN_OUT_LEN),
                         per_iter=DEVICE_STEPS_PER_ITER, keep_state=keep_state)
         out = np.asarray(out)[:, :max_new_tokens]
     else:
         step = _jit(_decode_step, ("spec", "static", "keep_state"), ("dec",), decode=True)
-        spec, dparams = spec_of(model), decode_params(model)
+        dparams = decode_params(model)
         dec, consts = _start(logits, prompt_state, params.penalized), jax.device_put(consts)
         out = []
         for i in range(max_new_tokens):
@@ -376,6 +382,7 @@ def stream_batch(
     state: Optional[State] = None,
     context: Optional[Tuple[jax.Array, State]] = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    decode_options: Optional[DecodeOptions] = None,
     **sampling,
 ) -> Iterator[np.ndarray]:
     """Like `generate`, but yield each step's ids [B] (int32, -1 for rows already stopped).
@@ -390,10 +397,11 @@ def stream_batch(
     params = SamplingParams(**sampling)
     rows = _check_prompts(prompts, model.config.vocab_size)
     consts = _consts(model, params, seed, len(rows))
+    spec = spec_of(model, decode_options)
     if max_new_tokens == 0:
         return
     if context is None:
-        logits, prompt_state = prefill(model, rows, state=state, chunk_size=chunk_size)
+        logits, prompt_state = prefill(model, rows, state=state, chunk_size=chunk_size, decode_options=decode_options)
     else:
         logits, prompt_state = context
         if tuple(logits.shape) != (len(rows), model.config.vocab_size):
@@ -401,7 +409,7 @@ def stream_batch(
                              f"[{len(rows)}, {model.config.vocab_size}] (B, V)")
         logits, prompt_state = jnp.array(logits), _check_state(model, prompt_state, len(rows))
     step = _jit(_decode_step, ("spec", "static", "keep_state"), ("dec",), decode=True)
-    spec, dparams = spec_of(model), decode_params(model)
+    dparams = decode_params(model)
     dec, static = _start(logits, prompt_state, params.penalized), params.static()
     consts = jax.device_put(consts)  # once, not with every step
     pending = None
@@ -453,6 +461,4 @@ def with_weight_dtype(model: Model, dtype=jnp.bfloat16) -> Model:
     dtype = jnp.dtype(dtype)
     params = jax.tree.map(lambda x: x.astype(dtype) if x.ndim == 2 else x.astype(jnp.float32), model.params)
     return Model(model.config, params, dtype=dtype, wkv_impl=model.wkv_impl,
-                 precision=None if dtype != jnp.float32 else model.precision,
-                 fused_decode=model.fused_decode, stream_weights=model.stream_weights,
-                 resident_out_bytes=model.resident_out_bytes)
+                 precision=None if dtype != jnp.float32 else model.precision)

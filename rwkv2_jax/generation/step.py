@@ -1,71 +1,122 @@
 """The RNN step used for decoding: the model at T = 1 on transposed, merged matrices.
 
-`RWKV` (rwkv2_jax.model) keeps Flax's [in, out] kernels. At T = 1 every matrix product is a
-vector times a matrix, and XLA's GPU backend computes x[1, in] @ W[in, out] as an
-elementwise product followed by a reduction over `in`, the strided axis: for several of the
-layer's matrices it writes the whole [in, out] product to memory and reads it back
-(bench/profile.py decode: ~1.4 ms per token at L24-D1024, batch 1, 60% of it in these
-reductions). With the matrices stored [out, in] the reduction runs along contiguous memory,
-fuses with the elementwise code that produces its input (token-shift mix, sigmoid(r) * wkv),
-and costs one read of the weights. Products that share an input are merged into one matrix:
-time-mix key/value/receptance ([3C, C]) and channel-mix key/receptance ([5C, C]).
+At T = 1 every matrix product is a vector times a matrix. `decode_params(model)` stores the
+matrices [out, in] (Flax keeps [in, out]), so that each product reduces along contiguous
+memory and fuses with the elementwise code around it, reading its weights once; products
+that share an input are merged (time-mix K/V/R into [3C, C], channel-mix K/R into [5C, C]).
+`rnn_step(spec, dparams, token, state)` is the same function as
+`model.module.apply({"params": params}, token[:, None], state)` (tests/test_decode_step.py)
+and is what `rw.generate` runs per token.
 
-`decode_params(model)` builds that layout once (a second copy of the matrices, in the
-params' dtype); `rnn_step` is the same function as `model.module.apply(params, token[:, None],
-state)` (tests/test_generate.py checks logits and state against it), and is what
-`rw.generate` runs per token.
-
-Where the model runs Pallas kernels (`wkv_impl` "pallas", or "auto" on a GPU) and a step has
-at most FUSED_MAX_BATCH (2) rows, `rnn_step` runs each layer as four fused kernels
-(`pallas_kernels.decode`: the LayerNorms, token-shift mixes, WKV step, gates and residuals
-folded into the products): ~100 kernels per token instead of ~280 (H200, bf16, batch 1: 0.41
-instead of 0.60 ms per step; batch 2: 0.58 instead of 0.84). The kernels take up to 16 rows,
-but at 8 rows they were twice as slow as the per-operation step (2.30 vs 1.10 ms per step;
-their per-row accumulators no longer fit in the registers), so larger batches run the
-per-operation step (docs/PERF.md, session 12). The fused step loads its matrices with the
-"evict_first" L2 hint, the head on the Pallas matvec kernel for that (StepSpec.stream_weights,
-from Model(stream_weights=, resident_out_bytes=)): batch 1 at 0.397 ms per token (2,521
-tokens/s) instead of 0.413 (docs/PERF.md, session 17). `Model(fused_decode=False)` keeps the per-operation step below, where the products
-with more inputs than outputs (the channel-mix value matrix, [C, 4C]) of batches up to
-`pallas_kernels.matvec.MAX_BATCH` rows go through the Pallas matrix-vector kernel
-(`pallas_kernels.matvec`, which splits the long input over programs): 6.3 us instead of XLA's
-10.0 us per [1024, 4096] bf16 product on an H200. For the other shapes the kernel was no faster
-than XLA (bench/matvec.py, docs/PERF.md): at batch 1 each of these products takes ~4-10 us,
-far more than reading its 2-10 MB, so the step is bound by per-kernel latency, not bandwidth.
-With all four products of every layer on the kernel (`StepSpec.pallas_products="all"`) the
-per-operation step was slower from 4 rows on (4/8/16 rows: 0.95/1.47/1.10 ms per step against
-0.81/1.00/0.82; H200, bf16, docs/PERF.md session 15), though the kernel alone beat XLA on
-several of these shapes at 4-16 rows (bench/matvec.py); not profiled (XLA may fuse the
-elementwise code around its products). On a GPU the per-operation step runs 5-8 rows padded
-to 16 (PAD_ROWS): XLA's products took 1.01 ms per step at 8 rows, 0.82 at 16 (session 16).
+With Pallas kernels (`wkv_impl` "pallas", or "auto" on a GPU) a step of at most
+`DecodeOptions.fused_max_batch` rows runs each layer as four fused kernels
+(`pallas_kernels.decode`); larger batches run the per-operation step, whose products with
+more inputs than outputs go through `pallas_kernels.matvec`. `DecodeOptions` holds these
+choices, with defaults per backend; `spec_of(model, options)` makes the step's static part.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from typing import Optional, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import decode as decode_kernels
+from pallas_kernels.decode import DecodeBlockSizes, LayerBlockSizes
+from pallas_kernels.matvec import MAX_BATCH as MATVEC_MAX_BATCH
+from pallas_kernels.matvec import MatvecBlockSizes, matvec as pallas_matvec
 from rwkv2_jax.config import LN_EPS, RWKVConfig
 from rwkv2_jax.model import State
-from rwkv2_jax.model import _layer_norm as model_layer_norm
 from rwkv2_jax.wkv import WKVState, resolve_wkv_impl, wkv_step
 
-
-# The largest batch whose step runs the fused kernels by default: measured faster than the
-# per-operation step at 1 and 2 rows, slower at 3 (7%), 4 (41%) and 8 (2x) (H200, bf16,
-# L24-D1024, `bench/decode.py --sweep-batches`, docs/PERF.md sessions 12 and 13).
+# The largest batch whose step runs the fused kernels by default: faster than the
+# per-operation step at 1 and 2 rows, slower from 3 (their per-row accumulators stop fitting
+# in the registers). `bench/decode.py --sweep-batches 1,2,3,4` on an H200 (bf16, L24-D1024).
 FUSED_MAX_BATCH = 2
+# The fused step's time-mix output matrices of the first layers that fit in this many bytes
+# load without the L2 hint, so they stay in the L2 between tokens: a third of the ~50 MB L2 of
+# an H100/H200 (more slows every kernel). `bench/decode.py --sweep-fused` on an H200.
+RESIDENT_OUT_BYTES = 16 << 20
 # Per backend: batches of lo..hi rows run the per-operation step as `to` rows (the extra rows
-# copies of the last, their outputs dropped): ((lo, hi, to), ...). On an H200 with XLA's GEMMs
-# (bf16, L24-D1024, bench/decode.py --sweep-batches, docs/PERF.md session 16) the step took
-# 1.010 ms at 8 rows and 0.820 padded to 16; 0.855 and 0.817 at 5; at 12 rows padding lost
-# (0.805 vs 0.827), so only 5-8 rows are padded. Elsewhere (CPU) padding would only add work.
+# copies of the last, their outputs dropped): ((lo, hi, to), ...). XLA's GPU products of 5-8
+# rows take longer than of 16 (`bench/decode.py --sweep-batches 5,8,12,16 --sweep-variants
+# ops,pad16` on an H200); elsewhere (CPU) padding would only add work.
 PAD_ROWS = {"gpu": ((5, 8, 16),)}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """How the decode step runs with Pallas kernels (a GPU); on CPU only pad_rows applies.
+
+    `rw.generate`, `rw.stream`, `rw.stream_batch` and `rw.prefill_prompts` take one as
+    `decode_options=` (None: these defaults).
+
+    fused:              run a step of at most fused_max_batch rows as four fused kernels per
+                        layer (pallas_kernels.decode); False: the per-operation step always.
+    fused_max_batch:    see `fused` (FUSED_MAX_BATCH; the kernels take up to 16 rows).
+    fused_blocks:       the fused kernels' launch sizes: a pallas_kernels.decode LayerBlockSizes
+                        (per kernel) or DecodeBlockSizes (all four); None: their defaults.
+    stream_weights:     the fused step loads every matrix with the "evict_first" L2 hint (the
+                        head then runs on pallas_kernels.matvec), so that the weights streamed per
+                        token leave the vectors and the state in the L2 between tokens.
+    resident_out_bytes: with stream_weights, the time-mix output matrices of the first layers
+                        that fit in this many bytes load without the hint and stay in the L2
+                        (RESIDENT_OUT_BYTES, for the ~50 MB L2 of an H100/H200; 0 on a card with
+                        a much smaller L2).
+    matvec_blocks:      pallas_kernels.matvec.MatvecBlockSizes of the per-operation step's
+                        products on that kernel; None: its defaults.
+    pad_rows:           ((lo, hi, to), ...): the per-operation step runs a batch of lo..hi rows
+                        as `to` rows; None: the backend's (PAD_ROWS); (): never.
+    """
+
+    fused: bool = True
+    fused_max_batch: int = FUSED_MAX_BATCH
+    fused_blocks: Optional[object] = None
+    stream_weights: bool = True
+    resident_out_bytes: int = RESIDENT_OUT_BYTES
+    matvec_blocks: Optional[MatvecBlockSizes] = None
+    pad_rows: Optional[Tuple[Tuple[int, int, int], ...]] = None
+
+    def __post_init__(self):
+        for name in ("fused", "stream_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"DecodeOptions: {name}={getattr(self, name)!r} must be True or False")
+        if not _is_int(self.fused_max_batch) or self.fused_max_batch < 0:
+            raise ValueError(f"DecodeOptions: fused_max_batch={self.fused_max_batch!r} must be an int >= 0")
+        if self.fused_blocks is not None and not isinstance(self.fused_blocks, (DecodeBlockSizes, LayerBlockSizes)):
+            raise ValueError(f"DecodeOptions: fused_blocks must be a DecodeBlockSizes, a LayerBlockSizes or None, "
+                             f"got {type(self.fused_blocks).__name__}")
+        if not _is_int(self.resident_out_bytes) or self.resident_out_bytes < 0:
+            raise ValueError(f"DecodeOptions: resident_out_bytes={self.resident_out_bytes!r} must be an int >= 0")
+        if self.matvec_blocks is not None and not isinstance(self.matvec_blocks, MatvecBlockSizes):
+            raise ValueError(f"DecodeOptions: matvec_blocks must be a MatvecBlockSizes or None, "
+                             f"got {type(self.matvec_blocks).__name__}")
+        ok = self.pad_rows is None or isinstance(self.pad_rows, tuple) and all(
+            isinstance(r, tuple) and len(r) == 3 and all(_is_int(v) for v in r) and 1 <= r[0] <= r[1] < r[2]
+            for r in self.pad_rows)
+        if not ok:
+            raise ValueError(f"DecodeOptions: pad_rows={self.pad_rows!r} must be None or a tuple of (lo, hi, to) "
+                             "int triples with 1 <= lo <= hi < to")
+
+    def for_backend(self, backend: str) -> "DecodeOptions":
+        """These options with pad_rows=None replaced by the backend's (PAD_ROWS)."""
+        if self.pad_rows is not None:
+            return self
+        return dataclasses.replace(self, pad_rows=PAD_ROWS.get(backend, ()))
+
+    def padded_rows(self, batch_size: int) -> int:
+        """The rows the per-operation step runs for batch_size rows (pad_rows; None: none)."""
+        return next((to for lo, hi, to in self.pad_rows or () if lo <= batch_size <= hi), batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,71 +126,22 @@ class StepSpec:
     config: RWKVConfig
     dtype: jnp.dtype  # matmul compute dtype, as Model.dtype
     precision: Optional[str]
-    matvec: str = "xla"  # "xla", "pallas" or "pallas_interpret": who runs small-batch products
-    # With Pallas kernels (matvec != "xla"): run the step of up to fused_max_batch rows as four
-    # fused kernels per layer (pallas_kernels.decode) where the width allows.
-    fused: bool = True
-    fused_max_batch: int = FUSED_MAX_BATCH  # the kernels take up to pallas_kernels.decode.MAX_BATCH
-    # pallas_kernels.decode.LayerBlockSizes (per kernel) or DecodeBlockSizes (all four); None: defaults
-    fused_blocks: Optional[object] = None
-    # Fused step only: the output-product kernels write each layer's LayerNorm outputs into the
-    # token-shift state in place, instead of stacking the layers' vectors after the step
-    # (measured 2% slower at batch 1 on an H200: bench/step_bound.py, docs/PERF.md session 13).
-    shift_in_place: bool = False
-    # The head product through pallas_kernels.matvec (logits rounded to the weights' dtype in
-    # the kernel, stored float32) instead of XLA's product and a convert: measured no faster
-    # for the fused step at batch 1 on an H200, where XLA's head already reads at ~4 TB/s in
-    # the loop of steps (docs/PERF.md, sessions 11 and 13), and 2-4x slower than XLA's from 4
-    # rows on (bench/matvec.py, session 15).
-    pallas_head: bool = False
-    # Fused step: every matrix is loaded with the "evict_first" L2 hint (the layer kernels'
-    # weights, and the head, which then runs on pallas_kernels.matvec), so that the ~0.9 GB
-    # streamed per token no longer evicts what each kernel reads again every token: the
-    # LayerNorm and mix vectors, the state, the activations. H200, bf16, batch 1: 0.409 against
-    # 0.427 ms per step; the hint on the layers alone, with XLA's head, no faster (docs/PERF.md,
-    # session 17).
-    stream_weights: bool = True
-    # With stream_weights: the time-mix output matrices of the first layers, as many as fit in
-    # this many bytes, load without the hint, so they stay in the L2 from one token to the next
-    # (H200, L24-D1024, bf16, batch 1: ~1.85 instead of ~2.15 us per such kernel with 16 MB; all
-    # 24 layers' 48 MB no longer fit and slowed every kernel: docs/PERF.md, session 17). 0: none.
-    resident_out_bytes: int = 16 << 20
-    # Per-operation step with Pallas kernels (matvec != "xla"), batches of up to
-    # pallas_kernels.matvec.MAX_BATCH rows: which of the layers' products run on
-    # pallas_kernels.matvec (the head: pallas_head). "wide": those with more inputs than
-    # outputs (the channel-mix value matrix), where it beat XLA at batch 1; "all": all four
-    # per layer.
-    pallas_products: str = "wide"
-    matvec_blocks: Optional[object] = None  # pallas_kernels.matvec.MatvecBlockSizes; None: its defaults
-    # Per-operation step: ((lo, hi, to), ...): a batch of lo..hi rows runs padded to `to` rows
-    # (the last row repeated; the extra rows' outputs dropped). spec_of takes PAD_ROWS's for the
-    # backend; () never pads.
-    pad_rows: Tuple[Tuple[int, int, int], ...] = ()
-
-    def __post_init__(self):
-        if isinstance(self.resident_out_bytes, bool) or not isinstance(self.resident_out_bytes, int) \
-                or self.resident_out_bytes < 0:
-            raise ValueError(f"StepSpec: resident_out_bytes={self.resident_out_bytes!r} must be an int >= 0")
-        if self.pallas_products not in ("wide", "all"):
-            raise ValueError(f"StepSpec: pallas_products={self.pallas_products!r} must be 'wide' or 'all'")
-        ok = isinstance(self.pad_rows, tuple) and all(
-            isinstance(r, tuple) and len(r) == 3 and all(isinstance(v, int) for v in r) and 1 <= r[0] <= r[1] < r[2]
-            for r in self.pad_rows)
-        if not ok:
-            raise ValueError(f"StepSpec: pad_rows={self.pad_rows!r} must be a tuple of (lo, hi, to) int "
-                             "triples with 1 <= lo <= hi < to")
-
-    def padded_rows(self, batch_size: int) -> int:
-        """The rows the per-operation step runs for batch_size rows (pad_rows)."""
-        return next((to for lo, hi, to in self.pad_rows if lo <= batch_size <= hi), batch_size)
+    matvec: str = "xla"  # "xla", "pallas" or "pallas_interpret": who runs the small-batch products
+    options: DecodeOptions = DecodeOptions()
 
 
-def spec_of(model) -> StepSpec:
+def spec_of(model, options: Optional[DecodeOptions] = None) -> StepSpec:
+    """The StepSpec of `model`'s decode step with `options` (None: DecodeOptions()), pad_rows
+    resolved for the default backend."""
+    if options is None:
+        options = DecodeOptions()
+    elif not isinstance(options, DecodeOptions):
+        raise ValueError(f"decode_options must be a rwkv2_jax.generation.step.DecodeOptions or None, "
+                         f"got {type(options).__name__}")
     impl = resolve_wkv_impl(model.wkv_impl)
     matvec = impl if impl in ("pallas", "pallas_interpret") else "xla"
     return StepSpec(model.config, jnp.dtype(model.dtype), model.precision, matvec,
-                    fused=model.fused_decode, pad_rows=PAD_ROWS.get(jax.default_backend(), ()),
-                    stream_weights=model.stream_weights, resident_out_bytes=model.resident_out_bytes)
+                    options.for_backend(jax.default_backend()))
 
 
 def _t(w):  # Flax kernel [in, out] -> [out, in]
@@ -183,33 +185,34 @@ def _build(params):
             "head_t": _t(params["head"]["kernel"]), "blocks": blocks}
 
 
+# Built decode params per Model (weakly: they go with the model), with the params object they
+# were built from (a new params object rebuilds them).
+_DECODE_PARAMS = weakref.WeakKeyDictionary()
+
+
 def decode_params(model):
-    """The decode layout of model.params (built once per params object, then cached on the model)."""
-    cached = getattr(model, "_decode_cache", None)
+    """The decode layout of model.params (built once per params object)."""
+    cached = _DECODE_PARAMS.get(model)
     if cached is not None and cached[0] is model.params:
         return cached[1]
     built = _build(model.params)
-    model._decode_cache = (model.params, built)
+    _DECODE_PARAMS[model] = (model.params, built)
     return built
 
 
 def _matvec(spec: StepSpec, x, w_t, head: bool = False, stream: bool = False):
     """x [B, in] @ w_t[out, in]^T -> [B, out], with Flax Dense's dtype rules (inputs and output
-    in spec.dtype). head: w_t is the head, on the Pallas kernel with spec.pallas_head or stream,
-    whose kernel rounds the logits to spec.dtype and stores them float32 (no convert after it).
-    stream: the Pallas kernel's weight loads carry the "evict_first" L2 hint (StepSpec.stream_weights)."""
-    chosen = (spec.pallas_head or stream) if head else (w_t.shape[1] > w_t.shape[0] or spec.pallas_products == "all")
-    if spec.matvec != "xla" and w_t.dtype == spec.dtype and chosen:
-        from pallas_kernels import matvec  # imported on use: CPU-only users never load Pallas
-        from pallas_kernels.matvec import MAX_BATCH, MatvecBlockSizes
-
-        if x.shape[0] <= MAX_BATCH:
-            dtypes = dict(out_dtype=jnp.float32, round_dtype=spec.dtype) if head else dict(out_dtype=spec.dtype)
-            blocks = spec.matvec_blocks
-            if stream:  # the head of the fused step: whole rows of up to 1,024 columns per block
-                # (H200, L24-D1024, bf16: 25.0 against 26.1 us with the default 512; session 17)
-                blocks = dataclasses.replace(blocks or MatvecBlockSizes(block_in=1024), eviction_policy="evict_first")
-            return matvec(x, w_t, block_sizes=blocks, interpret=spec.matvec == "pallas_interpret", **dtypes)
+    in spec.dtype). With Pallas kernels, products with more inputs than outputs run on
+    pallas_kernels.matvec, and so does the head with `stream` (the "evict_first" L2 hint on its
+    weight loads; DecodeOptions.stream_weights), whose kernel rounds the logits to spec.dtype and
+    stores them float32 (no convert after it)."""
+    chosen = stream if head else w_t.shape[1] > w_t.shape[0]
+    if spec.matvec != "xla" and w_t.dtype == spec.dtype and chosen and x.shape[0] <= MATVEC_MAX_BATCH:
+        dtypes = dict(out_dtype=jnp.float32, round_dtype=spec.dtype) if head else dict(out_dtype=spec.dtype)
+        blocks = spec.options.matvec_blocks
+        if stream:  # whole rows of up to 1,024 columns per block: `bench/matvec.py --sweep` on an H200
+            blocks = dataclasses.replace(blocks or MatvecBlockSizes(block_in=1024), eviction_policy="evict_first")
+        return pallas_matvec(x, w_t, block_sizes=blocks, interpret=spec.matvec == "pallas_interpret", **dtypes)
     x = x.astype(spec.dtype)
     return lax.dot_general(x, w_t.astype(spec.dtype), (((1,), (1,)), ((), ())), precision=spec.precision)
 
@@ -218,9 +221,12 @@ def _log_eps(cfg: RWKVConfig) -> Optional[float]:
     return math.log(cfg.k_eps) if cfg.k_eps > 0 else None
 
 
+# The model's LayerNorm (rwkv2_jax.model: float32, epsilon LN_EPS), applied to its params.
+_LN = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32)
+
+
 def _layer_norm(x, p):
-    """The model's LayerNorm (rwkv2_jax.model), applied to its params p {"scale", "bias"}."""
-    return model_layer_norm("ln").apply({"params": p}, x)
+    return _LN.apply({"params": p}, x)
 
 
 def _mix(x, prev, time_mix):
@@ -251,77 +257,66 @@ def _time_mix(spec: StepSpec, p, x, prev, wkv_state: WKVState):
 
 
 def _fused_ok(spec: StepSpec, dparams, B: int) -> bool:
-    if spec.matvec == "xla" or not spec.fused:
+    opts = spec.options
+    if spec.matvec == "xla" or not opts.fused:
         return False
-    from pallas_kernels import decode  # imported on use: CPU-only users never load Pallas
-
     w = dparams["blocks"][0]["ffn"]["value_t"]  # all matrices share the dtype (_build)
-    blocks = decode.LayerBlockSizes.of(spec.fused_blocks, B)
-    return w.dtype == spec.dtype and B <= spec.fused_max_batch and decode.supported(B, spec.config.n_embd, blocks)
+    blocks = LayerBlockSizes.of(opts.fused_blocks, B)
+    return w.dtype == spec.dtype and B <= opts.fused_max_batch and decode_kernels.supported(B, spec.config.n_embd, blocks)
 
 
-def _layer_four_kernels(decode, cfg, blk, x, prev_att, prev_ffn, wkv, layer, blocks, interpret, in_place,
+def _layer_four_kernels(cfg, blk, x, prev_att, prev_ffn, wkv, layer, blocks: LayerBlockSizes, interpret,
                         token=None):
-    """One layer as four kernels -> (x after it, prev_att, prev_ffn, WKV state (aa, bb, pp)).
-    prev_att, prev_ffn: [L*B, C] token-shift vectors of every layer. in_place: the output
-    kernels write this layer's LayerNorm outputs into them; else they are returned as [B, C]
-    arrays (ln1's, ln2's) for the caller to stack. blocks: a LayerBlockSizes. token [B]: x
-    is the embedding table, whose rows token[b] the time-mix kernel reads itself (a time-mix
-    layer only)."""
+    """One layer as four kernels -> (x after it, ln1's output, ln2's output [B, C] (the layer's
+    next token-shift vectors), WKV state (aa, bb, pp)). prev_att, prev_ffn: [L*B, C] token-shift
+    vectors of every layer. token [B]: x is the embedding table, whose rows token[b] the
+    time-mix kernel reads itself (a time-mix layer only)."""
     ln1, ln2, log_eps = blk["ln1"], blk["ln2"], _log_eps(cfg)
     ffn = blk["ffn"]
     cm = dict(blocks=blocks.channel_mix_in, interpret=interpret)
     fo = dict(blocks=blocks.ffn_out, interpret=interpret)
-
-    def out(*args, state, **kw):  # -> (x, the new token-shift state or this layer's vectors)
-        if in_place:
-            return decode.mix_out(*args, state=state, layer=layer, **kw)
-        return decode.mix_out(*args, **kw), args[2]
-
     if "pre" in blk:  # ffnPre: a channel mix in place of the time mix
         assert token is None, "the embedding rows are read by a time-mix kernel only"
         p = blk["pre"]
-        x_ln, ksq, r = decode.channel_mix_in(x, ln1["scale"], ln1["bias"], prev_att, p["time_mix"],
-                                             p["kr_t"], layer, ln_eps=LN_EPS, **cm)
-        x, prev_att = out(ksq, p["value_t"], x_ln, r, state=prev_att, **fo)
+        x_ln, ksq, r = decode_kernels.channel_mix_in(x, ln1["scale"], ln1["bias"], prev_att, p["time_mix"],
+                                                     p["kr_t"], layer, ln_eps=LN_EPS, **cm)
+        x = decode_kernels.mix_out(ksq, p["value_t"], x_ln, r, **fo)
     else:
         p = blk["att"]
-        x_ln, rwkv, *wkv = decode.time_mix_in(
+        x_ln, rwkv, *wkv = decode_kernels.time_mix_in(
             x, ln1["scale"], ln1["bias"], prev_att, p["time_mix"], p["kvr_t"], *wkv,
             p["w_log"], p["u_log"], layer, k_clamp=cfg.k_clamp, log_eps=log_eps, ln_eps=LN_EPS,
             blocks=blocks.time_mix_in, interpret=interpret, token=token)
-        x, prev_att = out(rwkv, p["output_t"], x_ln, state=prev_att, blocks=blocks.att_out, interpret=interpret)
-    x_ln2, ksq, r = decode.channel_mix_in(x, ln2["scale"], ln2["bias"], prev_ffn, ffn["time_mix"],
-                                          ffn["kr_t"], layer, ln_eps=LN_EPS, **cm)
-    x, prev_ffn = out(ksq, ffn["value_t"], x_ln2, r, state=prev_ffn, **fo)
-    return x, prev_att, prev_ffn, tuple(wkv)
+        x = decode_kernels.mix_out(rwkv, p["output_t"], x_ln, blocks=blocks.att_out, interpret=interpret)
+    x_ln2, ksq, r = decode_kernels.channel_mix_in(x, ln2["scale"], ln2["bias"], prev_ffn, ffn["time_mix"],
+                                                  ffn["kr_t"], layer, ln_eps=LN_EPS, **cm)
+    x = decode_kernels.mix_out(ksq, ffn["value_t"], x_ln2, r, **fo)
+    return x, x_ln, x_ln2, tuple(wkv)
 
 
 def _head(spec: StepSpec, dparams, x, fused: bool = False):
     """The final LayerNorm and the head -> logits [B, V] float32 (rounded to spec.dtype).
     fused: the LayerNorm as one Pallas kernel (pallas_kernels.decode.layer_norm), not XLA's two,
-    and with spec.stream_weights the head on the Pallas kernel with the "evict_first" hint."""
+    and with DecodeOptions.stream_weights the head on the Pallas kernel with the L2 hint."""
     if fused:
-        from pallas_kernels import decode
-
-        x = decode.layer_norm(x, dparams["ln_out"]["scale"], dparams["ln_out"]["bias"], ln_eps=LN_EPS,
-                              out_dtype=spec.dtype, interpret=spec.matvec == "pallas_interpret")
+        x = decode_kernels.layer_norm(x, dparams["ln_out"]["scale"], dparams["ln_out"]["bias"], ln_eps=LN_EPS,
+                                      out_dtype=spec.dtype, interpret=spec.matvec == "pallas_interpret")
     else:
         x = _layer_norm(x, dparams["ln_out"])
-    return _matvec(spec, x, dparams["head_t"], head=True, stream=fused and spec.stream_weights).astype(jnp.float32)
+    stream = fused and spec.options.stream_weights
+    return _matvec(spec, x, dparams["head_t"], head=True, stream=stream).astype(jnp.float32)
 
 
 def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> Tuple[jax.Array, State]:
     """rnn_step as four Pallas kernels per layer (pallas_kernels.decode): the same function."""
-    from pallas_kernels import decode
-
+    opts = spec.options
     L, B, C = state.aa.shape
-    sizes, interpret = decode.LayerBlockSizes.of(spec.fused_blocks, B), spec.matvec == "pallas_interpret"
+    sizes, interpret = LayerBlockSizes.of(opts.fused_blocks, B), spec.matvec == "pallas_interpret"
     resident = 0
-    if spec.stream_weights:
+    if opts.stream_weights:
         sizes = sizes.with_eviction_policy("evict_first")
         out_bytes = C * C * jnp.dtype(spec.dtype).itemsize  # a time-mix output matrix
-        resident = spec.resident_out_bytes // out_bytes
+        resident = opts.resident_out_bytes // out_bytes
     kept = dataclasses.replace(sizes, att_out=dataclasses.replace(sizes.att_out, eviction_policy=None))
     flat = lambda a: a.astype(jnp.float32).reshape(L * B, C)  # noqa: E731 - a reshape, no copy
     prev_att, prev_ffn = flat(state.x_att), flat(state.x_ffn)
@@ -333,21 +328,14 @@ def _rnn_step_fused(spec: StepSpec, dparams, token: jax.Array, state: State) -> 
     new_att, new_ffn = [], []
     for i, blk in enumerate(dparams["blocks"]):
         layer = jnp.full((1,), i, jnp.int32)
-        x, att, ffn, wkv = _layer_four_kernels(decode, spec.config, blk, x, prev_att, prev_ffn, wkv, layer,
-                                               kept if i < resident else sizes, interpret, spec.shift_in_place,
+        x, att, ffn, wkv = _layer_four_kernels(spec.config, blk, x, prev_att, prev_ffn, wkv, layer,
+                                               kept if i < resident else sizes, interpret,
                                                token=token if i == 0 and from_table else None)
-        if spec.shift_in_place:
-            prev_att, prev_ffn = att, ffn
-        else:
-            new_att.append(att)
-            new_ffn.append(ffn)
-    if spec.shift_in_place:
-        x_att, x_ffn = prev_att.reshape(L, B, C), prev_ffn.reshape(L, B, C)
-    else:
-        x_att, x_ffn = jnp.stack(new_att), jnp.stack(new_ffn)
+        new_att.append(att)
+        new_ffn.append(ffn)
     logits = _head(spec, dparams, x, fused=True)
     aa, bb, pp = (a.reshape(L, B, C) for a in wkv)
-    return logits, State(x_att, x_ffn, aa, bb, pp)
+    return logits, State(jnp.stack(new_att), jnp.stack(new_ffn), aa, bb, pp)
 
 
 def rnn_step(spec: StepSpec, dparams, token: jax.Array, state: State) -> Tuple[jax.Array, State]:
@@ -355,7 +343,7 @@ def rnn_step(spec: StepSpec, dparams, token: jax.Array, state: State) -> Tuple[j
     B = token.shape[0]
     if _fused_ok(spec, dparams, B):
         return _rnn_step_fused(spec, dparams, token, state)
-    rows = spec.padded_rows(B) - B
+    rows = spec.options.padded_rows(B) - B
     if rows > 0:  # rows are independent: pad with copies of the last, drop their outputs
         token = jnp.pad(token, (0, rows), mode="edge")
         state = State(*(jnp.pad(a, ((0, 0), (0, rows), (0, 0)), mode="edge") for a in state))
