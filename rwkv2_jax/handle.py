@@ -220,11 +220,22 @@ def _model_from_arrays(arrays, config: RWKVConfig, source: str, *, dtype, wkv_im
     return Model(config, params, dtype=jnp.float32 if dtype is None else dtype, wkv_impl=wkv_impl)
 
 
+def _host_array(value, key: str, source: str) -> np.ndarray:
+    """numpy arrays as they are; jax arrays (and anything numpy can read) copied to the host."""
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ckpt.CheckpointError(f"{source}: key {key!r} cannot be read as an array: {err}") from None
+
+
 def from_release_arrays(arrays, *, source: str = "state dict", k_eps=None, k_clamp=_UNSET,
                         dtype=None, wkv_impl: str = "auto", ctx_len: Optional[int] = None,
                         allow_nonfinite: bool = False, verbose: bool = True, **config_overrides) -> Model:
     """A Model from release-format arrays (numpy, by release key); L, C, V and ffn_pre are read
     off the shapes. Every array must be floating point and finite (allow_nonfinite=True: any values)."""
+    arrays = {k: _host_array(v, k, source) for k, v in arrays.items()}
     overrides = {"k_eps": K_EPS if k_eps is None else k_eps, **config_overrides}
     if k_clamp is not _UNSET:
         overrides["k_clamp"] = k_clamp
