@@ -50,7 +50,7 @@ def test_tiny_temperature_is_greedy_among_allowed_tokens_under_jit(rng, temperat
     want = allowed_argmax(logits, banned)
     key = jax.random.key(int(rng.integers(1 << 30)))
     for kw in ({}, {"top_p": 0.7}, {"top_k": 5}):
-        # the temperature a compile-time constant (as it was when XLA broke the division) ...
+        # the temperature a compile-time constant, which XLA folds into the arithmetic ...
         fixed = jax.jit(lambda x, k: sample_logits(x, k, jnp.asarray(banned), temperature=temperature, **kw))
         np.testing.assert_array_equal(np.asarray(fixed(logits, key)), want)
         # ... and a traced value (as generate passes it)
