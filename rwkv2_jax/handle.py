@@ -182,47 +182,102 @@ def init(config: RWKVConfig, seed: int = 0, **kwargs) -> Model:
     return Model(config, params, **kwargs)
 
 
-def from_release_arrays(arrays, *, source: str = "state dict", k_eps=None, k_clamp=_UNSET,
-                        dtype=None, wkv_impl: str = "auto", ctx_len: Optional[int] = None) -> Model:
-    """A Model from release-format arrays (numpy, by release key)."""
-    overrides = {"k_eps": K_EPS if k_eps is None else float(k_eps)}
-    if k_clamp is not _UNSET:
-        overrides["k_clamp"] = None if k_clamp is None else float(k_clamp)
-    if ctx_len is not None:
-        overrides["ctx_len"] = int(ctx_len)
-    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
-    config = ckpt.config_from_shapes(shapes, **overrides)
-    ckpt.check_keys(shapes, config, source)
+def _load_notice(verbose: bool, message: str) -> None:
+    if verbose:
+        print(f"rwkv2_jax: {message}", file=sys.stderr)
+
+
+def _model_from_arrays(arrays, config: RWKVConfig, source: str, *, dtype, wkv_impl: str,
+                       allow_nonfinite: bool, verbose: bool) -> Model:
+    """Release-format arrays and their config, both checked -> a Model."""
+    ckpt.check_config(config, source)
+    config = config.replace(k_eps=float(config.k_eps), k_clamp=None if config.k_clamp is None else float(config.k_clamp))
+    ckpt.check_keys({k: tuple(v.shape) for k, v in arrays.items()}, config, source)
+    ckpt.check_arrays(arrays, source, allow_nonfinite=allow_nonfinite)
+    if dtype is None and any(a.dtype == np.float64 for a in arrays.values()):
+        kept = ("kept as float64" if jax.config.jax_enable_x64
+                else "stored as float32, JAX's default (jax_enable_x64 keeps float64)")
+        _load_notice(verbose, f"{source} holds float64 weights: {kept}; matmuls compute in float32")
     params = ckpt.release_to_params(arrays, config)
     if dtype is not None:
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     return Model(config, params, dtype=jnp.float32 if dtype is None else dtype, wkv_impl=wkv_impl)
 
 
-def load_torch(path, *, k_eps: Optional[float] = None, k_clamp=_UNSET, dtype=None,
-               wkv_impl: str = "auto", ctx_len: Optional[int] = None, verbose: bool = True) -> Model:
-    """Load a release `.pth` checkpoint.
+def _host_array(value, key: str, source: str) -> np.ndarray:
+    """numpy arrays as they are; jax arrays (and anything numpy can read) copied to the host."""
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ckpt.CheckpointError(f"{source}: key {key!r} cannot be read as an array: {err}") from None
+
+
+def from_release_arrays(arrays, *, source: str = "state dict", k_eps=None, k_clamp=_UNSET,
+                        dtype=None, wkv_impl: str = "auto", ctx_len: Optional[int] = None,
+                        allow_nonfinite: bool = False, verbose: bool = True, **config_overrides) -> Model:
+    """A Model from release-format arrays (numpy, by release key); L, C, V and ffn_pre are read
+    off the shapes. Every array must be floating point and finite (allow_nonfinite=True: any values)."""
+    arrays = {k: _host_array(v, k, source) for k, v in arrays.items()}
+    overrides = {"k_eps": K_EPS if k_eps is None else k_eps, **config_overrides}
+    if k_clamp is not _UNSET:
+        overrides["k_clamp"] = k_clamp
+    if ctx_len is not None:
+        overrides["ctx_len"] = ctx_len
+    shapes = {k: tuple(np.shape(v)) for k, v in arrays.items()}
+    config = ckpt.config_from_shapes(shapes).replace(**overrides)
+    return _model_from_arrays(arrays, config, source, dtype=dtype, wkv_impl=wkv_impl,
+                              allow_nonfinite=allow_nonfinite, verbose=verbose)
+
+
+def load_any(path, *, k_eps: Optional[float] = None, k_clamp=_UNSET, ctx_len: Optional[int] = None,
+             dtype=None, wkv_impl: str = "auto", allow_nonfinite: bool = False, verbose: bool = True,
+             **config_overrides) -> Model:
+    """Load a checkpoint: a release `.pth` or a native `.safetensors`, told apart by the file's
+    content (never its name). Every tensor must be floating point (float32, float16, bfloat16;
+    float64 is accepted, with a notice) and finite; allow_nonfinite=True skips the finiteness check.
 
     Args:
-      k_eps: the WKV denominator epsilon. None: looked up from the release name in
-        the file name (1e-8 for 20220615-10803, else 1e-9); the choice is printed.
-      k_clamp: 60.0 (default, as every release) or None.
-      dtype: cast the parameters to this dtype and compute matmuls in it (e.g.
-        jnp.bfloat16); None keeps the file's dtype and computes in float32.
+      k_eps: the WKV denominator epsilon. None: a native file's stored value; for a `.pth`,
+        looked up from the release name in the file name (1e-8 for 20220615-10803, else 1e-9;
+        the choice is printed unless verbose=False).
+      k_clamp: 60.0 (every release) or None; not given: the stored value (native) or 60.0.
+      ctx_len: the informational training context (not given: stored value, or 768).
+      dtype: cast the parameters to this dtype and compute matmuls in it (e.g. jnp.bfloat16);
+        None keeps the file's dtype and computes in float32.
+      config_overrides: other RWKVConfig fields (their shape-defining values must match the file).
     """
     path = Path(path)
+    if ckpt.checkpoint_format(path) == "native":
+        arrays, config = ckpt.read_native(path)
+        given = dict(config_overrides)
+        for name, value, unset in (("k_eps", k_eps, None), ("k_clamp", k_clamp, _UNSET), ("ctx_len", ctx_len, None)):
+            if value is not unset:
+                given[name] = value
+        return _model_from_arrays(arrays, config.replace(**given), str(path), dtype=dtype, wkv_impl=wkv_impl,
+                                  allow_nonfinite=allow_nonfinite, verbose=verbose)
     arrays = ckpt.read_pth(path)
     if k_eps is None:
         k_eps = release_k_eps(path.name)
-        if verbose:
-            if k_eps is None:
-                print(f"rwkv2_jax: k_eps={K_EPS:g} (default: {path.name!r} names no release in the "
-                      "spec's table; pass k_eps= to override)", file=sys.stderr)
-            else:
-                print(f"rwkv2_jax: k_eps={k_eps:g} (release table entry matched by "
-                      f"{path.name!r}; pass k_eps= to override)", file=sys.stderr)
-    return from_release_arrays(arrays, source=str(path), k_eps=k_eps, k_clamp=k_clamp,
-                               dtype=dtype, wkv_impl=wkv_impl, ctx_len=ctx_len)
+        if k_eps is None:
+            _load_notice(verbose, f"k_eps={K_EPS:g} (default: {path.name!r} names no release in the "
+                                  "spec's table; pass k_eps= to override)")
+        else:
+            _load_notice(verbose, f"k_eps={k_eps:g} (release table entry matched by {path.name!r}; "
+                                  "pass k_eps= to override)")
+    return from_release_arrays(arrays, source=str(path), k_eps=k_eps, k_clamp=k_clamp, dtype=dtype,
+                               wkv_impl=wkv_impl, ctx_len=ctx_len, allow_nonfinite=allow_nonfinite,
+                               verbose=verbose, **config_overrides)
+
+
+def load_torch(path, *, k_eps: Optional[float] = None, k_clamp=_UNSET, dtype=None,
+               wkv_impl: str = "auto", ctx_len: Optional[int] = None, verbose: bool = True,
+               allow_nonfinite: bool = False) -> Model:
+    """Load a release `.pth` checkpoint (a native file loads too: the format is read from the
+    content). Arguments: `load_any`."""
+    return load_any(path, k_eps=k_eps, k_clamp=k_clamp, dtype=dtype, wkv_impl=wkv_impl, ctx_len=ctx_len,
+                    verbose=verbose, allow_nonfinite=allow_nonfinite)
 
 
 def save_torch(model: Model, path) -> Path:
@@ -237,23 +292,9 @@ def save(model: Model, path) -> Path:
                              model.config, path)
 
 
-def load(path, *, dtype=None, wkv_impl: str = "auto", **config_overrides) -> Model:
-    """Load a native checkpoint written by `save` (config overrides e.g. k_eps=)."""
-    arrays, config = ckpt.read_native(path)
-    config = config.replace(**config_overrides)
-    ckpt.check_keys({k: v.shape for k, v in arrays.items()}, config, str(path))
-    params = ckpt.release_to_params(arrays, config)
-    if dtype is not None:
-        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
-    return Model(config, params, dtype=jnp.float32 if dtype is None else dtype, wkv_impl=wkv_impl)
-
-
-def load_any(path, **kwargs) -> Model:
-    """A native `.safetensors` or a release `.pth`, told apart by content (load/load_torch kwargs)."""
-    if not ckpt.is_native(path):
-        return load_torch(path, **kwargs)
-    kwargs.pop("verbose", None)
-    for name, default in (("k_eps", None), ("ctx_len", None), ("k_clamp", _UNSET)):
-        if name in kwargs and kwargs[name] is default:  # "not given": keep the file's config
-            del kwargs[name]
-    return load(path, **kwargs)
+def load(path, *, dtype=None, wkv_impl: str = "auto", allow_nonfinite: bool = False, verbose: bool = True,
+         **config_overrides) -> Model:
+    """Load a native checkpoint written by `save` (config overrides e.g. k_eps=); a release
+    `.pth` loads too, whatever its name: the format is read from the content (`load_any`)."""
+    return load_any(path, dtype=dtype, wkv_impl=wkv_impl, allow_nonfinite=allow_nonfinite, verbose=verbose,
+                    **config_overrides)

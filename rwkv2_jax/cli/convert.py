@@ -3,11 +3,12 @@
     python -m convert 20220615-10803.pth rwkv2-430m.safetensors     # release -> native
     python -m convert rwkv2-430m.safetensors out.pth                # native  -> release
 
-The input format is read off the file's content; the output format is the other
-one unless --to says otherwise. Every key and shape is checked against the
-release layout (missing or unexpected keys are errors that name the key), L, C, V
-and the ffnPre variant are read off the shapes, and the written file is read back
-and compared bit for bit with what was read.
+The input format is read off the file's content, whatever its name; the output format
+is the other one unless --to says otherwise. Every key and shape is checked against the
+release layout (missing or unexpected keys are errors that name the key), L, C, V and
+the ffnPre variant are read off the shapes, every tensor must be floating point and
+finite, and the written file is read back and compared bit for bit with what was read
+before it takes the output's name: a conversion that fails leaves no output file.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
+
+from rwkv2_jax import formats as ckpt
+from rwkv2_jax.config import K_CLAMP, K_EPS, release_k_eps
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,62 +37,73 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="store k_clamp=None in a native file (models trained without the clamp)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="cast the weights (default: keep the input's dtype)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert weights holding NaN or inf (refused by default)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     return p.parse_args(argv)
 
 
-def convert(args) -> str:
-    from rwkv2_jax import formats as ckpt
-    from rwkv2_jax.handle import from_release_arrays
-    from rwkv2_jax.config import release_k_eps
+def _read(path: Path, fmt: str):
+    """-> release arrays of the file at path, in format fmt."""
+    return ckpt.read_native(path)[0] if fmt == "native" else ckpt.read_pth(path)
 
+
+def convert(args) -> str:
     src, dst = Path(args.input), Path(args.output)
     if not src.is_file():
         raise ckpt.CheckpointError(f"input not found: {src}")
+    if dst.is_dir():
+        raise ckpt.CheckpointError(f"output {dst} is a directory (give a file path)")
     if dst.exists() and not args.force:
         raise ckpt.CheckpointError(f"output exists: {dst} (pass --force to overwrite)")
-    if src.resolve() == dst.resolve():
+    if dst.exists() and src.resolve() == dst.resolve():
         raise ckpt.CheckpointError(f"input and output are the same file: {src}")
-    native_in = ckpt.is_native(src)
-    to = args.to or ("pth" if native_in else "native")
+    fmt = ckpt.checkpoint_format(src)
+    to = args.to or ("pth" if fmt == "native" else "native")
 
-    if native_in:
+    if fmt == "native":
         arrays, config = ckpt.read_native(src)
         if args.k_eps is not None:
             config = config.replace(k_eps=args.k_eps)
-        if args.no_clamp:
-            config = config.replace(k_clamp=None)
-        ckpt.check_keys({k: v.shape for k, v in arrays.items()}, config, str(src))
-        eps_note = f"k_eps={config.k_eps:g} (stored in {src.name})"
+        eps_note = f"k_eps={config.k_eps:g} ({'--k-eps' if args.k_eps is not None else 'stored in ' + src.name})"
     else:
         arrays = ckpt.read_pth(src)
         k_eps = args.k_eps if args.k_eps is not None else release_k_eps(src.name)
         eps_note = (f"k_eps={args.k_eps:g} (--k-eps)" if args.k_eps is not None else
                     f"k_eps={k_eps:g} (release name)" if k_eps is not None else
-                    "k_eps=1e-9 (default: no release name in the file name)")
-        config = from_release_arrays(arrays, source=str(src), k_eps=k_eps,
-                                     k_clamp=None if args.no_clamp else 60.0).config
+                    f"k_eps={K_EPS:g} (default: no release name in the file name)")
+        config = ckpt.config_from_shapes({k: v.shape for k, v in arrays.items()},
+                                         k_eps=K_EPS if k_eps is None else k_eps, k_clamp=K_CLAMP)
+    if args.no_clamp:
+        config = config.replace(k_clamp=None)
+    ckpt.check_config(config, str(src))
+    ckpt.check_keys({k: v.shape for k, v in arrays.items()}, config, str(src))
+    ckpt.check_arrays(arrays, str(src), allow_nonfinite=args.allow_nonfinite)
 
+    cast_note = ""
     if args.dtype is not None:
-        import ml_dtypes
-
         target = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.dtype(args.dtype)
+        before = "/".join(sorted({a.dtype.name for a in arrays.values()}))
         arrays = {k: v.astype(target) for k, v in arrays.items()}
+        cast_note = f" (cast from {before} by --dtype)" if before != np.dtype(target).name else ""
     ordered = {e.key: arrays[e.key] for e in ckpt.release_layout(config)}
+
+    def verify(tmp: Path) -> None:  # the written file holds exactly what we meant, or it never takes dst's name
+        back = _read(tmp, to)
+        for key, a in ordered.items():
+            b = back.get(key)
+            if b is None or a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
+                raise ckpt.CheckpointError(f"{dst}: key {key!r} differs when read back (disk full?); "
+                                           "nothing was written")
+
     if to == "native":
-        ckpt.write_native(ordered, config, dst)
-        back, _ = ckpt.read_native(dst)
+        ckpt.write_native(ordered, config, dst, check=verify)
     else:
-        ckpt.write_pth(ordered, dst)
-        back = ckpt.read_pth(dst)
-    for key, a in ordered.items():  # read back: the written file holds exactly what we meant
-        b = back[key]
-        if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
-            raise ckpt.CheckpointError(f"{dst}: key {key!r} differs after writing (disk full?)")
-    dtypes = "/".join(sorted({str(a.dtype) for a in ordered.values()}))
+        ckpt.write_pth(ordered, dst, check=verify)
+    dtypes = "/".join(sorted({a.dtype.name for a in ordered.values()}))
     size = dst.stat().st_size / 1e6
     return (f"{src} -> {dst} ({to}, {size:.1f} MB): L{config.n_layer}-D{config.n_embd}, "
-            f"vocab_size={config.vocab_size}, ffn_pre={config.ffn_pre}, {dtypes}, {eps_note}; "
+            f"vocab_size={config.vocab_size}, ffn_pre={config.ffn_pre}, {dtypes}{cast_note}, {eps_note}; "
             f"{len(ordered)} keys verified bit-exact")
 
 

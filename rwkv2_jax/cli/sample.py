@@ -4,17 +4,28 @@
 
 The prompt goes in through GPT mode (prefill, in chunks), then the model runs in RNN mode,
 one jitted step per token (rwkv2_jax.generation.generator.stream, the same tokens as rw.generate);
-text streams as it is generated. Sampling follows ChatRWKV's pipeline: see docs/generation.md.
+text streams as it is generated, decoded incrementally (O(1) per token). Sampling follows
+ChatRWKV's pipeline: see docs/generation.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+import rwkv2_jax as rw
+from rwkv2_jax.generation.generator import prefill_last, stream, with_weight_dtype
+from rwkv2_jax.generation.sampling import TEMPERATURE_FLOOR
+
 TOKENIZER_NAME = "20B_tokenizer.json"
+SEED_LIMIT = 1 << 32  # sampling seeds are 32-bit
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,12 +46,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="times a token's occurrence count, also subtracted (default 0 = off)")
     p.add_argument("--penalty-decay", type=float, default=1.0,
                    help="occurrence counts are multiplied by this every token (default 1 = no decay)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (sample i uses seed + i)")
+    p.add_argument("--seed", type=int, default=0, help="random seed in [0, 2^32) (sample i uses seed + i)")
     p.add_argument("--num-samples", type=int, default=1, help="samples drawn from one prefill (default 1)")
     p.add_argument("--allow-end-of-text", action="store_true",
                    help="allow token 0 (<|endoftext|>), banned by default as in the original sampler")
     p.add_argument("--k-eps", type=float, default=None,
                    help="override the WKV epsilon (default: from the release name, else 1e-9)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load weights holding NaN or inf (refused by default; generation stops at such logits)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weight/compute dtype (default: as stored, compute float32); bfloat16 stores and "
                         "multiplies the matrices in bfloat16, keeps vectors, state and WKV float32")
@@ -49,14 +62,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--tokens must be >= 0, got {args.tokens}")
     if args.num_samples < 1:
         p.error(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        p.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k < 0:
         p.error(f"--top-k must be >= 0, got {args.top_k}")
     if not 0 <= args.penalty_decay <= 1:
         p.error(f"--penalty-decay must be in [0, 1], got {args.penalty_decay}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not math.isfinite(getattr(args, name)):
+            p.error(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+    if not 0 <= args.seed < SEED_LIMIT:
+        p.error(f"--seed must be in [0, 2^32) (seeds are 32-bit), got {args.seed}")
     return args
 
 
@@ -65,8 +83,6 @@ class UsageError(Exception):
 
 
 def load_tokenizer(path_arg, checkpoint: Path):
-    from tokenizers import Tokenizer
-
     path = Path(path_arg) if path_arg else checkpoint.parent / TOKENIZER_NAME
     if not path.is_file():
         where = f"--tokenizer {path}" if path_arg else f"no --tokenizer given and none at {path}"
@@ -78,26 +94,22 @@ def load_tokenizer(path_arg, checkpoint: Path):
 
 
 class Detokenizer:
-    """Decode a growing id list, emitting only text whose UTF-8 bytes are complete."""
+    """The text of a growing id stream, O(1) per token (tokenizers' DecodeStream keeps only the
+    last few ids): a character whose UTF-8 bytes are split across tokens comes out once complete.
+    Special tokens are skipped, as Tokenizer.decode does."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.emitted = tokenizer, [], 0
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.stream = tokenizer, DecodeStream(skip_special_tokens=True)
 
     def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # a multi-byte character split across tokens
-            return ""
-        new, self.emitted = text[self.emitted:], len(text)
-        return new
+        return self.stream.step(self.tokenizer, int(token)) or ""
+
+
+def notice(message: str) -> None:
+    print(f"# {message}", file=sys.stderr)
 
 
 def run(args) -> int:
-    import jax.numpy as jnp
-
-    import rwkv2_jax as rw
-    from rwkv2_jax.generation.generator import prefill_last, stream, with_weight_dtype
-
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
         raise UsageError(f"checkpoint not found: {checkpoint}")
@@ -109,7 +121,7 @@ def run(args) -> int:
             raise UsageError(f"cannot read --prompt-file {args.prompt_file}: {err}") from None
     else:
         prompt = args.prompt
-    model = rw.load_any(checkpoint, k_eps=args.k_eps)
+    model = rw.load_any(checkpoint, k_eps=args.k_eps, allow_nonfinite=args.allow_nonfinite)
     if args.dtype:
         model = with_weight_dtype(model, jnp.dtype(args.dtype))
     if tokenizer.get_vocab_size() > model.config.vocab_size:
@@ -118,8 +130,14 @@ def run(args) -> int:
     ids = tokenizer.encode(prompt).ids
     if not ids:
         raise UsageError("the prompt is empty after tokenization")
-    print(f"# {model}", file=sys.stderr)
-    print(f"# prompt: {len(ids)} tokens", file=sys.stderr)
+    notice(f"{model}")
+    notice(f"prompt: {len(ids)} tokens")
+    top_k = args.top_k
+    if top_k >= model.config.vocab_size:
+        notice(f"--top-k {top_k} >= the vocabulary ({model.config.vocab_size} tokens): no top-k cut")
+        top_k = 0
+    if 0 < args.temperature < TEMPERATURE_FLOOR:
+        notice(f"--temperature {args.temperature:g} is below {TEMPERATURE_FLOOR:g}: greedy (the most probable token)")
 
     t0 = time.perf_counter()
     first = prefill_last(model, ids)
@@ -133,7 +151,7 @@ def run(args) -> int:
         sys.stdout.write(prompt)
         detok = Detokenizer(tokenizer)
         gen = stream(model, ids, args.tokens, temperature=args.temperature, top_p=args.top_p,
-                     top_k=args.top_k, presence_penalty=args.presence_penalty,
+                     top_k=top_k, presence_penalty=args.presence_penalty,
                      frequency_penalty=args.frequency_penalty, penalty_decay=args.penalty_decay,
                      ban_tokens=ban, seed=args.seed + i, prefill=first)
         t0 = time.perf_counter()

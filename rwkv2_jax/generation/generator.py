@@ -39,7 +39,8 @@ import numpy as np
 from rwkv2_jax.handle import Model, check_tokens
 from rwkv2_jax.generation.step import DecodeOptions, StepSpec, decode_params, rnn_step, spec_of
 from rwkv2_jax.model import State, init_state
-from rwkv2_jax.generation.sampling import SamplerKnobs, SamplerStatic, SamplingParams, count_token, draw, penalize
+from rwkv2_jax.generation.sampling import (NONFINITE, SamplerKnobs, SamplerStatic, SamplingParams, count_token, draw,
+                                           penalize)
 from rwkv2_jax.xla import DECODE_COMPILER_OPTIONS, jit
 
 # Prompts longer than this go through GPT mode in pieces of this many tokens: bounded memory
@@ -144,7 +145,11 @@ def _decode_step(spec: StepSpec, dparams, dec: Decoding, consts: _Consts, static
                           consts.knobs.frequency_penalty)
     keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), dec.step))(consts.seeds)
     token = draw(logits, keys, consts.knobs, static)  # [B]
+    # A row with non-finite logits ends here, reported by NONFINITE in its output (_check_finite).
+    broken = token == NONFINITE
+    token = jnp.where(broken, 0, token)
     done = dec.done | consts.stop[token] if static.stops else dec.done
+    done = done | broken
     # Finished rows feed their drawn token too (a valid id): their logits are not used again,
     # and their state is kept from before (keep_state) or not returned.
     new_logits, new_state = _feed(spec, dparams, dec.state, token)
@@ -153,8 +158,9 @@ def _decode_step(spec: StepSpec, dparams, dec: Decoding, consts: _Consts, static
         seen, counts = count_token(seen, counts, token, consts.knobs.penalty_decay, ~done)
     if keep_state:
         new_state = _keep_rows(done, dec.state, new_state)
+    out = jnp.where(done, jnp.where(broken & ~dec.done, NONFINITE, -1), token)
     dec = Decoding(new_state, new_logits, seen, counts, done, dec.step + 1)
-    return dec, jnp.where(done, -1, token)
+    return dec, out
 
 
 def _decode_loop(spec: StepSpec, dparams, logits: jax.Array, state: State, consts: _Consts, n: jax.Array, *,
@@ -324,6 +330,7 @@ def generate(
     (tokens, state). decode_loop: "device" (one lax.while_loop) or "host" (a Python loop of
     jitted steps); None picks by backend (DECODE_LOOP). Both give the same tokens.
     decode_options: how the decode step runs on a GPU (`DecodeOptions`; None: the defaults).
+    Logits that are not finite (NaN weights or state) raise a ValueError naming the row and step.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -364,8 +371,18 @@ def generate(
     return (tokens, dec.state) if return_state else tokens
 
 
+def _check_finite(out: np.ndarray, first_step: int = 0) -> None:
+    """A one-line error for the first row whose logits were not finite (out: ids [B, N] of the steps
+    from first_step on, NONFINITE where that happened)."""
+    rows, steps = np.nonzero(out == NONFINITE)
+    if rows.size:
+        raise ValueError(f"row {rows[0]}: the model's logits are not finite (NaN or inf) at step "
+                         f"{first_step + steps[0]} (check the weights and the state); no token drawn from them")
+
+
 def _trim(out: np.ndarray) -> List[List[int]]:
     """[B, N] with -1 after each row's end -> B lists."""
+    _check_finite(out)
     result = []
     for row in out:
         end = np.flatnonzero(row < 0)
@@ -413,16 +430,18 @@ def stream_batch(
     dec, static = _start(logits, prompt_state, params.penalized), params.static()
     consts = jax.device_put(consts)  # once, not with every step
     pending = None
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         # Dispatch the next step before reading the previous token, so the device never waits on the host.
         dec, token = step(spec, dparams, dec, consts, static, False)  # no state returned
         if pending is not None:
             ids = np.asarray(pending)
+            _check_finite(ids[:, None], i - 1)
             if (ids < 0).all():
                 return
             yield ids
         pending = token
     ids = np.asarray(pending)
+    _check_finite(ids[:, None], max_new_tokens - 1)
     if not (ids < 0).all():
         yield ids
 

@@ -4,16 +4,21 @@ For each row, every step (ChatRWKV's `PIPELINE.generate` + `sample_logits`, batc
   1. banned tokens get logit -inf (token 0, <|endoftext|>, by default);
   2. penalties: every token already *generated* in this row loses
          presence_penalty + count * frequency_penalty
-     from its logit, where count is its occurrence count, multiplied by penalty_decay
-     after every step (so old occurrences fade); prompt tokens are not counted;
-  3. greedy (temperature == 0): the argmax; otherwise
+     from its logit (bounded to +-PENALTY_BOUND), where count is its occurrence count,
+     multiplied by penalty_decay after every step (so old occurrences fade); prompt tokens
+     are not counted;
+  3. greedy (temperature == 0, or below TEMPERATURE_FLOOR): the argmax; otherwise
   4. probs = softmax(logits);
   5. top-p: keep the tokens whose probability is >= the probability at which the
      descending cumulative sum first reaches top_p (ties at the cut are kept; 1 = off);
   6. top-k: keep the k most probable tokens (ties at the k-th are kept; 0 = off);
-  7. temperature: draw from probs ** (1 / temperature), renormalised (by inverse CDF: one
-     uniform number per row, as ChatRWKV's torch.multinomial / numpy choice).
+  7. temperature: draw from probs ** (1 / temperature), renormalised (by inverse CDF in the
+     log domain: one uniform number per row, as ChatRWKV's torch.multinomial / numpy choice).
 A drawn stop token ends its row (see `rwkv2_jax.generation.generator`).
+
+A banned or cut token is never drawn, whatever the temperature or the penalties. A row whose
+logits hold a NaN or +inf, or no finite allowed value, draws NONFINITE (not a token id): the
+generator reports it as an error naming the row and the step.
 
 Differences from ChatRWKV, all deliberate: every generated token counts 1 (ChatRWKV counts
 whitespace and digit tokens 0, a rule tied to its tokenizer); ties at the top-k cut are
@@ -35,15 +40,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Below this temperature a draw is the argmax (greedy among the allowed tokens). The draw
+# divides float32 log-probabilities by the temperature; XLA may round the same log-probability
+# differently in two fused kernels (one ulp, up to ~1e-6 for |log p| < 16), and dividing by T
+# multiplies that by 1/T: e^(1e-6 / 1e-4) is a 1% error, while near T = 1e-8 it decides the draw.
+# At T = 1e-4 a log-probability gap of 1e-3 already weighs e^-10: the draw is all but greedy.
+TEMPERATURE_FLOOR = 1e-4
+# A penalty is bounded to +-this: exp(+-1e30) is inf or 0 in any float, so a token is already
+# certain or impossible, and logits +- 1e30 (and their softmax) stay finite for any penalty.
+PENALTY_BOUND = 1e30
+# What `draw` returns for a row whose logits hold a NaN or +inf, or no finite allowed value.
+NONFINITE = -2
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How `rw.generate` picks tokens; the defaults are plain sampling with token 0 banned.
 
     Attributes:
-      temperature: 0 is greedy (argmax); else probabilities ** (1 / temperature).
+      temperature: 0 is greedy (argmax); else probabilities ** (1 / temperature), and
+        greedy below TEMPERATURE_FLOOR.
       top_p: nucleus cut on the probabilities, in (0, 1]; 1 is off.
-      top_k: keep the k most probable tokens; 0 is off.
+      top_k: keep the k most probable tokens; 0 is off (as is any k >= the vocabulary).
       presence_penalty: subtracted from the logit of every token generated before in the row.
       frequency_penalty: times the token's (decayed) occurrence count, also subtracted.
       penalty_decay: every step the occurrence counts are multiplied by this, in [0, 1].
@@ -115,7 +133,8 @@ class SamplingParams:
         """The values, as numpy scalars: arguments of a jitted function, so traced (changing them
         does not recompile), and host values until then (no transfer per knob and call)."""
         f32 = np.float32
-        return SamplerKnobs(f32(max(self.temperature, 1e-30)), f32(self.top_p), np.int32(self.top_k),
+        top_k = np.int32(min(self.top_k, np.iinfo(np.int32).max))  # any k >= V keeps every token
+        return SamplerKnobs(f32(self.temperature), f32(self.top_p), top_k,
                             f32(self.presence_penalty), f32(self.frequency_penalty), f32(self.penalty_decay))
 
 
@@ -128,7 +147,7 @@ class SamplerStatic(NamedTuple):
 
 
 class SamplerKnobs(NamedTuple):
-    temperature: jax.Array  # [] float32 (> 0; unused when greedy)
+    temperature: jax.Array  # [] float32 (unused when greedy)
     top_p: jax.Array  # [] float32
     top_k: jax.Array  # [] int32
     presence_penalty: jax.Array
@@ -158,8 +177,10 @@ def penalize(
     presence_penalty: jax.Array,
     frequency_penalty: jax.Array,
 ) -> jax.Array:
-    """logits - (presence + count * frequency) on the tokens seen before."""
-    return logits - jnp.where(seen, presence_penalty + counts * frequency_penalty, 0.0)
+    """logits - (presence + count * frequency) on the tokens seen before, the penalty bounded
+    to +-PENALTY_BOUND (so -1e38 penalties give finite logits; a banned -inf stays -inf)."""
+    penalty = jnp.clip(presence_penalty + counts * frequency_penalty, -PENALTY_BOUND, PENALTY_BOUND)
+    return logits - jnp.where(seen, penalty, 0.0)
 
 
 def count_token(
@@ -222,9 +243,12 @@ def draw(
     knobs: SamplerKnobs,
     static: SamplerStatic,
 ) -> jax.Array:  # [B] int32
-    """Steps 3-7 of the module docstring, each row with its own key."""
+    """Steps 3-7 of the module docstring, each row with its own key -> a token per row, never
+    a -inf (banned) one; NONFINITE for a row whose logits hold a NaN or +inf, or no finite value."""
+    ok = jnp.isfinite(jnp.max(logits, axis=-1))  # [B]: max propagates a NaN
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # the cuts below always keep it
     if static.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jnp.where(ok, greedy, NONFINITE)
     logp = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
     if static.use_top_p or static.use_top_k:
         probs = jnp.exp(logp)
@@ -235,24 +259,34 @@ def draw(
             k = jnp.minimum(knobs.top_k, probs.shape[-1]).astype(jnp.float32)
             cutoff = jnp.maximum(cutoff, largest_threshold(probs, jnp.ones_like(probs), k))
         logp = jnp.where(probs < cutoff, -jnp.inf, logp)
-    scaled = logp / knobs.temperature  # log of probs ** (1 / temperature), up to a constant
-    return inverse_cdf_draw(keys, scaled)
+    # Log of probs ** (1 / T) relative to the most probable token: the subtraction comes before the
+    # division, so 1/T scales a difference (<= 0, exactly 0 at the top), never a rounding error of log p.
+    delta = logp - jnp.max(logp, axis=-1, keepdims=True)
+    sampled = inverse_cdf_draw(keys, delta / jnp.maximum(knobs.temperature, TEMPERATURE_FLOOR))
+    token = jnp.where(knobs.temperature < TEMPERATURE_FLOOR, greedy, sampled)
+    return jnp.where(ok, token, NONFINITE)
 
 
 def inverse_cdf_draw(
     keys: jax.Array,  # [B] typed PRNG keys, one per row
-    scaled: jax.Array,  # [B, V] float32 log-probabilities up to a constant per row (-inf: never drawn)
+    scaled: jax.Array,  # [B, V] float32 log-weights up to a constant per row (-inf: never drawn)
 ) -> jax.Array:  # [B] int32
     """One token per row from softmax(scaled), as torch.multinomial and numpy's choice draw (and
     so ChatRWKV): one uniform u in [0, 1) per row, the first token whose cumulative weight
-    exceeds u times the row's total. A token of weight 0 is never drawn (its cumulative weight
-    equals its predecessor's, which did not exceed the level). One random number per row
-    instead of jax.random.categorical's V Gumbel numbers: 0.23 instead of 1.79 ms per draw
-    from 50,277 tokens on a 2-core CPU (docs/PERF.md, session 15)."""
+    exceeds u times the row's total. One random number per row instead of
+    jax.random.categorical's V Gumbel numbers: 0.23 instead of 1.79 ms per draw from 50,277
+    tokens on a 2-core CPU (docs/PERF.md).
+
+    A token of weight 0 (scaled -inf, or so far below the row's largest that exp underflows) is
+    never drawn: the first crossing is taken among tokens of positive weight, since a parallel
+    cumulative sum may round a run of zero weights upwards; should rounding leave none across
+    the level, the heaviest token is the draw. A row needs one finite value (`draw` checks)."""
     weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))  # [B, V], the largest 1
     cdf = jnp.cumsum(weights, axis=-1)  # [B, V]
     u = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys)  # [B]
-    return jnp.argmax(cdf > u[:, None] * cdf[:, -1:], axis=-1).astype(jnp.int32)
+    crossed = (cdf > u[:, None] * cdf[:, -1:]) & (weights > 0)  # [B, V]
+    first = jnp.argmax(crossed, axis=-1)
+    return jnp.where(jnp.any(crossed, axis=-1), first, jnp.argmax(weights, axis=-1)).astype(jnp.int32)
 
 
 def row_keys(key, batch_size: int) -> jax.Array:
@@ -276,7 +310,8 @@ def sample_logits(
     top_p: float = 1.0,
     top_k: int = 0,
 ) -> jax.Array:  # [B] int32
-    """Draw one token per row (no penalties). `key`: one key (split over rows) or one per row."""
+    """Draw one token per row (no penalties). `key`: one key (split over rows) or one per row.
+    A row whose logits hold a NaN or +inf (or no finite allowed value) gives NONFINITE."""
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, ban_tokens=())
     logits = logits.astype(jnp.float32)
     if banned is not None:

@@ -14,15 +14,16 @@ ffn_pre), so a state cannot be loaded into a different model.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
-from rwkv2_jax.formats import CheckpointError
 from rwkv2_jax.config import RWKVConfig
+from rwkv2_jax.formats import CheckpointError, write_atomically
 from rwkv2_jax.model import State
 
 STATE_FORMAT = "rwkv2_jax.state"
@@ -45,9 +46,8 @@ def _describe(d) -> str:
 
 
 def save_state(path, state: State, model_or_config) -> Path:
-    """Write `state` (a rwkv2_jax.State of any batch size) for this model to `path`."""
-    from safetensors.numpy import save_file
-
+    """Write `state` (a rwkv2_jax.State of any batch size) for this model to `path` (atomically:
+    a failed write leaves no partial file and any earlier file at `path` intact)."""
     config = _config(model_or_config)
     if not isinstance(state, State):
         raise TypeError(f"state must be a rwkv2_jax.State, got {type(state).__name__}")
@@ -57,20 +57,12 @@ def save_state(path, state: State, model_or_config) -> Path:
         if a.ndim != 3 or a.shape != shape or (a.shape[0], a.shape[2]) != (config.n_layer, config.n_embd):
             raise ValueError(f"state field {name} has shape {list(a.shape)}, expected "
                              f"[{config.n_layer}, B, {config.n_embd}] (L, B, C) for this model")
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise CheckpointError(f"output folder does not exist: {path.parent}")
     metadata = {"format": STATE_FORMAT, "version": STATE_VERSION, "config": json.dumps(config.to_dict())}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(arrays, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, lambda tmp: save_file(arrays, str(tmp), metadata=metadata))
 
 
 def load_state(path, model_or_config) -> State:
     """Read a state written by `save_state`; errors (one line) if it belongs to another model."""
-    from safetensors import safe_open
-
     config = _config(model_or_config)
     path = Path(path)
     if not path.is_file():
