@@ -1,4 +1,4 @@
-"""Training: config, optimizer, the train and eval steps, orbax checkpoints, and `loss_and_grad`.
+"""Training: config, optimizer, the train and eval steps, and `loss_and_grad`.
 
 The recipe is the original trainer's (spec, "Original training recipe"): Adam with betas
 0.9 / 0.99 and eps 1e-8, no weight decay, gradient clipping at global norm 1.0, the learning
@@ -10,16 +10,15 @@ matmuls in bfloat16 (the model's `dtype`); LayerNorm, the WKV and the loss are f
 
 A step is a pure function of (state, windows): windows [A, B, T + 1] are A micro-batches of
 B rows, whose gradients are averaged (gradient accumulation) before one optimizer update.
+A step whose loss or gradient norm is not finite is skipped inside the jitted step: parameters
+and optimizer state stay as they were, and the state counts it (`TrainState.skipped`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import sys
-from pathlib import Path
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import jax
@@ -29,6 +28,7 @@ import optax
 
 from rwkv2_jax import formats as ckpt
 from rwkv2_jax.config import RWKVConfig
+from rwkv2_jax.handle import check_tokens
 from rwkv2_jax.model import RWKV
 from rwkv2_jax.training.sharding import batch_sharding, host_to_global, replicated, tree_shardings
 from rwkv2_jax.wkv import WKV_IMPLS, ShardedWKV, resolve_wkv_impl
@@ -87,7 +87,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
-        if not (self.lr_init > 0 and self.lr_final > 0):
+        if not (0 < self.lr_init < math.inf and 0 < self.lr_final < math.inf):
             raise ValueError(f"learning rates must be > 0, got lr_init={self.lr_init} lr_final={self.lr_final}")
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} must be one of {SCHEDULES}")
@@ -154,11 +154,18 @@ def make_optimizer(cfg: TrainConfig, schedule: Optional[optax.Schedule] = None) 
 
 
 class TrainState(NamedTuple):
-    """step: optimizer steps done (int32 scalar); params (float32); opt_state (optax)."""
+    """The whole state of a run; a checkpoint holds exactly this.
+
+    step: steps done, applied or skipped (int32 scalar; step s reads the batch of s).
+    params: float32 parameters. opt_state: optax state (it advances on applied steps only).
+    skipped: steps skipped for a non-finite loss or gradient (int32 scalar), so the
+      learning rate of step s is schedule(s - skipped), the optimizer's own count.
+    """
 
     step: jax.Array
     params: Any
     opt_state: Any
+    skipped: jax.Array
 
 
 # --- model and loss -------------------------------------------------------------------
@@ -196,7 +203,12 @@ def global_norm(tree) -> jax.Array:
 
 
 def make_train_step(module: RWKV, optimizer: optax.GradientTransformation, schedule: optax.Schedule):
-    """step(state, windows [A, B, T + 1] int32) -> (state, metrics {loss, grad_norm, lr})."""
+    """step(state, windows [A, B, T + 1] int32) -> (state, metrics {loss, grad_norm, lr, skipped}).
+
+    A step whose loss or gradient norm is not finite leaves params and opt_state bit for bit
+    as they were (its windows are dropped); step and skipped both advance, and
+    metrics["skipped"] is True.
+    """
 
     grad_fn = jax.value_and_grad(lambda p, x, y: loss_fn(module, p, x, y))
 
@@ -215,10 +227,20 @@ def make_train_step(module: RWKV, optimizer: optax.GradientTransformation, sched
             (loss, grads), _ = jax.lax.scan(micro, (jnp.float32(0.0), zeros), (inputs, targets))
             loss = loss / A
             grads = jax.tree.map(lambda g: g / A, grads)
+        grad_norm = global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": global_norm(grads), "lr": schedule(state.step)}
-        return TrainState(state.step + 1, params, opt_state), metrics
+
+        def applied(new, old):  # a select, not a branch: both sides exist anyway, and it shards
+            return jnp.where(finite, new, old)
+
+        params = jax.tree.map(applied, params, state.params)
+        opt_state = jax.tree.map(applied, opt_state, state.opt_state)
+        skipped = jnp.logical_not(finite)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step - state.skipped),
+                   "skipped": skipped}
+        return TrainState(state.step + 1, params, opt_state, state.skipped + skipped.astype(jnp.int32)), metrics
 
     return step
 
@@ -236,7 +258,8 @@ def make_eval_step(module: RWKV):
 
 def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(zero, params, optimizer.init(params), zero)
 
 
 class Setup(NamedTuple):
@@ -263,10 +286,19 @@ class Setup(NamedTuple):
         return host_to_global(windows, self.batch_sharding)
 
 
+def _init_params(model_config: RWKVConfig, key):
+    return RWKV(model_config).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
 def params_shape(model_config: RWKVConfig):
     """The float32 parameter tree of a model, as ShapeDtypeStructs (nothing allocated)."""
-    return jax.eval_shape(
-        lambda: RWKV(model_config).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    return jax.eval_shape(functools.partial(_init_params, model_config), jax.random.PRNGKey(0))
+
+
+def initial_params(model_config: RWKVConfig, seed: int = 0):
+    """The original initialisation (spec) as host (numpy) arrays, computed in one jitted program
+    (the model's initialisers run op by op otherwise, one compilation each)."""
+    return jax.device_get(jax.jit(functools.partial(_init_params, model_config))(jax.random.PRNGKey(seed)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -305,151 +337,9 @@ def loss_and_grad(model, inputs, targets) -> Tuple[float, Dict[str, np.ndarray]]
     release key ("blocks.1.att.key.weight") to a numpy array in the release shape, in the
     parameters' dtype. Uses the model's compute dtype, precision and WKV implementation.
     """
-    from rwkv2_jax.handle import check_tokens
-
     x, _ = check_tokens(inputs, model.config.vocab_size)
     y, _ = check_tokens(targets, model.config.vocab_size)
     if x.shape != y.shape:
         raise ValueError(f"inputs {list(x.shape)} and targets {list(y.shape)} must have the same shape")
     loss, grads = _loss_and_grad_fn(model.logits_module)(model.params, x, y)
     return float(loss), ckpt.params_to_release(jax.device_get(grads), model.config)
-
-
-# --- orbax checkpoints ----------------------------------------------------------------
-
-
-class TrainCheckpointError(ValueError):
-    """A checkpoint folder that cannot be resumed; the message names the folder and step."""
-
-
-def _silence_failed_restore(folder: Path) -> None:
-    """Drop the noise a failed orbax restore leaves behind, and only that noise.
-
-    Its pending tensorstore reads complete later, on other threads, into an event loop
-    orbax has closed ("Event loop is closed", reported through sys.unraisablehook) and as
-    asyncio futures nobody awaits ("Future exception was never retrieved", logged with the
-    checkpoint's path). The one-line error we raise already says what failed.
-    """
-    import logging
-
-    class _Filter(logging.Filter):
-        def filter(self, record):
-            return str(folder) not in record.getMessage()
-
-    logging.getLogger("asyncio").addFilter(_Filter())
-    previous = sys.unraisablehook
-    if getattr(previous, "_rwkv2_jax_quiet", False):
-        return
-
-    def hook(unraisable):
-        exc = unraisable.exc_value
-        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-            return
-        previous(unraisable)
-
-    hook._rwkv2_jax_quiet = True
-    sys.unraisablehook = hook
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
-
-
-class Checkpoints:
-    """Orbax CheckpointManager over `directory`: async saves, the last `keep` kept.
-
-    Each step folder holds the TrainState ("state") and a JSON record ("meta": the model
-    and train configs). Nothing here deletes a step except orbax's keep-last-k rotation
-    after a *successful* save; a step that fails to restore is left as it is.
-    """
-
-    def __init__(self, directory, keep: int = 3, async_save: bool = True):
-        import orbax.checkpoint as ocp
-
-        self.directory = Path(directory).absolute()
-        if self.directory.exists() and not self.directory.is_dir():
-            raise TrainCheckpointError(f"checkpoint path {self.directory} exists and is not a folder")
-        self._ocp = ocp
-        try:
-            self.manager = ocp.CheckpointManager(
-                self.directory,
-                options=ocp.CheckpointManagerOptions(
-                    max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-                ),
-            )
-        except Exception as err:
-            raise TrainCheckpointError(f"cannot open checkpoint folder {self.directory}: {_one_line(err)}") from None
-
-    def latest_step(self) -> Optional[int]:
-        return self.manager.latest_step()
-
-    def all_steps(self):
-        return list(self.manager.all_steps())
-
-    def save(self, step: int, state: TrainState, meta: dict) -> None:
-        ocp = self._ocp
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-
-    def read_meta(self, step: int) -> dict:
-        ocp = self._ocp
-        try:
-            return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
-        except Exception as err:
-            failure = _one_line(err)
-        self._failed("read", step, failure)
-
-    def _failed(self, what: str, step: int, failure: str):
-        _silence_failed_restore(self.directory / str(step))
-        raise TrainCheckpointError(f"cannot {what} checkpoint {self.directory / str(step)}: {failure} "
-                                   "(move that folder away to resume from an earlier step)")
-
-    def restore(self, step: int, target: TrainState, shardings) -> TrainState:
-        """The state of `step`, placed with `shardings`; `target` gives structure, shapes, dtypes."""
-        ocp = self._ocp
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), target, shardings)
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract))).state
-            leaves = jax.tree.leaves(restored)
-            treedef = jax.tree.structure(abstract)
-            if len(leaves) != treedef.num_leaves:
-                raise ValueError(f"{len(leaves)} arrays stored, {treedef.num_leaves} expected")
-            for got, want in zip(leaves, jax.tree.leaves(abstract)):
-                if got.shape != want.shape or got.dtype != want.dtype:
-                    raise ValueError(f"array {got.shape} {got.dtype} stored where {want.shape} "
-                                     f"{want.dtype} is expected")
-        except Exception as err:
-            failure = _one_line(err)
-        else:
-            return jax.tree.unflatten(treedef, leaves)  # optax NamedTuples come back as tuples
-        self._failed("restore", step, failure)
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
-    def close(self) -> None:
-        self.manager.close()
-
-
-def save_metadata(model_config: RWKVConfig, cfg: TrainConfig, extra: Optional[dict] = None) -> dict:
-    return {"model_config": model_config.to_dict(), "train_config": cfg.to_dict(), **(extra or {})}
-
-
-def config_mismatch(saved: dict, cfg: TrainConfig) -> Optional[str]:
-    """The first trajectory field where a checkpoint's TrainConfig differs from `cfg`."""
-    for name in RESUME_FIELDS:
-        if name in saved and saved[name] != getattr(cfg, name):
-            return f"{name}={saved[name]!r} in the checkpoint, {getattr(cfg, name)!r} now"
-    return None
-
-
-def tokens_per_second(n_tokens: int, seconds: float) -> float:
-    return n_tokens / seconds if seconds > 0 else math.nan
-
-
-def write_jsonl(path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
