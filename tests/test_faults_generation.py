@@ -21,7 +21,7 @@ from rwkv2_jax.generation.sampling import (NONFINITE, PENALTY_BOUND, TEMPERATURE
 from rwkv2_jax.generation.state_file import save_state
 from rwkv2_jax.model import State
 from tests.conftest import REPO, SMALL, one_line_error, real_tokenizer_path
-from tests.release_checkpoint import make_release_state_dict, write_release_checkpoint
+from rwkv2_jax.testing.release_checkpoint import make_release_state_dict, write_release_checkpoint
 
 V = SMALL["vocab_size"]
 PROMPTS = [[5, 9, 2], list(range(1, 12))]

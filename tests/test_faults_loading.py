@@ -23,7 +23,7 @@ from rwkv2_jax import formats as ckpt
 from rwkv2_jax.cli import eval as eval_cli
 from rwkv2_jax.cli.convert import main as convert_main
 from tests.conftest import SMALL, one_line_error
-from tests.release_checkpoint import make_release_state_dict, write_release_checkpoint
+from rwkv2_jax.testing.release_checkpoint import make_release_state_dict, write_release_checkpoint
 
 
 def release_sd(seed=0, dtype=torch.float32):
