@@ -251,3 +251,13 @@ def test_save_state_onto_a_directory_is_one_line(model, tmp_path):
     with pytest.raises(CheckpointError, match="chat: it is a directory"):
         save_state(target, model.init_state(1), model)
     assert not any(target.iterdir()) and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_generate_takes_seeds_of_any_size(model):
+    """Seeds are used modulo 2**32: 2**70 + b draws as b does, and a bad seed list is one line."""
+    kw = dict(temperature=1.0, top_p=1.0)
+    big = generate(model, PROMPTS, 6, seed=2**70, **kw)  # 2**70 % 2**32 == 0
+    assert big == generate(model, PROMPTS, 6, seed=0, **kw)
+    assert generate(model, PROMPTS, 6, seed=[2**40 + 7, 3], **kw)[1] == generate(model, [PROMPTS[1]], 6, seed=3, **kw)[0]
+    with pytest.raises(ValueError, match=r"seed must be an int or 2 ints"):
+        generate(model, PROMPTS, 6, seed=[1.5, 2], **kw)

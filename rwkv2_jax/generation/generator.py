@@ -235,13 +235,17 @@ def _pow2_at_least(n: int, low: int) -> int:
 
 
 def _row_seeds(seed, batch_size: int) -> np.ndarray:
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        seeds = np.arange(batch_size, dtype=np.int64) + int(seed)
+    """Row b's seed (seed + b, or seed[b]) modulo 2**32, in Python integers so any size works."""
+    def is_int(x):
+        return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+    if is_int(seed):
+        seeds = [int(seed) + b for b in range(batch_size)]
     else:
-        seeds = np.asarray(seed)
-        if seeds.shape != (batch_size,) or not np.issubdtype(seeds.dtype, np.integer):
+        seeds = list(seed) if isinstance(seed, (list, tuple, np.ndarray)) else None
+        if seeds is None or len(seeds) != batch_size or not all(is_int(s) for s in seeds):
             raise ValueError(f"seed must be an int or {batch_size} ints (one per prompt), got {seed!r}")
-    return (seeds % (1 << 32)).astype(np.uint32)
+    return np.array([int(s) % (1 << 32) for s in seeds], np.uint32)
 
 
 def _consts(model: Model, params: SamplingParams, seed, batch_size: int) -> _Consts:
