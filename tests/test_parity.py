@@ -22,7 +22,7 @@ def torch_state_dict(path):
 
 
 @pytest.mark.parametrize("variant", ["plain", "ffn_pre"])
-@pytest.mark.parametrize("k_eps", [1e-9, 1e-8])
+@pytest.mark.parametrize("k_eps", [1e-9, pytest.param(1e-8, marks=pytest.mark.slow)])
 def test_gpt_and_rnn_mode_match_pytorch(release_files, rng, variant, k_eps):
     path = release_files[variant]
     model = rw.load_torch(path, k_eps=k_eps)
