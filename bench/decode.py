@@ -49,17 +49,23 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: this checkout's packages and bench/ first
 
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import rwkv2_jax as rw  # noqa: E402
 from bench.timing import median_time  # noqa: E402
+from pallas_kernels.decode import MAX_BATCH, DecodeBlockSizes, LayerBlockSizes  # noqa: E402
+from rwkv2_jax.generation import generator  # noqa: E402
+from rwkv2_jax.generation.generator import generate, prefill, with_weight_dtype  # noqa: E402
+from rwkv2_jax.generation.step import DecodeOptions, decode_params, rnn_step, spec_of  # noqa: E402
+from rwkv2_jax.model import RWKV  # noqa: E402
+from rwkv2_jax.xla import DECODE_COMPILER_OPTIONS, compiler_options  # noqa: E402
 
 
 def random_params(config, seed: int):
     """Random float32 params of RWKV(config), made on the device, with the scales of a trained
     model (not zeros: zeros can time faster than real data)."""
-    import jax
-    import jax.numpy as jnp
-
-    from rwkv2_jax.model import RWKV
-
     shapes = jax.eval_shape(lambda: RWKV(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     base = jax.random.key(seed)
@@ -94,10 +100,6 @@ def row(cols):
 
 def parse_size(name: str):
     """A preset name, or "L<layers>-D<width>" (vocab 50277) or "L<layers>-D<width>-V<vocab>"."""
-    import re
-
-    import rwkv2_jax as rw
-
     if name in rw.PRESETS:
         return rw.PRESETS[name]
     m = re.fullmatch(r"L(\d+)-D(\d+)(?:-V(\d+))?", name)
@@ -110,11 +112,7 @@ def parse_size(name: str):
 
 def gpu_checks(log):
     """Small model: the properties the tests check on CPU, here on the accelerator."""
-    import numpy as np
-
-    import rwkv2_jax as rw
-    from rwkv2_jax.generation.generator import generate, prefill
-    from rwkv2_jax.testing.release_checkpoint import make_release_state_dict
+    from rwkv2_jax.testing.release_checkpoint import make_release_state_dict  # torch: an optional dependency
 
     sd = make_release_state_dict(n_layer=3, n_embd=64, vocab_size=97, seed=1)
     model = rw.from_release_arrays({k: v.numpy() for k, v in sd.items()})
@@ -137,13 +135,6 @@ def gpu_checks(log):
 def fused_check(models, prompt, log):
     """The decode step as fused Pallas kernels vs the per-operation step, full size, on the GPU:
     one step from the state after 9-token prompts, B = 1 and 2 (rows differ)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from rwkv2_jax.generation.generator import prefill
-    from rwkv2_jax.generation.step import DecodeOptions, decode_params, rnn_step, spec_of
-
     step = jax.jit(rnn_step, static_argnums=0)
     ok = True
     for name, model in models.items():
@@ -170,8 +161,6 @@ def parse_blocks(spec: str, flag: str = "--sweep-blocks"):
     """"4x512,2x256x8,2x256/1x256/2x256x2/2x2048" -> [DecodeBlockSizes(4, 512),
     DecodeBlockSizes(2, 256, num_warps=8), LayerBlockSizes(...)]: OUTxIN[xWARPS] for all four
     kernels of a layer, or four of them joined by / for time_mix_in/att_out/channel_mix_in/ffn_out."""
-    from pallas_kernels.decode import DecodeBlockSizes, LayerBlockSizes
-
     def one(item):
         nums = [int(v) for v in item.split("x")]
         if not 2 <= len(nums) <= 3:
@@ -193,8 +182,6 @@ def parse_blocks(spec: str, flag: str = "--sweep-blocks"):
 
 def blocks_label(blocks) -> str:
     """DecodeBlockSizes -> "2x256x4" (OUTxINxWARPS); LayerBlockSizes -> the four kernels' joined by /."""
-    from pallas_kernels.decode import DecodeBlockSizes
-
     if not isinstance(blocks, DecodeBlockSizes):
         return "/".join(blocks_label(b) for b in blocks)
     return f"{blocks.block_out}x{blocks.block_in}x{blocks.num_warps}"
@@ -204,12 +191,6 @@ def greedy_steps(spec, steps: int):
     """jit of (dparams, token [B], state) -> (token, state) after `steps` greedy RNN steps
     (rnn_step + argmax) in one fori_loop: the decode step itself, without generate's sampling,
     bookkeeping and set-up. dparams is an argument: closed over, jit would make it a constant."""
-    import jax
-    import jax.numpy as jnp
-
-    from rwkv2_jax.generation.step import rnn_step
-    from rwkv2_jax.xla import DECODE_COMPILER_OPTIONS, compiler_options
-
     def body(dparams, _, carry):
         token, st = carry
         logits, st = rnn_step(spec, dparams, token, st)
@@ -226,14 +207,6 @@ def sweep_fused(model, log, steps=64, blocks_list=None, gen_tokens=512):
     DecodeBlockSizes for all four kernels of a layer or a LayerBlockSizes; blocks_list: these
     instead of the default list), with and without the L2 hints and the resident output
     matrices; then rw.generate's (gen_tokens and a quarter of them)."""
-    import jax
-    import jax.numpy as jnp
-
-    from pallas_kernels.decode import DecodeBlockSizes, LayerBlockSizes
-    from rwkv2_jax.generation import generator
-    from rwkv2_jax.generation.generator import prefill
-    from rwkv2_jax.generation.step import DecodeOptions, decode_params, rnn_step, spec_of
-
     _, state0 = prefill(model, [[1, 2, 3]])
     dparams = decode_params(model)
     default = LayerBlockSizes()
@@ -291,13 +264,6 @@ def sweep_batches(model, log, batches, steps=32, fused_up_to=4, only=SWEEP_VARIA
     FUSED_MAX_BATCH and PAD_ROWS (rwkv2_jax.generation.step). Each variant's kernels and
     one-step logits are checked (against the first variant's). only: the variants to time, by
     their SWEEP_VARIANTS keys (in that order)."""
-    import jax
-    import jax.numpy as jnp
-
-    from pallas_kernels.decode import MAX_BATCH
-    from rwkv2_jax.generation.generator import prefill
-    from rwkv2_jax.generation.step import DecodeOptions, decode_params, rnn_step, spec_of
-
     dparams = decode_params(model)
     one = jax.jit(rnn_step, static_argnums=0)
     variants = {  # SWEEP_VARIANTS key -> (row name, DecodeOptions, rows timed)
@@ -338,39 +304,21 @@ def sweep_batches(model, log, batches, steps=32, fused_up_to=4, only=SWEEP_VARIA
 def steps_loop(model, steps):
     """-> a function running `steps` greedy RNN steps (batch 1) in one jitted loop from a
     prefilled state (greedy_steps): what generate adds per token is the difference."""
-    import jax
-    import jax.numpy as jnp
-
-    from rwkv2_jax.generation.step import decode_params, spec_of
-    from rwkv2_jax.generation.generator import prefill
-
     _, state0 = prefill(model, [[1, 2, 3]])
     f = greedy_steps(spec_of(model), steps)
     return lambda: jax.block_until_ready(f(decode_params(model), jnp.zeros((1,), jnp.int32), state0))
 
 
 def run_prefill(model, prompts):
-    from rwkv2_jax.generation.generator import prefill
-
     prefill(model, prompts)[0].block_until_ready()
 
 
 def run_decode(model, prompts, n, kw):
-    from rwkv2_jax.generation.generator import generate
-
     out = generate(model, prompts, n, seed=1, **{"decode_loop": "device", **kw})
     assert all(len(r) == n for r in out)
 
 
 def gpu_main(args, log) -> int:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    import rwkv2_jax as rw
-    from rwkv2_jax.generation.generator import prefill, with_weight_dtype
-    from rwkv2_jax.generation.step import DecodeOptions
-
     t_start = time.perf_counter()
     dev = jax.devices()[0]
     log(f"# {time.strftime('%Y-%m-%d %H:%M')}  device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}")
@@ -468,20 +416,14 @@ def gpu_main(args, log) -> int:
 def host_copy_bandwidth(repeats: int, nbytes: int = 256 << 20) -> float:
     """Bytes read + written per second by a numpy copy of nbytes: roughly what this machine's
     memory delivers to one stream of reads."""
-    import numpy as np
-
     src = np.ones(nbytes // 8)
     dst = np.empty_like(src)
     return 2 * src.nbytes / median_time(lambda: np.copyto(dst, src), repeats)
 
 
 def cpu_main(args, log) -> int:
-    import jax
-    import numpy as np
-    import torch
+    import torch  # torch (the reference): an optional dependency
 
-    import rwkv2_jax as rw
-    from rwkv2_jax.generation.generator import generate
     from rwkv2_jax.testing.release_checkpoint import make_release_state_dict
     from rwkv2_jax.testing.torch_reference import TorchRWKV2
 
@@ -600,8 +542,6 @@ def main(argv=None) -> int:
         if args.log:
             with open(args.log, "a") as f:
                 f.write(line + "\n")
-
-    import jax
 
     if args.cpu or (jax.default_backend() == "cpu" and not args.gpu_rows):
         return cpu_main(args, log)

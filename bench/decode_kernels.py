@@ -30,7 +30,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere: the repo's packages first
+sys.path.insert(0, str(REPO))  # run as a script from anywhere: this checkout first
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bench.decode import blocks_label, parse_blocks  # noqa: E402
+from bench.timing import device_time, time_fn  # noqa: E402
+from pallas_kernels import decode  # noqa: E402
+from pallas_kernels.decode import DecodeBlockSizes, LayerBlockSizes  # noqa: E402
 
 KERNELS = ("time_mix_in", "att_out", "channel_mix_in", "ffn_out")
 DEFAULT_GRID = "2x256,1x256,4x256,8x256,1x512,2x512,4x512,2x1024,2x256x2,2x256x8,1x256x2,4x512x8"
@@ -39,11 +47,6 @@ DEFAULT_GRID = "2x256,1x256,4x256,8x256,1x512,2x512,4x512,2x1024,2x256x2,2x256x8
 def make_case(kernel: str, L: int, B: int, C: int, dtype, interpret: bool, seed: int = 0):
     """-> (program(blocks) -> jitted fn; reference() -> the outputs by the *_reference functions;
     args; bytes of weights one call reads)."""
-    import jax
-    import jax.numpy as jnp
-
-    from pallas_kernels import decode
-
     keys = iter(jax.random.split(jax.random.key(seed), 16 + L))
     f32 = jnp.float32
     normal = lambda shape, scale=1.0, dt=f32: (scale * jax.random.normal(next(keys), shape, f32)).astype(dt)  # noqa: E731
@@ -97,9 +100,6 @@ def make_case(kernel: str, L: int, B: int, C: int, dtype, interpret: bool, seed:
 
 
 def rel_diff(a, b) -> float:
-    import jax
-    import jax.numpy as jnp
-
     num = den = 0.0
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         x, y = x.astype(jnp.float32), y.astype(jnp.float32)
@@ -122,13 +122,6 @@ def main(argv=None):
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke run; times meaningless)")
     p.add_argument("--log", help="also append the output to this file")
     args = p.parse_args(argv)
-
-    import jax
-    import jax.numpy as jnp
-
-    from bench.decode import blocks_label, parse_blocks
-    from bench.timing import device_time, time_fn
-    from pallas_kernels.decode import DecodeBlockSizes, LayerBlockSizes
 
     kernels = [k for k in args.kernels.split(",") if k]
     bad = [k for k in kernels if k not in KERNELS]

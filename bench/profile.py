@@ -26,6 +26,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: this checkout first
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import rwkv2_jax as rw  # noqa: E402
+from bench.decode import parse_size, random_params  # noqa: E402
+from bench.timing import gpu_kernel_events  # noqa: E402
+from rwkv2_jax.generation.generator import generate, prefill, with_weight_dtype  # noqa: E402
+from rwkv2_jax.generation.step import DecodeOptions  # noqa: E402
+from rwkv2_jax.model import RWKV  # noqa: E402
+from rwkv2_jax.training import trainer as tr  # noqa: E402
+from rwkv2_jax.training.sharding import make_mesh  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,8 +62,6 @@ def kernel_group(name: str) -> str:
 
 
 def summarize(trace_dir: str, units: int, wall_s: float, top: int):
-    from bench.timing import gpu_kernel_events
-
     events = gpu_kernel_events(trace_dir)
     if events is None:
         print("no trace written")
@@ -83,22 +94,10 @@ def summarize(trace_dir: str, units: int, wall_s: float, top: int):
 
 def workload(args):
     """-> (fn to trace, units per call of fn)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    import rwkv2_jax as rw
-    from bench.decode import parse_size, random_params
-    from rwkv2_jax.generation.generator import generate, prefill, with_weight_dtype
-    from rwkv2_jax.generation.step import DecodeOptions
-
     if args.smoke:
         args.preset = "L2-D64"
     config = parse_size(args.preset)
     if args.what == "train":
-        from rwkv2_jax.training import trainer as tr
-        from rwkv2_jax.model import RWKV
-        from rwkv2_jax.training.sharding import make_mesh
 
         B = args.batch or 8
         T = 32 if args.smoke else (args.tokens if args.tokens != 2048 else 768)
@@ -129,7 +128,6 @@ def workload(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import jax
 
     fn, units = workload(args)
     fn()  # compile

@@ -8,6 +8,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.profiler import ProfileData
 
 
 def median_time(fn, repeats: int) -> float:
@@ -59,8 +60,6 @@ def copy_bandwidth(smoke):
 def gpu_kernel_events(trace_dir: str):
     """[(kernel name, start ns, duration ns)] on the GPU's streams of a jax.profiler trace
     (None when no trace file was written; [] on a CPU run)."""
-    from jax.profiler import ProfileData
-
     files = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
     if not files:
         return None

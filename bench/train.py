@@ -25,6 +25,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: this checkout first
+# jax and the package are imported inside the functions that run in the per-configuration
+# subprocesses (--one): the parent process only spawns them and prints their results.
 
 
 def parse_args(argv=None):

@@ -252,7 +252,7 @@ def test_register_budget():
 def test_lowers_to_triton(dtype, monkeypatch, capsys):
     """The three kernels lower to Triton IR for CUDA at L24-D1024's shapes: no scalar select;
     every weight block and every vector block is loaded before the first reduction (a
-    reduction's barrier would otherwise leave one memory latency per block; docs/PERF.md);
+    reduction's barrier would otherwise leave one memory latency per block);
     one reduction per matrix (two more for the LayerNorm statistics)."""
     B, C = 1, 1024
     a = inputs(0, B, C, dtype)

@@ -145,6 +145,20 @@ def test_round_dtype(seed, B, blocks):
         f"rounding to bf16 changed nothing (seed={seed})"
 
 
+@pytest.mark.parametrize("B,blocks", [(2, None), (5, SMALL), (12, None)], ids=["fma", "splitK", "dot"])
+def test_under_x64(seed, B, blocks):
+    """With jax_enable_x64 on (Python ints become int64 there) the kernel runs and gives the same
+    output, dtype included, as with it off."""
+    x, w = make_inputs(seed, B, 50, 70, jnp.bfloat16)
+    run = lambda: matvec(x, w, out_dtype=jnp.float32, round_dtype=jnp.bfloat16, block_sizes=blocks, interpret=True)  # noqa: E731
+    want = run()
+    with jax.enable_x64(True):
+        got = run()
+    assert got.dtype == want.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"seed={seed}")
+    check_close(got, x, w, jnp.bfloat16, f"seed={seed}")
+
+
 def test_rejects_bad_inputs():
     w = jnp.zeros((7, 5), jnp.bfloat16)
     cases = [

@@ -1,4 +1,4 @@
-"""The plain-JAX WKV (rwkv2_jax.wkv) against a float64 numpy loop written from the spec."""
+"""The plain-JAX WKV reference (pallas_kernels.wkv) against a float64 numpy loop written from the spec."""
 
 import math
 

@@ -1,6 +1,6 @@
 """The Pallas WKV kernel (pallas_kernels.wkv), run by the Pallas interpreter on CPU.
 
-Checked against the plain-JAX reference (rwkv2_jax.wkv, outputs and JAX-autodiff gradients)
+Checked against the plain-JAX reference beside the kernels (outputs and JAX-autodiff gradients)
 and against float64 numpy written from the spec (O(T^2), gradients by hand). Inputs are
 fresh random numbers on every run; the seed is in every failure message. Block sizes are
 small here so that tiny shapes still take every path: several channel blocks, a padded
@@ -9,7 +9,6 @@ channel block, several time chunks, a ragged last chunk and the unrolled loop's 
 
 import dataclasses
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+import pallas_kernels.wkv as wkv_kernels
+import rwkv2_jax as rw
 from pallas_kernels.wkv import WKVBlockSizes, wkv, wkv_with_state
 from pallas_kernels.wkv import WKVState, wkv_reference
 from pallas_kernels.wkv import wkv_with_state_reference as reference_with_state
@@ -256,6 +257,41 @@ def test_jit_and_vmap_over_batch(seed):
         assert rel_err(x, r) < 1e-4, f"seed={seed}"
 
 
+@pytest.mark.slow
+def test_under_x64(seed):
+    """With jax_enable_x64 on (Python ints become int64 there) the kernels run and give the same
+    outputs and gradients, all float32, as with it off: `wkv` in linear mode (serial kernels in
+    several chunks, and the time-split kernels), `wkv_with_state` (log mode) with and without
+    lengths."""
+    B, T, C = 2, 32, 12
+    (k, v, td, tf), g = make_inputs(seed, B, T, C)
+    prev, _ = make_inputs(seed + 1, B, 5, C)
+    _, state0 = reference_with_state(*prev)
+    lengths = jnp.asarray([T, 1 + seed % T], jnp.int32)
+    tiles = WKVBlockSizes(block_c=8, unroll=4, unroll_train=4, min_programs=1)
+
+    def with_state(**kw):
+        return lambda k, v, td, tf: wkv_with_state(k, v, td, tf, state0, interpret=True, block_sizes=SMALL, **kw)
+
+    cases = {
+        "linear, chunks": lambda *a: wkv(*a, interpret=True, block_sizes=SMALL),
+        "linear, time split": lambda *a: wkv(*a, interpret=True, block_sizes=tiles),
+        "state": with_state(),
+        "state, lengths": with_state(lengths=lengths),
+    }
+    for name, fn in cases.items():
+        out, pullback = jax.vjp(fn, k, v, td, tf)
+        cts = jax.tree.map(lambda x: jnp.ones_like(x) * 0.5, out)
+        want = (out, pullback(cts))
+        with jax.enable_x64(True):
+            out, pullback = jax.vjp(fn, k, v, td, tf)
+            got = (out, pullback(cts))
+        for i, (x, w) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want))):
+            msg = f"{name}: leaf {i} seed={seed}"
+            assert x.dtype == w.dtype == jnp.float32 and x.shape == w.shape, msg
+            assert rel_err(x, w) < 1e-6, f"{rel_err(x, w)} {msg}"
+
+
 def test_rejects_bad_shapes():
     k = jnp.zeros((1, 4, 6))
     with pytest.raises(ValueError, match="time_decay"):
@@ -270,9 +306,9 @@ def test_rejects_bad_shapes():
 def test_lowers_to_triton_without_scalar_selects(variant, monkeypatch, capsys):
     """Lower every kernel to Triton IR for CUDA (works without a GPU) and read the IR.
 
-    Interpret mode cannot see lowering bugs. This catches two seen on an H100: a kernel
-    that does not lower at all, and a select between weak-typed scalar literals, which the
-    Pallas Triton lowering turns into an i1 select of constants (chunk length 0 on the GPU).
+    Interpret mode cannot see lowering bugs. This catches two kinds: a kernel that does not
+    lower at all, and a select between weak-typed scalar literals, which the Pallas Triton
+    lowering turns into an i1 select of constants (a chunk length of 0 on the GPU).
     """
     B, T, C = 1, 200, 40  # 2 channel blocks (one padded), 4 chunks, a partial last block
     blocks = WKVBlockSizes(min_chunk=48)
@@ -333,8 +369,6 @@ def test_model_runs_the_kernel_under_jit_grad_and_vmap(release_files, rng):
     """The model with wkv_impl="pallas_interpret" (the GPU path, interpreted) equals the plain-JAX
     model: GPT-mode logits (the kernel's stateless form), prefill (the state-keeping form, from
     a mid-sequence state), gradients through the kernel, and vmap over batch rows."""
-    import rwkv2_jax as rw
-
     ref = rw.load_torch(release_files["plain"], verbose=False, wkv_impl="reference")
     ker = ref.replace(wkv_impl="pallas_interpret")
     V = ref.config.vocab_size
@@ -374,16 +408,15 @@ TILES = dict(min_programs=1)  # never chunk in time, so the tile kernels can run
 @pytest.fixture
 def tile_calls(monkeypatch):
     """Counts the traces of each tile kernel (to prove a case ran them, or did not)."""
-    module = sys.modules["pallas_kernels.wkv"]  # the module (pallas_kernels.wkv is the function)
     calls = {"fwd": 0, "bwd": 0}
     for key, name in (("fwd", "_fwd_tile_kernel"), ("bwd", "_bwd_tile_kernel")):
-        original = getattr(module, name)
+        original = getattr(wkv_kernels, name)
 
         def counted(*refs, _original=original, _key=key, **kw):
             calls[_key] += 1
             return _original(*refs, **kw)
 
-        monkeypatch.setattr(module, name, counted)
+        monkeypatch.setattr(wkv_kernels, name, counted)
     return calls
 
 

@@ -41,7 +41,8 @@ from rwkv2_jax.wkv import WKVState, resolve_wkv_impl, wkv_step
 FUSED_MAX_BATCH = 2
 # The fused step's time-mix output matrices of the first layers that fit in this many bytes
 # load without the L2 hint, so they stay in the L2 between tokens: a third of the ~50 MB L2 of
-# an H100/H200 (more slows every kernel). `bench/decode.py --sweep-fused` on an H200.
+# an H100/H200, leaving room for what every kernel reads again. `bench/decode.py --sweep-fused`
+# (its "no resident output matrices" row) on an H200.
 RESIDENT_OUT_BYTES = 16 << 20
 # Per backend: batches of lo..hi rows run the per-operation step as `to` rows (the extra rows
 # copies of the last, their outputs dropped): ((lo, hi, to), ...). XLA's GPU products of 5-8
@@ -56,7 +57,8 @@ def _is_int(x) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeOptions:
-    """How the decode step runs with Pallas kernels (a GPU); on CPU only pad_rows applies.
+    """How the decode step runs with Pallas kernels (on a GPU, or wkv_impl "pallas_interpret");
+    without them only pad_rows applies.
 
     `rw.generate`, `rw.stream`, `rw.stream_batch` and `rw.prefill_prompts` take one as
     `decode_options=` (None: these defaults).
