@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import jax.numpy as jnp
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: tqdm.auto warns in a notebook without ipywidgets
 
 try:
     import lm_eval.models  # noqa: F401  the harness's own models: get_model() loads them only into an empty registry

@@ -21,7 +21,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: tqdm.auto warns in a notebook without ipywidgets
 
 from rwkv2_jax.handle import Model
 from rwkv2_jax.model import State
