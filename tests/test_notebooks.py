@@ -1,19 +1,26 @@
-"""The notebooks run top to bottom: quickstart.ipynb on a CPU with no downloads, and
+"""The documentation runs as written: quickstart.ipynb on a CPU with no downloads,
 release_checkpoint.ipynb without the weights (every cell skips, saying why) and on stand-in
-files with the release's names and shapes. The committed copies carry their outputs."""
+files with the release's names and shapes, and the README's Python snippets and commands.
+The committed notebooks carry their outputs."""
 
+import importlib
 import json
 import re
+import shlex
 import shutil
+import string
+import tomllib
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.conftest import REPO, real_tokenizer_path
+from rwkv2_jax.cli.demo import char_tokenizer
+from tests.conftest import REPO, SHARED_TOKENIZER, real_tokenizer_path
 from tests.release_checkpoint import make_release_state_dict, write_release_checkpoint
 
 NOTEBOOKS = REPO / "notebooks"
+README = (REPO / "README.md").read_text(encoding="utf-8")
 
 
 def execute(name, cwd, monkeypatch, **env):
@@ -89,3 +96,76 @@ def test_release_notebook_runs_on_stand_in_files(tmp_path, monkeypatch):
     assert "k_eps=1e-08 (release table entry matched by '20220615-10803.pth'" in text
     assert re.search(r"k_eps 1e-08 vs 1e-9: max \|logit difference\| = \S+ over \d+ tokens", text)
     assert re.search(r"first 3 documents: ppl \S+, accuracy \S+%", text)
+
+
+# --- the README ------------------------------------------------------------------------------
+
+
+def readme_blocks(lang: str):
+    """(heading, code) of each ```lang block of the README."""
+    blocks, heading = [], ""
+    for part in re.split(r"(^## [^\n]*$|^```\w*\n.*?^```$)", README, flags=re.M | re.S):
+        if part.startswith("## "):
+            heading = part[3:].strip()
+        elif part.startswith(f"```{lang}\n"):
+            blocks.append((heading, part[len(lang) + 4:-3]))
+    return blocks
+
+
+PYTHON_BLOCKS = readme_blocks("python")
+
+
+@pytest.fixture(scope="module")
+def release_stand_ins(tmp_path_factory):
+    """A folder with the README's file names: a random L1-D8 model as 20220615-10803.pth and the
+    20B tokenizer (or, where it is absent, a character tokenizer under its name)."""
+    root = tmp_path_factory.mktemp("readme")
+    if SHARED_TOKENIZER.is_file():
+        shutil.copy(SHARED_TOKENIZER, root / "20B_tokenizer.json")
+        vocab_size = 50277
+    else:
+        tok = char_tokenizer(string.printable)
+        tok.save(str(root / "20B_tokenizer.json"))
+        vocab_size = tok.get_vocab_size()
+    write_release_checkpoint(root / "20220615-10803.pth",
+                             make_release_state_dict(n_layer=1, n_embd=8, vocab_size=vocab_size, seed=0))
+    return root
+
+
+def test_readme_has_python_snippets_that_start_from_text():
+    headings = [h for h, _ in PYTHON_BLOCKS]
+    assert {"Text in, text out", "In a notebook", "Generation", "Training"} <= set(headings)
+    for heading, code in PYTHON_BLOCKS:  # each stands alone: imports, loads, and encodes its own text
+        assert code.startswith("import ") and "rw.load_torch(" in code, heading
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("heading, code", PYTHON_BLOCKS, ids=[h for h, _ in PYTHON_BLOCKS])
+def test_readme_python_snippet_runs_as_written(heading, code, release_stand_ins, monkeypatch, capsys):
+    monkeypatch.chdir(release_stand_ins)
+    exec(compile(code, f"README.md ({heading})", "exec"), {"__name__": "__readme__"})
+
+
+def readme_commands():
+    """Each command line of the README's bash blocks, continuation lines joined, comments dropped."""
+    lines = []
+    for _, code in readme_blocks("bash"):
+        for line in code.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                lines.append(words)
+    return lines
+
+
+def test_readme_commands_are_entry_points_with_those_flags():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    used = set()
+    for words in readme_commands():
+        if not words[0].startswith("rwkv2-"):
+            continue
+        assert words[0] in scripts, words
+        used.add(words[0])
+        module = importlib.import_module(scripts[words[0]].split(":")[0])
+        if hasattr(module, "parse_args"):  # the flags exist and their values parse
+            module.parse_args(words[1:])
+    assert used == set(scripts)  # the README shows every entry point
