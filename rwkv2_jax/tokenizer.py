@@ -1,7 +1,7 @@
 """Text <-> token ids: a thin layer over a `tokenizers.Tokenizer` JSON file.
 
     import rwkv2_jax as rw
-    tokenizer = rw.load_tokenizer("20B_tokenizer.json")     # or the folder that holds it
+    tokenizer = rw.load_tokenizer("20B_tokenizer.json")     # or its folder, or a checkpoint beside it
     ids = tokenizer.encode("In a shocking finding,")        # -> list of ints
     text = tokenizer.decode(ids)
 
@@ -121,10 +121,14 @@ def find_tokenizer(checkpoint) -> Path:
                          f"in {folder}")
 
 
+CHECKPOINT_SUFFIXES = (".pth", ".safetensors")
+
+
 def load_tokenizer(path) -> Tokenizer:
-    """A tokenizer JSON file, or the folder holding it (20B_tokenizer.json, else tokenizer.json)."""
+    """A tokenizer JSON file; or, given a folder or a checkpoint (.pth, .safetensors), the
+    tokenizer in that folder or next to that checkpoint (see `find_tokenizer`)."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or path.suffix in CHECKPOINT_SUFFIXES:
         path = find_tokenizer(path)
     if not path.is_file():
         raise TokenizerError(f"tokenizer not found: {path}")

@@ -17,7 +17,7 @@ from nbclient import NotebookClient
 
 from rwkv2_jax.cli.demo import char_tokenizer
 from tests.conftest import REPO, SHARED_TOKENIZER, real_tokenizer_path
-from tests.release_checkpoint import make_release_state_dict, write_release_checkpoint
+from rwkv2_jax.testing.release_checkpoint import make_release_state_dict, write_release_checkpoint
 
 NOTEBOOKS = REPO / "notebooks"
 README = (REPO / "README.md").read_text(encoding="utf-8")

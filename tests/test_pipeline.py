@@ -8,7 +8,7 @@ import tokenizers
 import rwkv2_jax as rw
 from rwkv2_jax.cli.demo import DEMO_TEXT, char_tokenizer
 from tests.conftest import real_tokenizer_path
-from tests.release_checkpoint import make_release_state_dict, write_release_checkpoint
+from rwkv2_jax.testing.release_checkpoint import make_release_state_dict, write_release_checkpoint
 
 # Characters of 2, 3 and 4 UTF-8 bytes; the 20B tokenizer splits most of them over byte tokens.
 MULTI_BYTE = list("éßñ東京日本語한국어😀🎉🦀ℝ∑")
@@ -39,6 +39,7 @@ def test_load_tokenizer_from_a_file_a_folder_or_next_to_a_checkpoint(tmp_path):
     assert tok.vocab_size == 4 and tok.path == tmp_path / "20B_tokenizer.json"
     assert tok.encode("cab") == [3, 1, 2] and tok.decode([3, 1, 2]) == "cab"
     assert rw.load_tokenizer(tmp_path / "tokenizer.json").vocab_size == 3
+    assert rw.load_tokenizer(ckpt).path == tmp_path / "20B_tokenizer.json"  # the one beside a checkpoint
 
     with pytest.raises(rw.TokenizerError, match="tokenizer not found next to .*looked for 20B_tokenizer.json "
                                                 "and tokenizer.json"):
