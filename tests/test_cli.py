@@ -240,6 +240,7 @@ def test_console_scripts_print_their_help(tmp_path):
 # --- demo ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_demo_trains_and_samples(tmp_path, capsys):
     from rwkv2_jax.cli import demo
 
