@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rwkv2_jax.cli.sample import Detokenizer  # noqa: E402
+from rwkv2_jax.tokenizer import as_tokenizer  # noqa: E402
 
 DEFAULT_TOKENIZER = REPO.parent / "shared" / "data" / "20B_tokenizer.json"
 EARLY = 1024  # the "1k" column: the rate over the window ending at this many tokens
@@ -38,7 +38,7 @@ def corpus_ids(tokenizer: Tokenizer, n: int) -> list:
 
 def incremental_rates(tokenizer, ids, window: int, ends) -> dict:
     """{end: tokens/s over the window ids[end - window:end]} for one incremental pass, and its text."""
-    detok, marks, parts = Detokenizer(tokenizer), {0: time.perf_counter()}, []
+    detok, marks, parts = as_tokenizer(tokenizer).decode_stream(), {0: time.perf_counter()}, []
     for i, token in enumerate(ids, 1):
         parts.append(detok.push(token))
         if i % window == 0:

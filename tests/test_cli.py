@@ -1,5 +1,9 @@
-"""CLI smoke runs: python -m convert, sample.py, the demo; bad input gives one line, no traceback."""
+"""CLI smoke runs: python -m convert, sample.py, the demo, every entry point's --help; bad input
+gives one line, no traceback."""
 
+import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -109,11 +113,23 @@ def test_sample_presence_penalty_and_bfloat16(char_setup, capsys):
     assert "--penalty-decay must be in [0, 1], got 2.0" in capsys.readouterr().err.splitlines()[-1]
 
 
-def test_sample_finds_tokenizer_next_to_checkpoint(char_setup, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["20B_tokenizer.json", "tokenizer.json"])
+def test_sample_finds_tokenizer_next_to_checkpoint(char_setup, tmp_path, capsys, name):
     ckpt, tok = char_setup
     (tmp_path / "m.pth").write_bytes(ckpt.read_bytes())
-    (tmp_path / "20B_tokenizer.json").write_bytes(tok.read_bytes())
+    (tmp_path / name).write_bytes(tok.read_bytes())
     assert sample.main(["--checkpoint", str(tmp_path / "m.pth"), "--tokens", "3"]) == 0
+
+
+def test_sample_draws_a_fresh_seed_and_says_how_to_repeat_it(char_setup, capsys):
+    ckpt, tok = char_setup
+    args = ["--checkpoint", str(ckpt), "--tokenizer", str(tok), "--prompt", "The", "--tokens", "24"]
+    assert sample.main(args) == 0
+    captured = capsys.readouterr()
+    (seed,) = re.findall(r"# seed (\d+); rerun with --seed \1", captured.err)
+    assert sample.main(args + ["--seed", seed]) == 0
+    again = capsys.readouterr()
+    assert again.out == captured.out and "rerun with" not in again.err
 
 
 def test_sample_native_checkpoint(char_setup, tmp_path, capsys):
@@ -138,7 +154,11 @@ def test_sample_bad_inputs(char_setup, tmp_path, capsys):
     sd["head.weight"] = torch.zeros(60, 15)
     shape = write_release_checkpoint(tmp_path / "shape.pth", sd)
     one_line_error(capsys, sample.main(["--checkpoint", str(shape)] + base), "'head.weight' has shape [60, 15]")
-    one_line_error(capsys, sample.main(["--checkpoint", str(ckpt), "--tokens", "2"]), "tokenizer not found")
+    lone = tmp_path / "lone" / "m.pth"
+    lone.parent.mkdir()
+    lone.write_bytes(ckpt.read_bytes())
+    one_line_error(capsys, sample.main(["--checkpoint", str(lone), "--tokens", "2"]),
+                   f"tokenizer not found next to {lone}: looked for 20B_tokenizer.json and tokenizer.json")
     one_line_error(capsys, sample.main(["--checkpoint", str(ckpt), "--tokenizer", str(tmp_path / "t.json")]),
                    "t.json")
     bad_tok = tmp_path / "bad.json"
@@ -170,11 +190,57 @@ def test_sample_with_the_real_20b_tokenizer(tmp_path, capsys):
 def test_sample_help():
     r = subprocess.run([sys.executable, "sample.py", "--help"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0 and "--top-p" in r.stdout and "--allow-end-of-text" in r.stdout
+    help_text = " ".join(r.stdout.split())
+    assert "(default: a fresh one, printed with the command-line flag that repeats the run)" in help_text
+
+
+# --- every entry point ------------------------------------------------------------------------
+
+ENTRY_POINTS = {  # console script -> module
+    "rwkv2-sample": "rwkv2_jax.cli.sample", "rwkv2-train": "rwkv2_jax.cli.train",
+    "rwkv2-convert": "rwkv2_jax.cli.convert", "rwkv2-eval": "rwkv2_jax.cli.eval",
+    "rwkv2-prepare-data": "rwkv2_jax.cli.prepare_data", "rwkv2-demo": "rwkv2_jax.cli.demo",
+    "rwkv2-lm-eval": "rwkv2_jax.evaluation.lm_eval_adapter",
+}
+
+
+def run_all(commands, **kwargs):
+    """Run commands side by side (each imports jax: seconds); -> their CompletedProcess-like results."""
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+             for c in commands]
+    return [(p, *p.communicate(timeout=300)) for p in procs]
+
+
+def test_entry_points_are_declared():
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {name: target.split(":")[0] for name, target in scripts.items()} == ENTRY_POINTS
+    assert all(target.endswith(":main") for target in scripts.values())
+
+
+@pytest.mark.slow
+def test_every_cli_module_prints_its_help():
+    results = run_all([[sys.executable, "-m", module, "--help"] for module in ENTRY_POINTS.values()], cwd=REPO)
+    for module, (proc, out, err) in zip(ENTRY_POINTS.values(), results):
+        assert proc.returncode == 0 and "usage:" in out and "Traceback" not in err, (module, err[-2000:])
+
+
+@pytest.mark.slow
+def test_console_scripts_print_their_help(tmp_path):
+    missing = [name for name in ENTRY_POINTS if shutil.which(name) is None]
+    if missing:
+        pytest.skip(f"console scripts not installed ({', '.join(missing)}): pip install -e .")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's code, whichever one is installed
+    results = run_all([[shutil.which(name), "--help"] for name in ENTRY_POINTS], cwd=tmp_path, env=env)
+    for name, (proc, out, err) in zip(ENTRY_POINTS, results):
+        assert proc.returncode == 0 and "usage:" in out and "Traceback" not in err, (name, err[-2000:])
 
 
 # --- demo ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_demo_trains_and_samples(tmp_path, capsys):
     from rwkv2_jax.cli import demo
 
@@ -182,4 +248,18 @@ def test_demo_trains_and_samples(tmp_path, capsys):
     out = capsys.readouterr().out
     losses = [float(line.split()[3]) for line in out.splitlines() if line.startswith("step")]
     assert losses[-1] < losses[0] / 3  # it learned
-    assert (tmp_path / "demo.pth").is_file() and "The time mix" in out
+    assert "The time mix" in out
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("demo.pth", "tokenizer.json", "text.npy"):  # as open() makes files: 0644 for umask 022
+        assert (os.stat(tmp_path / name).st_mode & 0o777) == 0o666 & ~umask, name
+    # The tools find the demo's tokenizer, and its text as a token file.
+    model = rw.load_torch(tmp_path / "demo.pth", ctx_len=demo.CTX_LEN, verbose=False)
+    tokenizer = rw.load_tokenizer(rw.find_tokenizer(tmp_path / "demo.pth"))
+    text = tokenizer.decode(np.load(tmp_path / "text.npy").tolist())
+    assert text == demo.DEMO_TEXT
+    assert f"--ctx-len {demo.CTX_LEN}" in out
+    # Greedy text from the trained model continues the training text.
+    reply = rw.Pipeline(model, tokenizer).generate("The channel mix is a", 5, temperature=0)
+    assert "The channel mix is a" + reply in demo.DEMO_TEXT, reply
+

@@ -190,11 +190,18 @@ def test_prepare_data_cli(tmp_path, capsys):
     def error(argv, pattern):
         assert prepare_main(argv) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and err.startswith("prepare_data: error: ") and pattern in err, err
+        assert len(err.splitlines()) == 1 and err.startswith("rwkv2-prepare-data: error: ") and pattern in err, err
 
     error(args, "out.npy exists; pass --force")
     error([str(tmp_path / "nope.txt")] + args[1:] + ["--force"], "input not found: ")
     error(args[:2] + [str(tmp_path / "no.json")] + args[3:], "tokenizer not found")
+    (tmp_path / "bad.json").write_text("{not json")
+    error(args[:2] + [str(tmp_path / "bad.json")] + args[3:], "cannot read tokenizer")
+    # --tokenizer may name the folder holding tokenizer.json (or 20B_tokenizer.json).
+    (tmp_path / "folder").mkdir()
+    tok.save(str(tmp_path / "folder" / "tokenizer.json"))
+    assert prepare_main(args[:2] + [str(tmp_path / "folder")] + args[3:] + ["--force"]) == 0
+    assert np.load(out).tolist() == ids
     (tmp_path / "bin.txt").write_bytes(b"ok\xff\xfe bad")
     error([str(tmp_path / "bin.txt")] + args[1:] + ["--force"], "not UTF-8 text")
 

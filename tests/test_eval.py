@@ -1,9 +1,10 @@
 """Evaluation: loglikelihood and per-token losses vs the PyTorch reference, the
-`python -m rwkv2_jax.cli.eval` subcommands end to end, and the lm-evaluation-harness adapter."""
+`rwkv2-eval` subcommands end to end, and the lm-evaluation-harness adapter."""
 
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ import rwkv2_jax as rw
 from rwkv2_jax.cli import eval as ev_cli
 from rwkv2_jax.evaluation import scoring as ev
 from rwkv2_jax.cli.demo import DEMO_TEXT, char_tokenizer
+from rwkv2_jax.tokenizer import TOKENIZER_NAMES
 from tests.conftest import REPO, one_line_error, real_tokenizer_path
 from rwkv2_jax.testing.release_checkpoint import make_release_state_dict, write_release_checkpoint
 from rwkv2_jax.testing.torch_reference import TorchRWKV2
@@ -60,7 +62,7 @@ def char_setup(tmp_path_factory):
     it under the default name, and the PyTorch reference of the same weights."""
     root = tmp_path_factory.mktemp("eval")
     tok = char_tokenizer(DEMO_TEXT)
-    tok.save(str(root / ev_cli.TOKENIZER_NAME))
+    tok.save(str(root / TOKENIZER_NAMES[0]))
     # seed 8: the random model's greedy text has spaces, so greedy LAMBADA documents exist
     sd = make_release_state_dict(n_layer=2, n_embd=16, vocab_size=tok.get_vocab_size(), seed=8)
     ckpt = write_release_checkpoint(root / "model.pth", sd)
@@ -197,15 +199,14 @@ def test_lambada_end_to_end_matches_torch(char_setup, lambada_docs, tmp_path, ca
 
 
 def test_lambada_requests_use_the_real_tokenizer_as_the_release_did(tmp_path):
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(real_tokenizer_path()))
+    tok = rw.load_tokenizer(real_tokenizer_path())
     text = "In my palm is a clue, she said. He looked at the small brass key"
     requests = ev_cli.read_lambada(write_jsonl(tmp_path / "one.jsonl", [text]), tok)
     (context, continuation), = requests
     assert context[0] == 187  # "\n"
-    assert context == tok.encode("\n" + text.rsplit(" ", 1)[0]).ids
-    assert continuation == tok.encode(" key").ids and len(continuation) == 1
+    assert context == tok.encode("\n" + text.rsplit(" ", 1)[0])
+    assert continuation == tok.encode(" key") and len(continuation) == 1
+    assert (context, continuation) == ev.lambada_request(text, tok)
 
 
 @pytest.mark.parametrize("content, pattern", [
@@ -242,9 +243,36 @@ def test_lambada_missing_tokenizer_and_checkpoint(char_setup, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", ["a b"])
     lone = tmp_path / "m.pth"
     lone.write_bytes(char_setup["ckpt"].read_bytes())
-    one_line_error(capsys, ev_cli.main(["lambada", str(data), "--checkpoint", str(lone)]), "tokenizer not found")
+    one_line_error(capsys, ev_cli.main(["lambada", str(data), "--checkpoint", str(lone)]),
+                   f"tokenizer not found next to {lone}: looked for 20B_tokenizer.json and tokenizer.json")
     one_line_error(capsys, ev_cli.main(["lambada", str(data), "--checkpoint", str(tmp_path / "x.pth")]),
                    "checkpoint not found")
+    # The demo's name for its tokenizer is found too.
+    (tmp_path / "tokenizer.json").write_bytes((char_setup["root"] / TOKENIZER_NAMES[0]).read_bytes())
+    assert ev_cli.main(["lambada", str(data), "--checkpoint", str(lone), "--batch-size", BATCH]) == 0
+
+
+def test_cheap_inputs_are_checked_before_the_model_loads(char_setup, tmp_path, capsys):
+    """A bad tokenizer, data file or prompt is reported even when the checkpoint is unreadable:
+    the cheap checks run first, so the user does not wait for a model to load."""
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    data = write_jsonl(tmp_path / "d.jsonl", ["a b"])
+    tok = ["--tokenizer", str(char_setup["root"] / TOKENIZER_NAMES[0])]
+    one_line_error(capsys, ev_cli.main(["verify", "--checkpoint", str(junk)]), "tokenizer not found next to")
+    one_line_error(capsys, ev_cli.main(["lambada", str(data), "--checkpoint", str(junk)]), "tokenizer not found")
+    one_line_error(capsys, ev_cli.main(["verify", "--checkpoint", str(junk), *tok, "--prompt", "T"]),
+                   "at least 2")
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    one_line_error(capsys, ev_cli.main(["lambada", str(tmp_path / "bad.jsonl"), "--checkpoint", str(junk), *tok]),
+                   "bad.jsonl:1: malformed JSON")
+    (tmp_path / "bad.npy").write_bytes(b"not an npy file")
+    for sub in ("loss", "positional"):
+        extra = ["--max-len", "8"] if sub == "positional" else []
+        one_line_error(capsys, ev_cli.main([sub, str(tmp_path / "bad.npy"), "--checkpoint", str(junk), *extra]),
+                       "cannot read")
+    # ... and the checkpoint is read only after them.
+    one_line_error(capsys, ev_cli.main(["verify", "--checkpoint", str(junk), *tok]), "junk.pth")
 
 
 # --- loss and positional -------------------------------------------------------------------
@@ -258,11 +286,19 @@ def token_file(char_setup):
     return path, tokens
 
 
+def written_by_open(path) -> bool:
+    """The file has the mode open() gives a new file: 0666 less the umask (0644 for umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (os.stat(path).st_mode & 0o777) == (0o666 & ~umask)
+
+
 def test_loss_sequential_windows_match_torch(char_setup, token_file, tmp_path, capsys):
     path, tokens = token_file
     out = tmp_path / "loss.json"
     assert ev_cli.main(["loss", str(path), "--checkpoint", str(char_setup["ckpt"]), "--ctx-len", "40",
                         "--windows", "7", "--chunk-len", "16", "--batch-size", BATCH, "--output", str(out)]) == 0
+    assert written_by_open(out)
     result = json.loads(out.read_text())
     windows = np.stack([tokens[s:s + 41] for s in range(0, 7 * 40, 40)]).astype(np.int64)
     per_window = torch_window_losses(char_setup["ref"], windows).mean(axis=1)  # [7]
@@ -286,7 +322,7 @@ def test_loss_random_windows_and_bad_token_files(char_setup, token_file, tmp_pat
     bad[123] = 999
     np.save(tmp_path / "bad.npy", bad)
     one_line_error(capsys, ev_cli.main(["loss", str(tmp_path / "bad.npy"), *ckpt]),
-                   "token id 999 at index 123 is outside")
+                   "token id 999 at position 123 is outside")
     np.save(tmp_path / "2d.npy", tokens.reshape(-1, 1))
     one_line_error(capsys, ev_cli.main(["loss", str(tmp_path / "2d.npy"), *ckpt]), "expected a 1-D array")
     (tmp_path / "junk.npy").write_bytes(b"not an npy file")
@@ -305,8 +341,10 @@ def test_positional_writes_csv_and_png(char_setup, token_file, tmp_path, capsys)
     assert ev_cli.main(["positional", str(path), "--max-len", str(max_len), "--checkpoint", str(char_setup["ckpt"]),
                         "--checkpoint", str(other), "--windows", "5", "--chunk-len", "16", "--seed", "4",
                         "--batch-size", BATCH, "--out", str(out)]) == 0
+    assert written_by_open(tmp_path / "plots" / "pos.csv") and written_by_open(tmp_path / "plots" / "pos.png")
     rows = list(csv.reader((tmp_path / "plots" / "pos.csv").read_text().splitlines()))
-    assert rows[0] == ["position", "model_loss", "model_stderr", "other_loss", "other_stderr"]
+    assert rows[0] == ["position", "model.pth_loss", "model.pth_stderr", "other.safetensors_loss",
+                       "other.safetensors_stderr"]
     assert len(rows) == 1 + max_len and [int(r[0]) for r in rows[1:]] == list(range(max_len))
     starts = ev.window_starts(len(tokens), max_len, mode="random", count=5, seed=4)
     windows = np.stack([tokens[s:s + max_len + 1] for s in starts]).astype(np.int64)
@@ -337,10 +375,29 @@ def test_verify_gpt_rnn_prefill_agree(char_setup, capsys):
                    "--split 8 must be in [1, 7]")
 
 
-def test_eval_help_lists_subcommands():
+def test_curve_labels_are_file_names_told_apart_by_their_folders():
+    assert ev_cli._labels(["out/demo.pth", "out/demo.safetensors"]) == ["demo.pth", "demo.safetensors"]
+    assert ev_cli._labels(["a/x/m.pth", "b/x/m.pth", "c.pth"]) == ["a/x/m.pth", "b/x/m.pth", "c.pth"]
+    assert ev_cli._labels(["m.pth", "m.pth"]) == ["m.pth#0", "m.pth#1"]  # one file given twice
+
+
+def test_positional_ctx_len_flag_marks_the_training_length(char_setup, token_file, tmp_path, capsys):
+    path, _ = token_file
+    for ctx_len in (None, "24"):
+        flags = [] if ctx_len is None else ["--ctx-len", ctx_len]
+        args = ev_cli.parse_args(["positional", str(path), "--max-len", "8", "--checkpoint",
+                                  str(char_setup["ckpt"]), *flags])
+        assert ev_cli.load_model(args, str(char_setup["ckpt"])).config.ctx_len == int(ctx_len or 768)
+
+
+def test_eval_help(capsys):
     r = subprocess.run([sys.executable, "-m", "rwkv2_jax.cli.eval", "--help"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0
     assert all(name in r.stdout for name in ("lambada", "loss", "positional", "verify"))
+    with pytest.raises(SystemExit):
+        ev_cli.main(["loss", "--help"])
+    text = capsys.readouterr().out
+    assert "95% confidence interval" in text and "%%" not in text and "--ctx-len" in text
 
 
 # --- lm-evaluation-harness adapter ----------------------------------------------------------
@@ -396,11 +453,9 @@ def test_harness_loglikelihood_equals_library(harness, char_setup, newline_prefi
 
 def test_harness_rejects_unknown_model_args(harness, char_setup):
     _, adapter = harness
-    from rwkv2_jax.cli.eval import UsageError
-
-    with pytest.raises(UsageError, match=r"unknown model_args \['checkpont'\]"):
+    with pytest.raises(adapter.ModelArgsError, match=r"unknown model_args \['checkpont'\]"):
         adapter.RWKV2LM.create_from_arg_string(f"checkpont={char_setup['ckpt']}")
-    with pytest.raises(UsageError, match="batch_size must be a positive int, got 0"):
+    with pytest.raises(adapter.ModelArgsError, match="batch_size must be a positive int, got 0"):
         adapter.RWKV2LM.create_from_arg_string(f"checkpoint={char_setup['ckpt']}", {"batch_size": 0})
 
 
@@ -477,5 +532,36 @@ def test_harness_command_line_finds_the_model(harness, tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == (
-        f"python -m rwkv2_jax.evaluation.lm_eval_adapter: error: checkpoint not found: {tmp_path / 'none.pth'}")
+    assert r.stderr.strip().splitlines()[-1] == f"rwkv2-lm-eval: error: checkpoint not found: {tmp_path / 'none.pth'}"
+
+
+def test_harness_help_documents_its_own_arguments(harness):
+    r = subprocess.run([sys.executable, "-m", "rwkv2_jax.evaluation.lm_eval_adapter", "--help"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for needle in ("--model rwkv2_jax", "checkpoint=", "tokenizer=", "newline_prefix=", "max_length=",
+                   "--include_path examples/lm_eval", "forkserver"):
+        assert needle in r.stdout, needle
+
+
+@pytest.mark.slow
+def test_harness_runs_the_shipped_offline_task_without_forking(harness, char_setup, tmp_path):
+    """examples/lm_eval's task, on the command line as the README shows it: the same numbers as
+    `rwkv2-eval lambada` on its data, and no fork of the JAX process (lm_eval's bootstrap pool)."""
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "rwkv2_jax.evaluation.lm_eval_adapter", "--model", "rwkv2_jax",
+                        "--model_args", f"checkpoint={char_setup['ckpt']}", "--tasks", "lambada_offline",
+                        "--include_path", "examples/lm_eval", "--batch_size", "4",
+                        "--output_path", str(tmp_path / "results")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "os.fork()" not in r.stderr and "fork" not in r.stderr.lower(), r.stderr[-3000:]
+    (results_file,) = (tmp_path / "results").rglob("results_*.json")
+    harness_numbers = json.loads(results_file.read_text())["results"]["lambada_offline"]
+    out = tmp_path / "cli.json"
+    assert ev_cli.main(["lambada", str(REPO / "examples/lm_eval/lambada_offline.jsonl"), "--checkpoint",
+                        str(char_setup["ckpt"]), "--batch-size", BATCH, "--output", str(out)]) == 0
+    cli = json.loads(out.read_text())
+    assert cli["n"] == 8
+    assert harness_numbers["perplexity,none"] == pytest.approx(cli["ppl"], rel=1e-6)
+    assert harness_numbers["acc,none"] == cli["acc"]

@@ -1,9 +1,11 @@
 """Evaluate an RWKV-v2 checkpoint (release .pth or native .safetensors).
 
-    python -m rwkv2_jax.cli.eval lambada lambada_test.jsonl --checkpoint 20220615-10803.pth
-    python -m rwkv2_jax.cli.eval loss pile_val.npy --checkpoint 20220615-10803.pth
-    python -m rwkv2_jax.cli.eval positional pile_val.npy --max-len 3072 --checkpoint a.pth --checkpoint b.pth
-    python -m rwkv2_jax.cli.eval verify --checkpoint 20220615-10803.pth
+    rwkv2-eval lambada lambada_test.jsonl --checkpoint 20220615-10803.pth
+    rwkv2-eval loss pile_val.npy --checkpoint 20220615-10803.pth
+    rwkv2-eval positional pile_val.npy --max-len 3072 --checkpoint a.pth --checkpoint b.pth
+    rwkv2-eval verify --checkpoint 20220615-10803.pth
+
+(or python -m rwkv2_jax.cli.eval ...)
 
 lambada     perplexity and last-word accuracy on {"text": ...} lines (lambada_openai),
             as the release computed them: context prefixed with "\\n", no pad token,
@@ -16,8 +18,9 @@ verify      GPT mode vs RNN mode vs prefill-then-RNN on a prompt: the max differ
             of the logits (the release's verify script).
 
 TOKENS.npy is a 1-D array of token ids (uint16 in the original trainer's files:
-the 20B tokenizer applied to a .txt), read memory-mapped. `--help` after a
-subcommand lists its flags.
+the 20B tokenizer applied to a .txt), read memory-mapped. A release .pth does not
+store the context length it was trained at: --ctx-len says it (768 when not given).
+`--help` after a subcommand lists its flags.
 """
 
 from __future__ import annotations
@@ -29,18 +32,28 @@ import math
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
-PROG = "python -m rwkv2_jax.cli.eval"
-TOKENIZER_NAME = "20B_tokenizer.json"
+from rwkv2_jax.cli.common import TOKENIZER_HELP, UsageError, tokenizer_for
+from rwkv2_jax.evaluation.scoring import (
+    gather_windows,
+    lambada_request,
+    loglikelihood,
+    mean_with_ci,
+    positional_loss,
+    token_losses,
+    window_starts,
+)
+from rwkv2_jax.handle import load_any
+from rwkv2_jax.tokenizer import Tokenizer
+from rwkv2_jax.training.data import TokenFile, load_tokens
+
+PROG = "rwkv2-eval"
 # The release's verify prompt.
 VERIFY_PROMPT = ("\nIn a shocking finding, scientist discovered a herd of dragons living in a remote, "
                  "previously unexplored valley, in Tibet. Even more surprising to the researchers "
                  "was the fact that the dragons spoke perfect Chinese.")
-
-
-class UsageError(Exception):
-    """Bad input: printed as one line, exit status 2."""
 
 
 def positive_int(text: str) -> int:
@@ -57,7 +70,7 @@ def positive_int(text: str) -> int:
 # --- argument parsing ----------------------------------------------------------------
 
 
-def _model_flags(p: argparse.ArgumentParser, *, several: bool = False) -> None:
+def _model_flags(p: argparse.ArgumentParser, *, several: bool = False, ctx_len: str = "") -> None:
     if several:
         p.add_argument("--checkpoint", action="append", required=True,
                        help="release .pth or native .safetensors; repeat for one curve per checkpoint")
@@ -70,11 +83,14 @@ def _model_flags(p: argparse.ArgumentParser, *, several: bool = False) -> None:
                         "the log-softmax is float32 always")
     p.add_argument("--wkv-impl", choices=("auto", "reference", "pallas"), default="auto",
                    help="WKV implementation (default auto: Pallas on GPU, plain JAX elsewhere)")
+    if ctx_len:
+        p.add_argument("--ctx-len", type=positive_int, default=None,
+                       help=f"the context length the model was trained at, {ctx_len} (default: the one a "
+                            ".safetensors stores; 768, the releases', for a .pth, which cannot store it)")
 
 
 def _tokenizer_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokenizer", default=None,
-                   help=f"tokenizer JSON (default: {TOKENIZER_NAME} next to the checkpoint)")
+    p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
 
 
 def _batch_flag(p: argparse.ArgumentParser, default: int) -> None:
@@ -117,13 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("loss", help="mean per-token loss over windows of a token file",
                        description="Mean per-token loss (nats) over windows of ctx_len + 1 tokens, each "
-                                   "from the start state, with a 95%% confidence interval over windows "
+                                   "from the start state, with a 95% confidence interval over windows "
                                    "(normal approximation on per-window means).")
     s.add_argument("tokens", help="1-D .npy of token ids")
-    _model_flags(s)
+    _model_flags(s, ctx_len="the tokens predicted per window")
     _batch_flag(s, 8)
-    s.add_argument("--ctx-len", type=positive_int, default=None,
-                   help="tokens predicted per window (default: the model's ctx_len, 768 for the releases)")
     _window_flags(s, mode="sequential", windows=None)
     s.add_argument("--output", default=None, help="also write the numbers to this JSON file")
     s.set_defaults(func=run_loss)
@@ -133,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "sequence (position t: predicting token t+1 from t+1 tokens).")
     s.add_argument("tokens", help="1-D .npy of token ids")
     s.add_argument("--max-len", type=positive_int, required=True, help="positions to measure (any length)")
-    _model_flags(s, several=True)
+    _model_flags(s, several=True, ctx_len="marked on the plot")
     _batch_flag(s, 4)
     _window_flags(s, mode="random", windows=64)
     s.add_argument("--out", default="positional_loss",
@@ -171,51 +185,22 @@ def _require_file(path, what: str) -> None:
 
 
 def load_model(args, checkpoint: str):
-    import jax.numpy as jnp
-
-    import rwkv2_jax as rw
-
+    """The checkpoint with the flags' k_eps, dtype, WKV implementation and ctx_len."""
     path = Path(checkpoint)
     if not path.is_file():
         raise UsageError(f"checkpoint not found: {path}")
-    kwargs = {"k_eps": args.k_eps, "wkv_impl": args.wkv_impl}
+    kwargs = {"k_eps": args.k_eps, "wkv_impl": args.wkv_impl, "ctx_len": getattr(args, "ctx_len", None)}
     if args.dtype:
         kwargs["dtype"] = jnp.dtype(args.dtype)
-    return rw.load_any(path, **kwargs)
+    return load_any(path, **kwargs)
 
 
-def load_tokenizer(path_arg, checkpoint, vocab_size: int):
-    """A `tokenizers.Tokenizer` from --tokenizer or next to the checkpoint, checked against V."""
-    from tokenizers import Tokenizer
-
-    path = Path(path_arg) if path_arg else Path(checkpoint).parent / TOKENIZER_NAME
-    if not path.is_file():
-        where = f"--tokenizer {path}" if path_arg else f"no --tokenizer given and none at {path}"
-        raise UsageError(f"tokenizer not found ({where}); pass --tokenizer PATH/{TOKENIZER_NAME}")
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as err:
-        raise UsageError(f"cannot read tokenizer {path}: {str(err).splitlines()[0]}") from None
-    if tokenizer.get_vocab_size() > vocab_size:
-        raise UsageError(f"tokenizer {path} has {tokenizer.get_vocab_size()} tokens but the model only "
-                         f"{vocab_size}: wrong tokenizer for {checkpoint}?")
-    return tokenizer
-
-
-def encode(tokenizer, text: str) -> list:
-    return tokenizer.encode(text, add_special_tokens=False).ids
-
-
-def read_lambada(path, tokenizer, *, limit=None, newline_prefix: bool = True):
-    """{"text": ...} JSON lines -> [(context ids, continuation ids)], as the release built them.
-
-    Context and continuation are tokenized separately (as the 2022 harness did):
-    context = ids("\\n") + ids(text before the last space), continuation = ids(" " + last word).
-    """
+def read_lambada(path, tokenizer: Tokenizer, *, limit=None, newline_prefix: bool = True):
+    """{"text": ...} JSON lines -> [(context ids, continuation ids)], as the release built them
+    (`rwkv2_jax.evaluation.scoring.lambada_request`)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"file not found: {path}")
-    prefix = encode(tokenizer, "\n") if newline_prefix else []
     requests = []
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -235,34 +220,18 @@ def read_lambada(path, tokenizer, *, limit=None, newline_prefix: bool = True):
             if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
                 raise UsageError(f'{where}: expected an object with a string "text" field, '
                                  f"got {line.strip()[:60]!r}")
-            context, space, word = doc["text"].rpartition(" ")
-            if not space or not word:
-                raise UsageError(f"{where}: the text has no last word after a space: {doc['text'][:60]!r}")
-            continuation = encode(tokenizer, " " + word)
-            if not continuation:
-                raise UsageError(f"{where}: the last word {word!r} tokenizes to nothing")
-            requests.append((prefix + encode(tokenizer, context), continuation))
+            try:
+                requests.append(lambada_request(doc["text"], tokenizer, newline_prefix=newline_prefix))
+            except ValueError as err:
+                raise UsageError(f"{where}: {err}") from None
     if not requests:
         raise UsageError(f"{path}: no documents (the file is empty or has only blank lines)")
     return requests
 
 
-def load_tokens(path, vocab_size: int) -> np.ndarray:
-    """A 1-D integer .npy, memory-mapped, with every id checked against V."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"token file not found: {path}")
-    try:
-        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise UsageError(f"cannot read {path} as a .npy array: {str(err).splitlines()[0]}") from None
-    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-        raise UsageError(f"{path}: expected a 1-D array of integer token ids, got {tokens.dtype} "
-                         f"of shape {list(tokens.shape)}")
-    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
-        i = int(np.flatnonzero((tokens < 0) | (tokens >= vocab_size))[0])
-        raise UsageError(f"{path}: token id {int(tokens[i])} at index {i} is outside [0, {vocab_size})")
-    return tokens
+def checked_tokens(path, vocab_size: int) -> np.ndarray:
+    """The token file memory-mapped, every id checked against the model's vocab_size."""
+    return TokenFile(path, vocab_size, 2, what="token").tokens
 
 
 def write_json(path, record: dict) -> None:
@@ -275,13 +244,13 @@ def write_json(path, record: dict) -> None:
 
 
 def run_lambada(args) -> int:
-    from rwkv2_jax.evaluation.scoring import loglikelihood
-
     _require_file(args.file, "file")
-    model = load_model(args, args.checkpoint)
-    tokenizer = load_tokenizer(args.tokenizer, args.checkpoint, model.config.vocab_size)
+    _require_file(args.checkpoint, "checkpoint")
+    tokenizer = tokenizer_for(args.tokenizer, args.checkpoint)
     requests = read_lambada(args.file, tokenizer, limit=args.limit,
                             newline_prefix=not args.no_newline_prefix)
+    model = load_model(args, args.checkpoint)
+    tokenizer.check_fits(model.config.vocab_size)
     print(f"# {model}", file=sys.stderr)
     results = loglikelihood(model, requests, batch_size=args.batch_size, progress=True)
     logprobs = np.array([lp for lp, _ in results], np.float64)
@@ -298,14 +267,13 @@ def run_lambada(args) -> int:
 
 
 def run_loss(args) -> int:
-    from rwkv2_jax.evaluation.scoring import gather_windows, mean_with_ci, token_losses, window_starts
-
-    _require_file(args.tokens, "token file")
     if args.mode == "random" and args.windows is None:
         raise UsageError("--mode random needs --windows N")
+    load_tokens(args.tokens)  # the file's format, before the model loads
+    _require_file(args.checkpoint, "checkpoint")
     model = load_model(args, args.checkpoint)
-    tokens = load_tokens(args.tokens, model.config.vocab_size)
-    T = args.ctx_len or model.config.ctx_len
+    tokens = checked_tokens(args.tokens, model.config.vocab_size)
+    T = model.config.ctx_len
     try:
         starts = window_starts(len(tokens), T, mode=args.mode, count=args.windows, seed=args.seed)
     except ValueError as err:
@@ -324,22 +292,29 @@ def run_loss(args) -> int:
 
 
 def _labels(paths) -> list:
-    """Curve labels: file stems, made unique."""
-    stems = [Path(p).stem for p in paths]
-    return [s if stems.count(s) == 1 else f"{s}#{i}" for i, s in enumerate(stems)]
+    """Curve labels: the file names, with as many parent folders as it takes to tell them apart."""
+    parts = [Path(p).absolute().parts for p in paths]
+    depth = [1] * len(parts)
+    while True:
+        labels = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        clashes = [i for i, label in enumerate(labels) if labels.count(label) > 1 and depth[i] < len(parts[i])]
+        if not clashes:
+            break
+        for i in clashes:
+            depth[i] += 1
+    return [f"{p[-1]}#{i}" if labels.count(label) > 1 else label  # the same file given twice
+            for i, (p, label) in enumerate(zip(parts, labels))]
 
 
 def run_positional(args) -> int:
-    from rwkv2_jax.evaluation.scoring import positional_loss
-
-    _require_file(args.tokens, "token file")
+    load_tokens(args.tokens)  # the file's format, before any model loads
     for checkpoint in args.checkpoint:
         _require_file(checkpoint, "checkpoint")
     N = args.max_len
     curves = []  # (label, ctx_len, mean [N], stderr [N])
     for label, checkpoint in zip(_labels(args.checkpoint), args.checkpoint):
         model = load_model(args, checkpoint)
-        tokens = load_tokens(args.tokens, model.config.vocab_size)
+        tokens = checked_tokens(args.tokens, model.config.vocab_size)
         print(f"# {label}: {model}", file=sys.stderr)
         try:
             mean, stderr = positional_loss(model, tokens, N, count=args.windows, mode=args.mode,
@@ -368,7 +343,7 @@ def run_positional(args) -> int:
 
 def plot_positional(path, curves, *, smooth: int, title: str) -> None:
     """curves [(label, ctx_len, mean [N], stderr [N])] -> a PNG (matplotlib, no display needed)."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # matplotlib loads slowly; only this subcommand plots
 
     fig = Figure(figsize=(8, 4.5), dpi=120)
     ax = fig.add_subplot()
@@ -394,17 +369,17 @@ def plot_positional(path, curves, *, smooth: int, title: str) -> None:
 
 
 def run_verify(args) -> int:
-    import jax.numpy as jnp
-
-    model = load_model(args, args.checkpoint)
-    tokenizer = load_tokenizer(args.tokenizer, args.checkpoint, model.config.vocab_size)
-    ids = np.asarray(encode(tokenizer, args.prompt), np.int32)
+    _require_file(args.checkpoint, "checkpoint")
+    tokenizer = tokenizer_for(args.tokenizer, args.checkpoint)
+    ids = np.asarray(tokenizer.encode(args.prompt), np.int32)
     T = len(ids)
     if T < 2:
         raise UsageError(f"the prompt has {T} token(s) after tokenization; verify needs at least 2")
     k = args.split if args.split is not None else T // 2
     if not 1 <= k < T:
         raise UsageError(f"--split {k} must be in [1, {T - 1}] for a prompt of {T} tokens")
+    model = load_model(args, args.checkpoint)
+    tokenizer.check_fits(model.config.vocab_size)
     print(f"# {model}", file=sys.stderr)
     gpt = model(ids)  # [T, V]
     rnn, _ = model.rnn(ids)  # [T, V]

@@ -1,8 +1,10 @@
 """Tokenize text into a token file for train.py (a .npy of uint16 ids, uint32 when V > 65,536).
 
-    python -m rwkv2_jax.cli.prepare_data enwik8.txt --tokenizer 20B_tokenizer.json --out train.npy --verify
-    python -m rwkv2_jax.cli.prepare_data books/ --tokenizer 20B_tokenizer.json --out books.npy
-    python -m rwkv2_jax.cli.prepare_data corpus.jsonl --text-field text --tokenizer 20B_tokenizer.json --out c.npy
+    rwkv2-prepare-data enwik8.txt --tokenizer 20B_tokenizer.json --out train.npy --verify
+    rwkv2-prepare-data books/ --tokenizer 20B_tokenizer.json --out books.npy
+    rwkv2-prepare-data corpus.jsonl --text-field text --tokenizer 20B_tokenizer.json --out c.npy
+
+(or python -m rwkv2_jax.cli.prepare_data ...)
 
 Inputs stream through the tokenizer in chunks, so multi-GB files need no RAM; the ids
 equal those of tokenizing each document whole. Each .txt file and each .jsonl line is a
@@ -16,11 +18,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from rwkv2_jax.tokenizer import TokenizerError, load_tokenizer
 from rwkv2_jax.training.data import CHUNK_CHARS, END_OF_TEXT, DataError, tokenize_to_npy, verify_token_file
+
+PROG = "rwkv2-prepare-data"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m rwkv2_jax.cli.prepare_data", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help=".txt files, .jsonl files, or folders of them (recursive, sorted)")
     p.add_argument("--tokenizer", required=True, help="tokenizer JSON (20B_tokenizer.json for the releases)")
@@ -42,15 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args) -> int:
-    from tokenizers import Tokenizer
-
-    tok_path = Path(args.tokenizer)
-    if not tok_path.is_file():
-        raise DataError(f"tokenizer not found: {tok_path}")
-    try:
-        tokenizer = Tokenizer.from_file(str(tok_path))
-    except Exception as err:
-        raise DataError(f"cannot read tokenizer {tok_path}: {str(err).splitlines()[0]}") from None
+    tokenizer = load_tokenizer(args.tokenizer).backend  # the training-data code takes a tokenizers.Tokenizer
     out = Path(args.out)
     if out.exists() and not args.force:
         raise DataError(f"{out} exists; pass --force to overwrite it")
@@ -74,8 +71,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (DataError, OSError) as err:
-        print(f"prepare_data: error: {err}", file=sys.stderr)
+    except (DataError, TokenizerError, OSError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -17,22 +17,19 @@ import time
 from pathlib import Path
 
 import jax.numpy as jnp
-from tokenizers import Tokenizer
-from tokenizers.decoders import DecodeStream
 
 import rwkv2_jax as rw
+from rwkv2_jax.cli.common import TOKENIZER_HELP, UsageError, random_seed, tokenizer_for
 from rwkv2_jax.generation.generator import prefill_last, stream, with_weight_dtype
 from rwkv2_jax.generation.sampling import TEMPERATURE_FLOOR
 
-TOKENIZER_NAME = "20B_tokenizer.json"
 SEED_LIMIT = 1 << 32  # sampling seeds are 32-bit
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="release .pth or native .safetensors checkpoint")
-    p.add_argument("--tokenizer", default=None,
-                   help=f"tokenizer JSON (default: {TOKENIZER_NAME} next to the checkpoint)")
+    p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", default="\n", help="prompt text (default: a newline)")
     g.add_argument("--prompt-file", default=None, help="read the prompt from this file")
@@ -46,7 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="times a token's occurrence count, also subtracted (default 0 = off)")
     p.add_argument("--penalty-decay", type=float, default=1.0,
                    help="occurrence counts are multiplied by this every token (default 1 = no decay)")
-    p.add_argument("--seed", type=int, default=0, help="random seed in [0, 2^32) (sample i uses seed + i)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed in [0, 2^32); sample i uses seed + i (default: a fresh one, printed with "
+                        "the command-line flag that repeats the run)")
     p.add_argument("--num-samples", type=int, default=1, help="samples drawn from one prefill (default 1)")
     p.add_argument("--allow-end-of-text", action="store_true",
                    help="allow token 0 (<|endoftext|>), banned by default as in the original sampler")
@@ -73,36 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("presence_penalty", "frequency_penalty"):
         if not math.isfinite(getattr(args, name)):
             p.error(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
-    if not 0 <= args.seed < SEED_LIMIT:
+    if args.seed is not None and not 0 <= args.seed < SEED_LIMIT:
         p.error(f"--seed must be in [0, 2^32) (seeds are 32-bit), got {args.seed}")
     return args
-
-
-class UsageError(Exception):
-    """Bad input: printed as one line, exit status 2."""
-
-
-def load_tokenizer(path_arg, checkpoint: Path):
-    path = Path(path_arg) if path_arg else checkpoint.parent / TOKENIZER_NAME
-    if not path.is_file():
-        where = f"--tokenizer {path}" if path_arg else f"no --tokenizer given and none at {path}"
-        raise UsageError(f"tokenizer not found ({where}); pass --tokenizer PATH/{TOKENIZER_NAME}")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as err:
-        raise UsageError(f"cannot read tokenizer {path}: {str(err).splitlines()[0]}") from None
-
-
-class Detokenizer:
-    """The text of a growing id stream, O(1) per token (tokenizers' DecodeStream keeps only the
-    last few ids): a character whose UTF-8 bytes are split across tokens comes out once complete.
-    Special tokens are skipped, as Tokenizer.decode does."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.stream = tokenizer, DecodeStream(skip_special_tokens=True)
-
-    def push(self, token: int) -> str:
-        return self.stream.step(self.tokenizer, int(token)) or ""
 
 
 def notice(message: str) -> None:
@@ -113,7 +85,7 @@ def run(args) -> int:
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
         raise UsageError(f"checkpoint not found: {checkpoint}")
-    tokenizer = load_tokenizer(args.tokenizer, checkpoint)
+    tokenizer = tokenizer_for(args.tokenizer, checkpoint)
     if args.prompt_file is not None:
         try:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8")
@@ -124,14 +96,15 @@ def run(args) -> int:
     model = rw.load_any(checkpoint, k_eps=args.k_eps, allow_nonfinite=args.allow_nonfinite)
     if args.dtype:
         model = with_weight_dtype(model, jnp.dtype(args.dtype))
-    if tokenizer.get_vocab_size() > model.config.vocab_size:
-        raise UsageError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
-                         f"{model.config.vocab_size}: wrong tokenizer for {checkpoint}?")
-    ids = tokenizer.encode(prompt).ids
+    tokenizer.check_fits(model.config.vocab_size)
+    ids = tokenizer.encode(prompt)
     if not ids:
         raise UsageError("the prompt is empty after tokenization")
     notice(f"{model}")
     notice(f"prompt: {len(ids)} tokens")
+    if args.seed is None:
+        args.seed = random_seed()
+        notice(f"seed {args.seed}; rerun with --seed {args.seed}")
     top_k = args.top_k
     if top_k >= model.config.vocab_size:
         notice(f"--top-k {top_k} >= the vocabulary ({model.config.vocab_size} tokens): no top-k cut")
@@ -149,7 +122,7 @@ def run(args) -> int:
         if args.num_samples > 1:
             print(f"\n----- sample {i + 1}/{args.num_samples} -----", flush=True)
         sys.stdout.write(prompt)
-        detok = Detokenizer(tokenizer)
+        detok = tokenizer.decode_stream()  # O(1) per token; a split character comes out once complete
         gen = stream(model, ids, args.tokens, temperature=args.temperature, top_p=args.top_p,
                      top_k=top_k, presence_penalty=args.presence_penalty,
                      frequency_penalty=args.frequency_penalty, penalty_decay=args.penalty_decay,
@@ -162,6 +135,7 @@ def run(args) -> int:
                 n_tokens += 1
             sys.stdout.write(detok.push(token))
             sys.stdout.flush()
+        sys.stdout.write(detok.flush())  # a character cut off by --tokens, as decode shows it
         t_decode += time.perf_counter() - t0
         print(flush=True)
     rate = n_tokens / t_decode if t_decode > 0 else float("nan")

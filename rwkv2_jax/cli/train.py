@@ -48,6 +48,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from rwkv2_jax import formats
+from rwkv2_jax.cli.common import UsageError
 from rwkv2_jax.config import K_CLAMP, K_EPS, PRESETS, RWKVConfig
 from rwkv2_jax.handle import load_any
 from rwkv2_jax.training import sharding as shd
@@ -67,10 +68,6 @@ PROG = "train.py"
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL of sysexits.h: "try again later", which is what resumes the run
-
-
-class UsageError(Exception):
-    """Bad input: printed as one line, exit status 2."""
 
 
 class TrainingFailed(Exception):

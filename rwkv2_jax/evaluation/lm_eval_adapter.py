@@ -1,24 +1,13 @@
 """RWKV-v2 as an lm-evaluation-harness model, registered as "rwkv2_jax".
 
-    pip install -e ".[eval]"        # lm_eval
-    python -m rwkv2_jax.evaluation.lm_eval_adapter --model rwkv2_jax \\
+    rwkv2-lm-eval --model rwkv2_jax \\
         --model_args checkpoint=20220615-10803.pth,tokenizer=20B_tokenizer.json --tasks lambada_openai
 
-`python -m rwkv2_jax.evaluation.lm_eval_adapter ARGS` is the `lm_eval` command line (same
-arguments) with this model registered: the harness finds models in its own
-registry only, and importing this module is what adds "rwkv2_jax" to it. In
-Python, `import rwkv2_jax.evaluation.lm_eval_adapter` before `lm_eval.simple_evaluate(model="rwkv2_jax", ...)`.
-
-model_args:
-  checkpoint      release .pth or native .safetensors (required)
-  tokenizer       tokenizer JSON (default: 20B_tokenizer.json next to the checkpoint)
-  newline_prefix  True (default): every loglikelihood / generate_until context is prefixed
-                  with the tokens of "\\n", as the release's LAMBADA numbers were computed;
-                  False: the harness's plain convention
-  k_eps, dtype (float32 | bfloat16), wkv_impl (auto | reference | pallas)
-  max_length      window of loglikelihood_rolling (default: the model's ctx_len, 768)
-  max_gen_toks    default generation length of generate_until (default 256)
-and the harness's --batch_size (an int; "auto" means 8).
+`rwkv2-lm-eval ARGS` (or `python -m rwkv2_jax.evaluation.lm_eval_adapter ARGS`) is the
+`lm_eval` command line with this model registered: the harness finds models in its own
+registry only, and importing this module is what adds "rwkv2_jax" to it. In Python,
+`import rwkv2_jax.evaluation.lm_eval_adapter` before `lm_eval.simple_evaluate(model="rwkv2_jax", ...)`.
+`rwkv2-lm-eval --help` prints USAGE below.
 
 loglikelihood is `rwkv2_jax.evaluation.scoring.loglikelihood` on the harness's tokenization
 (context and continuation split as lm_eval's TemplateLM does; an empty context becomes
@@ -32,11 +21,13 @@ and cuts the text at the first `until` string.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from tqdm.auto import tqdm
+import jax.numpy as jnp
+from tqdm import tqdm  # plain text bars: tqdm.auto warns in a notebook without ipywidgets
 
 try:
     import lm_eval.models  # noqa: F401  the harness's own models: get_model() loads them only into an empty registry
@@ -49,12 +40,48 @@ except ModuleNotFoundError as err:
     raise ModuleNotFoundError("rwkv2_jax.evaluation.lm_eval_adapter needs lm-evaluation-harness: "
                               "pip install -e '.[eval]' (or pip install 'lm_eval>=0.4.10')") from err
 
-from rwkv2_jax.cli.eval import UsageError
 from rwkv2_jax.evaluation.scoring import EOT_ID, loglikelihood
+from rwkv2_jax.formats import CheckpointError
+from rwkv2_jax.generation.generator import generate
+from rwkv2_jax.handle import load_any
+from rwkv2_jax.tokenizer import TOKENIZER_NAMES, TokenizerError, as_tokenizer, find_tokenizer
 
 log = logging.getLogger(__name__)
+PROG = "rwkv2-lm-eval"
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256
+
+USAGE = f"""\
+usage: {PROG} --model rwkv2_jax --model_args checkpoint=PATH[,tokenizer=PATH,...] --tasks TASKS [lm_eval flags]
+
+lm-evaluation-harness with RWKV-v2 registered as the model "rwkv2_jax".
+
+model_args (comma-separated key=value):
+  checkpoint=PATH       release .pth or native .safetensors (required)
+  tokenizer=PATH        tokenizer JSON (default: {' or '.join(TOKENIZER_NAMES)} next to the checkpoint)
+  newline_prefix=True   prefix every loglikelihood / generate_until context with the tokens of
+                        "\\n", as the release's LAMBADA numbers were computed; False: the harness's
+                        plain convention
+  k_eps=, dtype=float32|bfloat16, wkv_impl=auto|reference|pallas
+  max_length=N          window of loglikelihood_rolling (default: the model's ctx_len, 768 for a .pth)
+  max_gen_toks=N        default generation length of generate_until (default {DEFAULT_MAX_GEN_TOKS})
+--batch_size N is the harness's flag (an int; "auto" means {DEFAULT_BATCH_SIZE}).
+
+examples:
+  {PROG} --model rwkv2_jax --model_args checkpoint=20220615-10803.pth,tokenizer=20B_tokenizer.json \\
+      --tasks lambada_openai --batch_size 8
+  # offline, on the demo's model and the example task shipped in examples/lm_eval (run from the repo root):
+  {PROG} --model rwkv2_jax --model_args checkpoint=demo_out/demo.pth \\
+      --tasks lambada_offline --include_path examples/lm_eval
+
+Process pools (lm_eval's bootstrap of perplexity's stderr) start with "forkserver", not
+"fork": forking a process that runs JAX can deadlock, as JAX's warning says.
+Every other flag is lm_eval's: `{PROG} run --help` lists them.
+"""
+
+
+class ModelArgsError(ValueError):
+    """A model_args value that cannot work; the message names it."""
 
 
 def _batch_size(value) -> int:
@@ -66,9 +93,9 @@ def _batch_size(value) -> int:
     try:
         size = int(value)
     except (TypeError, ValueError):
-        raise UsageError(f"batch_size must be a positive int, got {value!r}") from None
+        raise ModelArgsError(f"batch_size must be a positive int, got {value!r}") from None
     if size < 1:
-        raise UsageError(f"batch_size must be a positive int, got {value!r}")
+        raise ModelArgsError(f"batch_size must be a positive int, got {value!r}")
     return size
 
 
@@ -94,46 +121,37 @@ class RWKV2LM(TemplateLM):
         **unknown,
     ):
         super().__init__()
-        from tokenizers import Tokenizer
-
-        from rwkv2_jax.cli.eval import load_tokenizer
-
         if unknown:
-            raise UsageError(f"unknown model_args {sorted(unknown)} for rwkv2_jax; known: checkpoint, tokenizer, "
-                             "newline_prefix, k_eps, dtype, wkv_impl, max_length, max_gen_toks")
+            raise ModelArgsError(f"unknown model_args {sorted(unknown)} for rwkv2_jax; known: checkpoint, "
+                                 "tokenizer, newline_prefix, k_eps, dtype, wkv_impl, max_length, max_gen_toks")
         if dtype is not None and str(dtype) not in ("float32", "bfloat16"):
-            raise UsageError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+            raise ModelArgsError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+        if model is None and checkpoint is None:  # model=: an already loaded rwkv2_jax.Model (Python use)
+            raise ModelArgsError("model_args needs checkpoint=PATH (a release .pth or native .safetensors)")
+        if tokenizer is None and checkpoint is None:
+            raise ModelArgsError("model_args needs tokenizer=PATH when no checkpoint is given")
 
-        if model is None:  # model=: an already loaded rwkv2_jax.Model (Python use)
-            if checkpoint is None:
-                raise UsageError("model_args needs checkpoint=PATH (a release .pth or native .safetensors)")
-            import jax.numpy as jnp
-
-            import rwkv2_jax as rw
-
-            path = Path(str(checkpoint))
-            if not path.is_file():
-                raise UsageError(f"checkpoint not found: {path}")
+        # The tokenizer first: it is found and read in well under a second, the model may take a minute.
+        path = None if checkpoint is None else Path(str(checkpoint))
+        if path is not None and model is None and not path.is_file():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        if tokenizer is None:
+            tokenizer = find_tokenizer(path)
+        self.tokenizer = as_tokenizer(tokenizer)
+        self._tokenizer_name = self.tokenizer.path.name if self.tokenizer.path else "tokenizers.Tokenizer"
+        if model is None:
             kwargs = {"k_eps": None if k_eps is None else float(k_eps), "wkv_impl": str(wkv_impl)}
             if dtype is not None:
                 kwargs["dtype"] = jnp.dtype(str(dtype))
-            model = rw.load_any(path, **kwargs)
+            model = load_any(path, **kwargs)
         self.model = model
-        if isinstance(tokenizer, Tokenizer):
-            self.tokenizer = tokenizer
-            self._tokenizer_name = "tokenizers.Tokenizer"
-        else:
-            if tokenizer is None and checkpoint is None:
-                raise UsageError("model_args needs tokenizer=PATH when no checkpoint is given")
-            self.tokenizer = load_tokenizer(None if tokenizer is None else str(tokenizer),
-                                            checkpoint, model.config.vocab_size)
-            self._tokenizer_name = Path(str(tokenizer or checkpoint)).name
+        self.tokenizer.check_fits(model.config.vocab_size)
         self.newline_prefix = bool(newline_prefix)
         self.batch_size = _batch_size(batch_size)
         self.max_length = int(max_length or model.config.ctx_len)
         self.max_gen_toks = int(max_gen_toks)
         if self.max_length < 1 or self.max_gen_toks < 1:
-            raise UsageError(f"max_length and max_gen_toks must be >= 1, got {self.max_length}, "
+            raise ModelArgsError(f"max_length and max_gen_toks must be >= 1, got {self.max_length}, "
                              f"{self.max_gen_toks}")
         eot = self.tokenizer.token_to_id("<|endoftext|>")
         self._eot = EOT_ID if eot is None else int(eot)
@@ -152,7 +170,7 @@ class RWKV2LM(TemplateLM):
         return self._tokenizer_name
 
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> List[int]:
-        return self.tokenizer.encode(string, add_special_tokens=False).ids
+        return self.tokenizer.encode(string)
 
     def tok_decode(self, tokens, **kwargs) -> str:
         return self.tokenizer.decode(list(tokens))
@@ -194,8 +212,6 @@ class RWKV2LM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
         """Batched decoding with `rwkv2_jax.generation.generator` (greedy unless a request samples), each row
         ending at token 0; the text is cut at the first `until` string."""
-        from rwkv2_jax.generation.generator import generate
-
         jobs = []  # (request index, prompt ids, until, (max_new, temperature, seed))
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
@@ -229,16 +245,21 @@ class RWKV2LM(TemplateLM):
 
 
 def main(argv=None) -> int:
-    """The lm_eval command line, with "rwkv2_jax" registered."""
-    from lm_eval.__main__ import cli_evaluate
+    """The lm_eval command line, with "rwkv2_jax" registered; `--help` prints USAGE."""
+    from lm_eval.__main__ import cli_evaluate  # lm_eval (optional): its command line, used only here
 
-    from rwkv2_jax.formats import CheckpointError
-
-    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        # lm_eval's process pools would fork this process, whose JAX threads make a fork unsafe.
+        multiprocessing.set_start_method("forkserver", force=True)
+    sys.argv = [PROG, *argv]
     try:
         cli_evaluate()
-    except (UsageError, CheckpointError) as err:
-        print(f"python -m rwkv2_jax.evaluation.lm_eval_adapter: error: {err}", file=sys.stderr)
+    except (ModelArgsError, TokenizerError, CheckpointError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -4,6 +4,7 @@ per-token loss over windows of a token file, and loss by position in the context
     import rwkv2_jax as rw
     from rwkv2_jax.evaluation.scoring import loglikelihood, token_losses
     results = loglikelihood(model, [(context_ids, continuation_ids), ...])   # [(logprob, is_greedy)]
+    results = loglikelihood(model, [lambada_request(text, tokenizer) for text in docs])  # LAMBADA
     losses = token_losses(model, windows)                                    # [N, T] nats per token
 
 Everything runs in GPT mode (parallel over time) under `jax.jit`, with the
@@ -20,7 +21,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: tqdm.auto warns in a notebook without ipywidgets
 
 from rwkv2_jax.handle import Model
 from rwkv2_jax.model import State
@@ -87,7 +88,7 @@ def loglikelihood(
 
     * An empty context is replaced by [EOT_ID] (token 0, <|endoftext|>), as the harness
       does. The release's LAMBADA convention (a "\\n" prefix) is the caller's to add
-      (see `rwkv2_jax.cli.eval lambada`).
+      (`lambada_request` builds such requests).
     * An empty continuation scores (0.0, True) without running the model.
     * No truncation: GPT mode has no length cap, so a request of any length is scored
       in one pass with its full context.
@@ -132,6 +133,24 @@ def loglikelihood(
             span = slice(start, len(inputs))  # the continuation's targets
             results[i] = (float(np.sum(logp[b, span], dtype=np.float64)), bool(greedy[b, span].all()))
     return results
+
+
+def lambada_request(text: str, tokenizer, *, newline_prefix: bool = True) -> Tuple[List[int], List[int]]:
+    """One LAMBADA document -> (context ids, continuation ids), as the release scored it.
+
+    The text is split at its last space; context and continuation are tokenized apart (as
+    the 2022 harness did): context = ids("\\n") + ids(text before the last space) (without
+    the "\\n" when newline_prefix is False), continuation = ids(" " + last word).
+    `tokenizer`: an `rw.Tokenizer`. ValueError when the text has no last word.
+    """
+    context, space, word = text.rpartition(" ")
+    if not space or not word:
+        raise ValueError(f"the text has no last word after a space: {text[:60]!r}")
+    continuation = tokenizer.encode(" " + word)
+    if not continuation:
+        raise ValueError(f"the last word {word!r} tokenizes to nothing")
+    prefix = tokenizer.encode("\n") if newline_prefix else []
+    return prefix + tokenizer.encode(context), continuation
 
 
 # --- per-token loss over windows of a token stream -------------------------------------
