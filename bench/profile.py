@@ -9,7 +9,9 @@
 
 Prints, per workload unit (a decode step, a prefill call, a training step): wall time,
 the sum of kernel times on the GPU's streams ("busy"), the kernel count, and the kernels
-grouped by name with their share. Wall time well above "busy" means the GPU waits on
+grouped by name with their share; for `train`, also the time by category (matmul, WKV,
+optimizer, loss, copies and casts, collectives, elementwise and reductions) and by the source
+line that XLA's metadata gives for each kernel. Wall time well above "busy" means the GPU waits on
 launches (host overhead), not on memory or arithmetic. Timings here are for diagnosis;
 the numbers in docs/PERF.md come from bench/decode.py, bench/train.py and bench/wkv.py.
 """
@@ -61,7 +63,61 @@ def kernel_group(name: str) -> str:
     return name[:90]
 
 
-def summarize(trace_dir: str, units: int, wall_s: float, top: int):
+CATEGORIES = ("matmul", "WKV", "optimizer", "loss", "copies and casts", "collectives", "elementwise and reductions")
+
+
+def hlo_metadata(hlo_text: str) -> dict:
+    """{kernel-style instruction name: (op_name, source file:line)} from compiled HLO text
+    (XLA names a fusion's kernel after the fusion instruction, '.' -> '_')."""
+    out = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{([^}]*)\}", hlo_text, re.M):
+        meta = m.group(2)
+        op = re.search(r'op_name="([^"]*)"', meta)
+        src = re.search(r'source_file="([^"]*)"', meta)
+        line = re.search(r"source_line=(\d+)", meta)
+        where = f"{Path(src.group(1)).name}:{line.group(1)}" if src and line else ""
+        out[m.group(1).replace(".", "_").replace("-", "_")] = (op.group(1) if op else "", where)
+    return out
+
+
+def category(kernel: str, op_name: str, where: str) -> str:
+    k = kernel.lower()
+    if k.startswith("wkv_"):
+        return "WKV"
+    if any(s in k for s in ("gemm", "cublas", "cutlass", "xmma", "nvjet", "wgmma")):
+        return "matmul"
+    if any(s in k for s in ("nccl", "all_reduce", "all_gather", "reduce_scatter")):
+        return "collectives"
+    src = where.split(":")[0]
+    if src in ("transform.py", "alias.py", "combine.py", "clipping.py", "numerics.py", "update.py") or "adam" in op_name:
+        return "optimizer"
+    if "cross_entropy" in op_name or "log_softmax" in op_name or "logsumexp" in op_name:
+        return "loss"
+    if any(s in k for s in ("copy", "transpose", "convert", "bitcast", "memcpy", "memset")):
+        return "copies and casts"
+    return "elementwise and reductions"
+
+
+def by_category(events, units: int, busy: float, hlo_text: str, top: int) -> None:
+    """The busy time by category, then by the source line XLA's metadata names for each kernel."""
+    meta = hlo_metadata(hlo_text)
+    cats = collections.defaultdict(float)
+    lines = collections.defaultdict(float)
+    for name, _, dur in events:
+        op, where = meta.get(name, meta.get(re.sub(r"_\d+$", "", name), ("", "")))
+        cats[category(name, op, where)] += dur
+        key = where or ("(Pallas/cuBLAS kernel)" if not op else op.split("/")[-1])
+        lines[f"{category(name, op, where)}: {key}"] += dur
+    print("| category | us per unit | % busy |\n|---|---:|---:|")
+    for c in CATEGORIES:
+        if cats.get(c):
+            print(f"| {c} | {cats[c] / 1e3 / units:,.1f} | {100 * cats[c] / busy:.1f} |")
+    print("| category: source (file:line of the op) | us per unit | % busy |\n|---|---:|---:|")
+    for key, t in sorted(lines.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"| {key} | {t / 1e3 / units:,.1f} | {100 * t / busy:.1f} |")
+
+
+def summarize(trace_dir: str, units: int, wall_s: float, top: int, hlo_text: str = ""):
     events = gpu_kernel_events(trace_dir)
     if events is None:
         print("no trace written")
@@ -90,10 +146,12 @@ def summarize(trace_dir: str, units: int, wall_s: float, top: int):
     print("| kernel | per unit | us per call | us per unit |\n|---|---:|---:|---:|")
     for name, (c, t) in sorted(names.items(), key=lambda kv: -kv[1][1])[:top]:
         print(f"| `{name[:90]}` | {c / units:,.1f} | {t / 1e3 / c:,.2f} | {t / 1e3 / units:,.1f} |")
+    if hlo_text:
+        by_category(events, units, busy, hlo_text, top)
 
 
 def workload(args):
-    """-> (fn to trace, units per call of fn)."""
+    """-> (fn to trace, units per call of fn, compiled HLO text for the categories or "")."""
     if args.smoke:
         args.preset = "L2-D64"
     config = parse_size(args.preset)
@@ -111,7 +169,8 @@ def workload(args):
             state[0], m = s.train_step(state[0], batch)
             jax.block_until_ready(m)
 
-        return fn, 1
+        hlo = s.train_step.lower(state[0], batch).compile().as_text()
+        return fn, 1, hlo
     model = rw.Model(config, random_params(config, 0))
     options = DecodeOptions(fused=not args.no_fused)
     if args.dtype == "bfloat16":
@@ -121,15 +180,15 @@ def workload(args):
         prompts = rng.integers(1, config.vocab_size, (args.batch or 1, 1)).tolist()
         steps = 8 if args.smoke else args.steps
         return (lambda: generate(model, prompts, steps, temperature=0, decode_loop="device",
-                                 decode_options=options)), steps
+                                 decode_options=options)), steps, ""
     prompt = rng.integers(1, config.vocab_size, (32 if args.smoke else args.tokens) + 1).tolist()
-    return (lambda: prefill(model, [prompt])[0].block_until_ready()), 1
+    return (lambda: prefill(model, [prompt])[0].block_until_ready()), 1, ""
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
 
-    fn, units = workload(args)
+    fn, units, hlo = workload(args)
     fn()  # compile
     fn()
     t0 = time.perf_counter()
@@ -142,7 +201,7 @@ def main(argv=None) -> int:
         print(f"## {args.what} {args.preset} {args.dtype} batch={args.batch}"
               f"{' no-fused' if args.no_fused else ''} on {dev.device_kind}, "
               f"jax {jax.__version__} ({units} units per call; wall time from an untraced call)")
-        summarize(d, units, wall, args.top)
+        summarize(d, units, wall, args.top, hlo)
     return 0
 
 

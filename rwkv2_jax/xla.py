@@ -56,11 +56,15 @@ def jit(fn=None, *, options: Optional[dict] = None, **kwargs):
         return functools.partial(jit, options=options, **kwargs)
     jitted = None
 
-    @functools.wraps(fn)
-    def call(*args, **kw):
+    def compiled_fn():
         nonlocal jitted
         if jitted is None:
             jitted = jax.jit(fn, compiler_options=compiler_options(options=options), **kwargs)
-        return jitted(*args, **kw)
+        return jitted
 
+    @functools.wraps(fn)
+    def call(*args, **kw):
+        return compiled_fn()(*args, **kw)
+
+    call.lower = lambda *args, **kw: compiled_fn().lower(*args, **kw)  # for HLO dumps and profiles
     return call

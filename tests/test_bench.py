@@ -161,3 +161,22 @@ def test_decode_block_sizes_parse():
         parse_blocks("2x256/1x256")
     with pytest.raises(SystemExit, match=r"'2x24' is not OUTxIN"):
         parse_blocks("2x24")
+
+
+def test_profile_categories_from_hlo_metadata():
+    """A kernel's category comes from its name (cuBLAS, WKV, collectives) or from the source
+    file and op that XLA's metadata gives for the fusion it runs."""
+    from bench import profile
+
+    hlo = ('  %loop_add_fusion.1 = f32[8]{0} fusion(%a), kind=kLoop, calls=%f, metadata={op_name="jit(step)/mul" '
+           'source_file="/x/optax/_src/transform.py" source_line=12}\n'
+           '  %input_reduce_fusion = f32[8]{0} fusion(%b), kind=kInput, calls=%g, metadata={op_name='
+           '"jit(step)/jvp(RWKV)/reduce_sum" source_file="/r/rwkv2_jax/model.py" source_line=99}\n')
+    meta = profile.hlo_metadata(hlo)
+    assert meta == {"loop_add_fusion_1": ("jit(step)/mul", "transform.py:12"),
+                    "input_reduce_fusion": ("jit(step)/jvp(RWKV)/reduce_sum", "model.py:99")}
+    assert profile.category("loop_add_fusion_1", *meta["loop_add_fusion_1"]) == "optimizer"
+    assert profile.category("input_reduce_fusion", *meta["input_reduce_fusion"]) == "elementwise and reductions"
+    assert profile.category("nvjet_tst_128x256_64x4", "", "") == "matmul"
+    assert profile.category("wkv_bwd_tiles", "", "") == "WKV"
+    assert profile.category("copy_fusion_3", "jit(step)/convert_element_type", "model.py:5") == "copies and casts"
