@@ -102,6 +102,7 @@ def test_decode_stream_of_the_demo_tokenizer(char_pipe):
 # --- the pipeline ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pipeline_generate_is_the_token_api_on_encoded_text(char_pipe, rng):
     pipe, tok, model = char_pipe, char_pipe.tokenizer, char_pipe.model
     seed = int(rng.integers(1 << 30))
@@ -116,6 +117,7 @@ def test_pipeline_generate_is_the_token_api_on_encoded_text(char_pipe, rng):
     assert pipe.generate("The", 0) == ""
 
 
+@pytest.mark.slow
 def test_pipeline_stream_equals_generate(char_pipe, rng):
     pipe = char_pipe
     seed = int(rng.integers(1 << 30))
