@@ -383,9 +383,9 @@ class StopSignal:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, is_main: bool):
+    def __init__(self, is_main: bool, start: int):
         self.multi = jax.process_count() > 1
-        self.is_main = is_main
+        self.is_main, self.start = is_main, start
         self.received: Optional[int] = None
         self._previous = {}
 
@@ -415,7 +415,8 @@ class StopSignal:
         if not self.multi:
             return self.received is not None
         try:
-            reached = multihost_utils.reached_preemption_sync_point(step)
+            # Counted from this run's start: a notice before the first call agrees on call 1.
+            reached = multihost_utils.reached_preemption_sync_point(step - self.start)
         except RuntimeError as err:  # the service is off (jax_enable_preemption_service=False)
             if self.is_main:
                 print(f"{PROG}: warning: no checkpoint on SIGTERM: {one_line(err)}", file=sys.stderr)
@@ -483,7 +484,7 @@ def train(args, cfg, mesh, ckpts: TrainingCheckpoints, out_dir: Path) -> int:
     total = cfg.total_steps
     stop = min(total, args.stop_at_step) if args.stop_at_step else total
     log = MetricsLog(out_dir / "metrics.jsonl", args, cfg, start.step, is_main)
-    with StopSignal(is_main) as stop_signal:
+    with StopSignal(is_main, start.step) as stop_signal:
         if is_main:  # from here on a signal means a checkpoint
             n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(start.setup.state_shape.params))
             print(f"{PROG}: L{start.model_config.n_layer}-D{start.model_config.n_embd} "
