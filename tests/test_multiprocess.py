@@ -3,9 +3,9 @@ collectives, a coordinator on 127.0.0.1 at a free port), as two hosts would run.
 
 They train to the parameters of one 4-device process (plain data parallel, and fsdp 4 with
 parameters sharded across the processes); after a SIGKILLed process and after a SIGTERM to
-both, the same command resumes bit-exactly; a missing peer and per-process out-dirs end in one line. Every process is
-bounded and killed with SIGKILL; they share one compilation cache, so only the first of
-each program compiles.
+both, the same command resumes bit-exactly; a missing peer, per-process out-dirs and
+per-process data files end in one line. Every process is bounded and killed with SIGKILL;
+they share one compilation cache (process 0 writes it).
 """
 
 import base64
@@ -147,13 +147,22 @@ def test_missing_peer_is_one_line_within_the_init_timeout(box, tmp_path):
         assert "Traceback" not in log and "Check failure" not in log
 
 
-def test_out_dir_not_shared_is_one_line_on_every_process(box, tmp_path):
+def test_per_process_out_dirs_or_data_are_one_line_on_every_process(box, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    np.save(other / "train.npy", np.load(box[0][0] / "train.npy")[:-1])  # one token short
     with Procs(tmp_path / "logs") as procs:
-        pair = start_pair(procs, box, lambda i: run_args(box, tmp_path / f"host{i}"), "split")
-        logs = finish(procs, pair, codes=(2, 2))
+        split = start_pair(procs, box, lambda i: run_args(box, tmp_path / f"host{i}"), "split")
+        logs = finish(procs, split, codes=(2, 2))
+        data_of = lambda i: (box[0][0] if i == 0 else other, box[0][1])  # noqa: E731
+        mixed = start_pair(procs, box, lambda i: run_args((data_of(i), box[1]), tmp_path / "shared"), "data")
+        logs += finish(procs, mixed, codes=(2, 2))
     wants = (f"--out-dir {tmp_path / 'host0'} is not the same folder on every process: process(es) 1 do not see",
-             f"--out-dir {tmp_path / 'host1'} on process 1 is not the folder process 0 writes to")
+             f"--out-dir {tmp_path / 'host1'} on process 1 is not the folder process 0 writes to",
+             "is not the same file on every process (process(es) 1 differ from process 0)",
+             "is not the same file on every process (process(es) 1 differ from process 0)")
     for log, want in zip(logs, wants):
         lines = error_lines(log)
         assert len(lines) == 1 and want in lines[0], log[-3000:]
-    assert not (tmp_path / "host0" / "checkpoints").exists() and not (tmp_path / "host1" / "checkpoints").exists()
+    for folder in ("host0", "host1", "shared"):
+        assert not (tmp_path / folder / "checkpoints").exists()

@@ -45,7 +45,7 @@ def rel_err(a, b) -> float:
 # --- loss and gradients ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["plain", "ffn_pre"])
+@pytest.mark.parametrize("variant", ["plain", pytest.param("ffn_pre", marks=pytest.mark.slow)])
 def test_loss_and_grad_matches_torch(release_files, variant, rng):
     path = release_files[variant]
     model = rw.load_torch(path, k_eps=1e-9, verbose=False)
