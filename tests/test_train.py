@@ -45,7 +45,7 @@ def rel_err(a, b) -> float:
 # --- loss and gradients ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["plain", "ffn_pre"])
+@pytest.mark.parametrize("variant", ["plain", pytest.param("ffn_pre", marks=pytest.mark.slow)])
 def test_loss_and_grad_matches_torch(release_files, variant, rng):
     path = release_files[variant]
     model = rw.load_torch(path, k_eps=1e-9, verbose=False)
@@ -130,6 +130,7 @@ def _step_setup(release_files, **cfg_kwargs):
     return model, cfg, tr.setup(model.config, cfg, make_mesh(1, 1))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_and_mixed_precision(release_files):
     """A micro-batches of B/A rows make the step of one batch of B; bfloat16 compute keeps
     float32 parameters and optimizer state."""
@@ -352,7 +353,6 @@ def test_bad_inputs(char_data, tmp_path, capsys):
     one_line_error(capsys, run("--data-parallel", "2"), "mesh data=2 x fsdp=1 needs 2 devices, 1 present")
 
 
-@pytest.mark.slow
 def test_batch_not_divisible_by_data_axis(char_data, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     args = cli_args(char_data, tmp_path / "o", "--batch-size", "6")
@@ -377,7 +377,6 @@ def test_resume_with_other_settings_is_refused(char_data, tmp_path, capsys):
     assert tree_digest(ckpts) == before and checkpoint_steps(out) == [3]
 
 
-@pytest.mark.slow
 def test_help_lists_every_flag():
     r = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0

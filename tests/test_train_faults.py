@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rwkv2_jax import formats
 from rwkv2_jax.cli import train
 from rwkv2_jax.config import RWKVConfig
 from rwkv2_jax.training import checkpoints as ck
@@ -85,13 +86,19 @@ def assert_trees_equal(a, b):
 # --- non-finite steps ----------------------------------------------------------------
 
 
-def test_nonfinite_step_leaves_params_and_optimizer_state(rng):
-    config = RWKVConfig(n_layer=1, n_embd=16, vocab_size=11)
-    cfg = tr.TrainConfig(ctx_len=8, batch_size=2, epochs=1, epoch_steps=4, lr_init=1e-2, lr_final=1e-3,
-                         dtype="float32", wkv_impl="reference")
-    s = tr.setup(config, cfg, make_mesh(1, 1))
-    batch = lambda: s.put_batch(rng.integers(0, 11, (1, 2, 9)).astype(np.int32))  # noqa: E731
-    state, m = s.train_step(s.init_state(tr.initial_params(config)), batch())
+def tiny_setup(data, tmp_path):
+    """The model, initial parameters and compiled steps of `tiny_args` (shared with the CLI runs)."""
+    args = train.parse_args(tiny_args(data, tmp_path / "unused"))
+    cfg = train.train_config(args)
+    config, params = train.initial_model(args, cfg)
+    return config, cfg, jax.tree.map(np.array, params), tr.setup(config, cfg, make_mesh(1, 1))
+
+
+def test_nonfinite_step_leaves_params_and_optimizer_state(data, tmp_path, rng):
+    config, cfg, params, s = tiny_setup(data, tmp_path)
+    shape = (cfg.grad_accum, cfg.batch_size, cfg.ctx_len + 1)
+    batch = lambda: s.put_batch(rng.integers(0, config.vocab_size, shape).astype(np.int32))  # noqa: E731
+    state, m = s.train_step(s.init_state(params), batch())
     assert not bool(m["skipped"]) and int(state.step) == 1 and int(state.skipped) == 0
     before = jax.device_get(state)
     # A NaN in one parameter: the loss and every gradient are NaN.
@@ -108,9 +115,6 @@ def test_nonfinite_step_leaves_params_and_optimizer_state(rng):
     # The next step runs at the learning rate the skipped one would have had.
     _, m = s.train_step(state, batch())
     assert bool(m["skipped"]) and float(m["lr"]) == pytest.approx(float(s.schedule(1)))
-
-
-POISON_STEPS = "steps whose windows are poisoned"
 
 
 @pytest.fixture
@@ -137,6 +141,7 @@ def poison(monkeypatch, data):
     tr.setup.cache_clear()
 
 
+@pytest.mark.slow
 def test_cli_skips_nonfinite_steps_logs_them_and_resumes_exactly(data, poison, tmp_path, capsys):
     _, vocab = data
     poison({3, 4})  # steps 4 and 5
@@ -157,6 +162,7 @@ def test_cli_skips_nonfinite_steps_logs_them_and_resumes_exactly(data, poison, t
     assert same_arrays(final_arrays(tmp_path / "a"), final_arrays(tmp_path / "b"))
 
 
+@pytest.mark.slow
 def test_max_bad_steps_stops_and_keeps_the_finite_checkpoints(data, poison, tmp_path, capsys):
     _, vocab = data
     poison(range(6, STEPS))  # every step from 7 on
@@ -174,11 +180,22 @@ def test_max_bad_steps_stops_and_keeps_the_finite_checkpoints(data, poison, tmp_
     assert skipped == [7, 8, 9]
 
 
-def test_nonfinite_state_is_never_written(tmp_path):
-    config = RWKVConfig(n_layer=1, n_embd=16, vocab_size=11)
-    cfg = tr.TrainConfig(ctx_len=8, batch_size=2, epochs=1, epoch_steps=4, dtype="float32", wkv_impl="reference")
-    s = tr.setup(config, cfg, make_mesh(1, 1))
-    params = jax.tree.map(np.array, tr.initial_params(config))
+def test_nonfinite_starting_weights_are_refused(data, tmp_path, capsys):
+    _, vocab = data
+    config = RWKVConfig(n_layer=1, n_embd=16, vocab_size=vocab)
+    arrays = formats.params_to_release(jax.tree.map(np.array, tr.initial_params(config)), config)
+    arrays["blocks.0.ffn.key.weight"][1, 2] = np.nan
+    formats.write_native(arrays, config, tmp_path / "nan.safetensors")
+    args = ["--init", str(tmp_path / "nan.safetensors"), *tiny_args(data, tmp_path / "out")[7:]]  # not --scratch
+    code = train.main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and len(error_lines(err)) == 1 and "Traceback" not in err, err
+    assert "finite" in error_lines(err)[0].lower() or "nan" in error_lines(err)[0].lower(), err
+    assert checkpoint_steps(tmp_path / "out") == []
+
+
+def test_nonfinite_state_is_never_written(data, tmp_path):
+    config, cfg, params, s = tiny_setup(data, tmp_path)
     record = ck.make_record(config, cfg, data={}, init=None)
     folder = ck.TrainingCheckpoints(tmp_path / "checkpoints", keep=1)
     try:
@@ -350,7 +367,7 @@ def test_out_dir_that_cannot_be_a_folder(data, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_writes_a_checkpoint_at_the_current_step(sig, data, clean_run, tmp_path):
     """Resumed at step 5 (checkpoints every 100 steps), signalled while it compiles: one
     checkpoint at the step it is in, exit 75; the same command then finishes bit-exactly."""

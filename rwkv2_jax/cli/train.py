@@ -31,6 +31,7 @@ same command to continue).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import math
@@ -38,6 +39,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -334,15 +336,30 @@ def all_processes(ok: bool) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(np.array([ok], np.int32))).reshape(-1).astype(bool)
 
 
-def prepare_out_dir(args) -> Path:
-    """Create --out-dir; in a multi-process run, check it is one folder shared by every process."""
+def agree_on_failure(failure: Optional[Exception]) -> None:
+    """Raise `failure` here, and a one-line error on every other process, if any process failed
+    (so that no process goes on into a collective that the failed one never joins)."""
+    ok = all_processes(failure is None)
+    if failure is not None:
+        raise failure
+    if not ok.all():
+        bad = ", ".join(str(i) for i in np.flatnonzero(~ok))
+        raise UsageError(f"process(es) {bad} could not start; see their error lines")
+
+
+def make_out_dir(args) -> Path:
     out_dir = Path(args.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"cannot create --out-dir {out_dir}: {err.strerror or err}") from None
+    return out_dir
+
+
+def check_shared_out_dir(out_dir: Path) -> None:
+    """Several processes: --out-dir must be one folder that every process sees."""
     if jax.process_count() == 1:
-        return out_dir
+        return
     mine = np.frombuffer(os.urandom(4), np.uint32) if jax.process_index() == 0 else np.zeros(1, np.uint32)
     token = int(np.asarray(multihost_utils.broadcast_one_to_all(mine))[0])
     marker = out_dir / f".train-marker-{token:08x}"
@@ -366,7 +383,21 @@ def prepare_out_dir(args) -> Path:
                              "process one shared folder")
         raise UsageError(f"--out-dir {out_dir} on process {jax.process_index()} is not the folder process 0 "
                          "writes to (the file it wrote there is missing); give every process one shared folder")
-    return out_dir
+
+
+def check_same_data(args) -> dict:
+    """The --data file's identity, checked to be the same file on every process (each one
+    draws every window and keeps its own rows, so they must read the same tokens)."""
+    identity = file_identity(args.data)
+    if jax.process_count() > 1:
+        content = json.dumps({k: v for k, v in identity.items() if k != "path"}, sort_keys=True).encode()
+        mine = np.frombuffer(hashlib.sha256(content).digest()[:4], np.uint32)
+        every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1)
+        differ = [str(i) for i in np.flatnonzero(every != every[0])]
+        if differ:
+            raise UsageError(f"--data {args.data} is not the same file on every process (process(es) "
+                             f"{', '.join(differ)} differ from process 0); every process must read the same tokens")
+    return identity
 
 
 class StopSignal:
@@ -380,13 +411,15 @@ class StopSignal:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, is_main: bool):
+    def __init__(self, is_main: bool, start: int):
         self.multi = jax.process_count() > 1
-        self.is_main = is_main
+        self.is_main, self.start = is_main, start
         self.received: Optional[int] = None
         self._previous = {}
 
     def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self  # Python delivers signals to the main thread only; leave them as they are
         handlers = {signal.SIGINT: self._to_sigterm} if self.multi else {s: self._flag for s in self.SIGNALS}
         for sig, handler in handlers.items():
             self._previous[sig] = signal.signal(sig, handler)
@@ -412,7 +445,8 @@ class StopSignal:
         if not self.multi:
             return self.received is not None
         try:
-            reached = multihost_utils.reached_preemption_sync_point(step)
+            # Counted from this run's start: a notice before the first call agrees on call 1.
+            reached = multihost_utils.reached_preemption_sync_point(step - self.start)
         except RuntimeError as err:  # the service is off (jax_enable_preemption_service=False)
             if self.is_main:
                 print(f"{PROG}: warning: no checkpoint on SIGTERM: {one_line(err)}", file=sys.stderr)
@@ -439,13 +473,20 @@ class Start(NamedTuple):
 def run(args) -> int:
     _set_xla_flags(args)
     start_processes(args)
-    cfg = train_config(args)
-    check_inputs(args)
-    mesh = make_mesh(args, cfg)
-    out_dir = prepare_out_dir(args)
+    failure = None
+    try:
+        cfg = train_config(args)
+        check_inputs(args)
+        mesh = make_mesh(args, cfg)
+        out_dir = make_out_dir(args)
+    except (UsageError, DataError) as err:
+        failure = err
+    agree_on_failure(failure)
+    check_shared_out_dir(out_dir)
+    data_identity = check_same_data(args)
     ckpts = TrainingCheckpoints(out_dir / "checkpoints", keep=args.keep)
     try:
-        return train(args, cfg, mesh, ckpts, out_dir)
+        return train(args, cfg, mesh, ckpts, out_dir, data_identity)
     finally:
         ckpts.close()
 
@@ -471,16 +512,16 @@ def make_mesh(args, cfg):
     return mesh
 
 
-def train(args, cfg, mesh, ckpts: TrainingCheckpoints, out_dir: Path) -> int:
+def train(args, cfg, mesh, ckpts: TrainingCheckpoints, out_dir: Path, data_identity: dict) -> int:
     is_main = jax.process_index() == 0
-    start = resume_or_begin(args, cfg, mesh, ckpts, is_main)
+    start = resume_or_begin(args, cfg, mesh, ckpts, data_identity, is_main)
     data = TokenFile(args.data, start.model_config.vocab_size, cfg.ctx_len + 1, what="--data")
     sampler = WindowSampler(data.tokens, cfg.ctx_len, cfg.seed)
     eval_set = held_out_windows(args, cfg, start.model_config)
     total = cfg.total_steps
     stop = min(total, args.stop_at_step) if args.stop_at_step else total
     log = MetricsLog(out_dir / "metrics.jsonl", args, cfg, start.step, is_main)
-    with StopSignal(is_main) as stop_signal:
+    with StopSignal(is_main, start.step) as stop_signal:
         if is_main:  # from here on a signal means a checkpoint
             n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(start.setup.state_shape.params))
             print(f"{PROG}: L{start.model_config.n_layer}-D{start.model_config.n_embd} "
@@ -506,9 +547,8 @@ def train(args, cfg, mesh, ckpts: TrainingCheckpoints, out_dir: Path) -> int:
     return 0
 
 
-def resume_or_begin(args, cfg, mesh, ckpts: TrainingCheckpoints, is_main: bool) -> Start:
+def resume_or_begin(args, cfg, mesh, ckpts: TrainingCheckpoints, data_identity: dict, is_main: bool) -> Start:
     """The newest checkpoint that reads back whole, or --init / --scratch when there is none."""
-    data_identity = file_identity(args.data)
     steps = ckpts.steps()
     if steps and args.no_resume:
         raise UsageError(f"{ckpts.directory} already holds checkpoints (latest step {steps[-1]}); "
@@ -814,6 +854,9 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     except (TrainingFailed, TrainingCheckpointError, OSError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except jax.errors.JaxRuntimeError as err:  # e.g. a collective whose peer is gone
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130

@@ -274,31 +274,33 @@ class Setup(NamedTuple):
     eval_sharding: Any  # windows [B, T + 1]
     train_step: Any  # jitted (state, windows) -> (state, metrics); donates the state
     eval_step: Any  # jitted (params, windows) -> summed cross-entropy
+    start_state: Any  # jitted params on the mesh -> a fresh TrainState
 
     def init_state(self, params) -> TrainState:
         """A fresh TrainState on the mesh from host (numpy) params, same on every process."""
         params = jax.tree.map(lambda x, s: host_to_global(np.asarray(x, np.float32), s),
                               params, self.state_shardings.params)
-        return jit(lambda p: init_train_state(p, self.optimizer), out_shardings=self.state_shardings)(params)
+        return self.start_state(params)
 
     def put_batch(self, windows: np.ndarray) -> jax.Array:
         """Host windows [A, B, T + 1] (the same on every process) -> a global array on the mesh."""
         return host_to_global(windows, self.batch_sharding)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _init_params(model_config: RWKVConfig, key):
     return RWKV(model_config).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
 
 
 def params_shape(model_config: RWKVConfig):
     """The float32 parameter tree of a model, as ShapeDtypeStructs (nothing allocated)."""
-    return jax.eval_shape(functools.partial(_init_params, model_config), jax.random.PRNGKey(0))
+    return jax.eval_shape(_init_params, model_config, jax.random.PRNGKey(0))
 
 
 def initial_params(model_config: RWKVConfig, seed: int = 0):
     """The original initialisation (spec) as host (numpy) arrays, computed in one jitted program
     (the model's initialisers run op by op otherwise, one compilation each)."""
-    return jax.device_get(jax.jit(functools.partial(_init_params, model_config))(jax.random.PRNGKey(seed)))
+    return jax.device_get(_init_params(model_config, jax.random.PRNGKey(seed)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -319,7 +321,9 @@ def setup(model_config: RWKVConfig, cfg: TrainConfig, mesh) -> Setup:
     train_step = jit(make_train_step(module, optimizer, schedule), in_shardings=(state_sh, batch_sh),
                      out_shardings=(state_sh, rep), donate_argnums=0)
     eval_step = jit(make_eval_step(module), in_shardings=(state_sh.params, eval_sh), out_shardings=rep)
-    return Setup(module, schedule, optimizer, state_shape, state_sh, batch_sh, eval_sh, train_step, eval_step)
+    start_state = jit(functools.partial(init_train_state, optimizer=optimizer), out_shardings=state_sh)
+    return Setup(module, schedule, optimizer, state_shape, state_sh, batch_sh, eval_sh, train_step, eval_step,
+                 start_state)
 
 
 # --- the notebook API: rw.loss_and_grad -----------------------------------------------
