@@ -71,6 +71,7 @@ def test_convert_help():
 # --- sample.py -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sample_streams_text_in_a_subprocess(char_setup):
     ckpt, tok = char_setup
     r = subprocess.run(
@@ -83,6 +84,7 @@ def test_sample_streams_text_in_a_subprocess(char_setup):
     assert "tokens/s" in r.stderr
 
 
+@pytest.mark.slow
 def test_sample_greedy_equals_gpt_argmax(char_setup, capsys):
     ckpt, tok_path = char_setup
     assert sample.main(["--checkpoint", str(ckpt), "--tokenizer", str(tok_path), "--prompt", "RWKV",
@@ -98,6 +100,7 @@ def test_sample_greedy_equals_gpt_argmax(char_setup, capsys):
     assert text == tok.decode(ids)
 
 
+@pytest.mark.slow
 def test_sample_presence_penalty_and_bfloat16(char_setup, capsys):
     ckpt, tok_path = char_setup
     args = ["--checkpoint", str(ckpt), "--tokenizer", str(tok_path), "--prompt", "RWKV", "--tokens", "12",

@@ -63,6 +63,7 @@ CASES = [  # B, C, dtype, blocks
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("B,C,dtype,blocks", CASES)
 @pytest.mark.parametrize("k_clamp,k_eps", [(60.0, 1e-9), (None, 0.0)])
 def test_time_mix_in(seed, B, C, dtype, blocks, k_clamp, k_eps):
@@ -84,6 +85,7 @@ def test_time_mix_in(seed, B, C, dtype, blocks, k_clamp, k_eps):
         np.testing.assert_array_equal(np.asarray(g)[rows], np.asarray(before)[rows], err_msg=f"{name} {msg}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("B,C,dtype,blocks", [CASES[0], CASES[1], CASES[3]])
 def test_time_mix_in_reads_the_embedding_rows(seed, B, C, dtype, blocks):
     """time_mix_in(table, ..., token=ids): the same as with x = table[ids] gathered first (the
@@ -127,6 +129,7 @@ def test_layer_norm(seed, B, C, out_dtype):
         decode.layer_norm(a["x"], a["ln_scale"][:-1], a["ln_bias"], ln_eps=LN_EPS, out_dtype=out_dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("B,C,dtype,blocks", CASES)
 def test_channel_mix_in(seed, B, C, dtype, blocks):
     a = inputs(seed, B, C, dtype, layer=2)
@@ -140,6 +143,7 @@ def test_channel_mix_in(seed, B, C, dtype, blocks):
         close(g, w, dtype if name != "x_ln" else jnp.float32, f"{name} {msg}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("B,C,dtype,blocks", CASES)
 @pytest.mark.parametrize("wide,gated", [(False, False), (True, True)])
 def test_mix_out(seed, B, C, dtype, blocks, wide, gated):
@@ -298,6 +302,7 @@ def test_lowers_to_triton(dtype, monkeypatch, capsys):
     assert ir[ir.index("tt.func"):].count('"tt.reduce"(') == 2
 
 
+@pytest.mark.slow
 def test_weight_loads_carry_the_eviction_hint(seed, monkeypatch, capsys):
     """DecodeBlockSizes.eviction_policy: in the Triton IR every [bo, bi] weight load of the three
     kernels carries the L2 hint and no other load does (the vectors and the state must stay in

@@ -60,6 +60,7 @@ def rows(rng, model, B, prompt_len=6):
     return jnp.asarray(rng.integers(0, V, B), jnp.int32), state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["plain", "ffn_pre"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_decode_step_equals_the_module_step(release_files, variant, dtype, rng):
@@ -136,6 +137,7 @@ def test_decode_options_reject_bad_values(release_files):
             call()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["xla", pytest.param("pallas_interpret", marks=pytest.mark.slow)])
 def test_decode_step_with_padded_rows(release_files, impl, rng):
     """DecodeOptions.pad_rows: the per-operation step runs a batch of 2-4 rows padded to 8 rows
@@ -155,6 +157,7 @@ def test_decode_step_with_padded_rows(release_files, impl, rng):
     assert STEP(spec_for(m, impl, fused=False, pad_rows=((4, 6, 8),)), decode_params(m), token, state)[0].shape == (B, V)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,dtype,options", [
     ("plain", "float32", {}), pytest.param("plain", "bfloat16", {}, marks=pytest.mark.slow),
     pytest.param("ffn_pre", "float32", {}, marks=pytest.mark.slow), ("ffn_pre", "bfloat16", {}),

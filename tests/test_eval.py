@@ -95,6 +95,7 @@ def lambada_docs(char_setup):
 # --- library: loglikelihood ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_loglikelihood_matches_torch_reference(char_setup):
     model, ref = char_setup["model"], char_setup["ref"]
     V = model.config.vocab_size
@@ -329,6 +330,7 @@ def test_loss_random_windows_and_bad_token_files(char_setup, token_file, tmp_pat
     one_line_error(capsys, ev_cli.main(["loss", str(tmp_path / "junk.npy"), *ckpt]), "cannot read")
 
 
+@pytest.mark.slow
 def test_positional_writes_csv_and_png(char_setup, token_file, tmp_path, capsys):
     path, tokens = token_file
     # A second curve from a native checkpoint that says ctx_len=32, so the plot marks it.
@@ -364,6 +366,7 @@ def test_positional_writes_csv_and_png(char_setup, token_file, tmp_path, capsys)
 # --- verify ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_verify_gpt_rnn_prefill_agree(char_setup, capsys):
     ckpt = ["--checkpoint", str(char_setup["ckpt"])]
     assert ev_cli.main(["verify", *ckpt, "--prompt", "The time mix keeps two running sums", "--split", "11"]) == 0
@@ -526,6 +529,7 @@ metric_list:
     assert results["acc,none"] == cli["acc"] and 0 < cli["acc"] < 1
 
 
+@pytest.mark.slow
 def test_harness_command_line_finds_the_model(harness, tmp_path):
     r = subprocess.run([sys.executable, "-m", "rwkv2_jax.evaluation.lm_eval_adapter", "--model", "rwkv2_jax",
                         "--model_args", f"checkpoint={tmp_path / 'none.pth'}", "--tasks", "lambada_openai"],

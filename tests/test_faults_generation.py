@@ -40,6 +40,7 @@ def allowed_argmax(logits, banned):
 # --- the draw itself -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", TINY)
 def test_tiny_temperature_is_greedy_among_allowed_tokens_under_jit(rng, temperature):
     B, N = 64, 500
@@ -77,6 +78,7 @@ def test_just_above_the_floor_still_samples_and_never_draws_a_ban(rng, temperatu
     assert abs(share - np.exp(-0.5) / (1 + np.exp(-0.5))) < 0.05  # 0.378; float32 rounds 20 - 1e-4 a little
 
 
+@pytest.mark.slow
 def test_nonfinite_logits_draw_nonfinite_never_a_token(rng):
     logits = rng.normal(size=(5, V)).astype(np.float32)
     logits[1, 7] = np.nan
@@ -105,6 +107,7 @@ def test_penalties_are_bounded_and_keep_bans():
 # --- generate: bans, penalties, non-finite logits ----------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", TINY)
 def test_generate_at_tiny_temperatures_equals_greedy(model, temperature):
     ban = tuple(range(0, V, 3))

@@ -64,6 +64,7 @@ def test_greedy_equals_the_pytorch_reference_chain(pair):
     assert out == [reference_chain(ref, p, 12) for p in PROMPTS]
 
 
+@pytest.mark.slow
 def test_penalties_equal_chatrwkv_semantics(pair):
     model, ref = pair
     kw = dict(presence=0.4, frequency=0.6, decay=0.8)
@@ -77,6 +78,7 @@ def test_penalties_equal_chatrwkv_semantics(pair):
 # --- batching, chunking, streaming ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_batched_equals_one_by_one_greedy_and_sampled(model):
     """The batch runs the accelerators' loop (one lax.while_loop), rows alone the CPU's (host loop)."""
     kw = dict(chunk_size=16)  # several chunks, padded ones included
@@ -90,6 +92,7 @@ def test_batched_equals_one_by_one_greedy_and_sampled(model):
     assert generate(model, PROMPTS[::-1], 10, seed=[7 + b for b in range(4)][::-1], **sampled) == batch[::-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 5, 7])
 def test_device_loop_runs_several_steps_per_iteration_exactly(model, n):
     """n not a multiple of the steps per iteration: the last steps run one per iteration (same tokens and state)."""
@@ -102,6 +105,7 @@ def test_device_loop_runs_several_steps_per_iteration_exactly(model, n):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)  # two programs: float reorderings
 
 
+@pytest.mark.slow
 def test_device_loop_set_up_runs_no_eager_ops(model, monkeypatch):
     """Past its first call, generate with the device loop issues no eager (one-op) device work
     before the loop: the keys, knobs, masks and start state are built inside the jitted calls.
@@ -117,6 +121,7 @@ def test_device_loop_set_up_runs_no_eager_ops(model, monkeypatch):
     assert len(out) == len(PROMPTS) and eager == [], eager
 
 
+@pytest.mark.slow
 def test_chunked_prefill_equals_one_shot(model, rng):
     prompts = [rng.integers(0, V, n).tolist() for n in (300, 77, 1, 129)]
     logits, state = prefill(model, prompts, chunk_size=32)  # 32-token chunks, ragged ends
@@ -133,6 +138,7 @@ def test_chunked_prefill_equals_one_shot(model, rng):
         np.testing.assert_allclose(got[:, 0], want[:, 0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_stream_equals_generate_and_stops(model):
     kw = dict(temperature=0.8, top_p=0.9, seed=3, stop_tokens=(7,))
     full = generate(model, PROMPTS, 20, **kw)
@@ -151,6 +157,7 @@ def test_stream_equals_generate_and_stops(model):
 # --- sampling semantics -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(model):
     a = generate(model, PROMPTS, 15, seed=11)
     assert a == generate(model, PROMPTS, 15, seed=11)
@@ -171,6 +178,7 @@ def test_huge_presence_penalty_forbids_repeats(model):
     assert all(len(set(row)) == len(row) for row in out)
 
 
+@pytest.mark.slow
 def test_stop_tokens_end_their_row_only(model):
     greedy = generate(model, PROMPTS, 12, temperature=0)
     stop = greedy[1][3]

@@ -189,6 +189,7 @@ def test_gpt_equals_rnn_float32(rng, ffn_pre, T):
     torch.testing.assert_close(gpt.double(), m64.forward(tokens), rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 @VARIANTS
 def test_rnn_continued_from_state_equals_one_pass(rng, ffn_pre):
     m = model(ffn_pre, dtype=F64)
@@ -260,6 +261,7 @@ def test_loss_is_mean_cross_entropy(rng):
     assert isinstance(loss, float) and loss == pytest.approx(want, rel=1e-12)
 
 
+@pytest.mark.slow
 @VARIANTS
 def test_loss_and_grad_keys_shapes_and_finite_difference(rng, ffn_pre):
     sd = make_release_state_dict(seed=4, ffn_pre=ffn_pre, dtype=F64)

@@ -332,6 +332,7 @@ def tree_digest(folder):
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_bad_inputs(char_data, tmp_path, capsys):
     root, vocab = char_data
     out = tmp_path / "bad"

@@ -94,6 +94,7 @@ def tiny_setup(data, tmp_path):
     return config, cfg, jax.tree.map(np.array, params), tr.setup(config, cfg, make_mesh(1, 1))
 
 
+@pytest.mark.slow
 def test_nonfinite_step_leaves_params_and_optimizer_state(data, tmp_path, rng):
     config, cfg, params, s = tiny_setup(data, tmp_path)
     shape = (cfg.grad_accum, cfg.batch_size, cfg.ctx_len + 1)
@@ -213,6 +214,7 @@ def test_nonfinite_state_is_never_written(data, tmp_path):
 # --- checkpoints that do not read back whole -------------------------------------------
 
 
+@pytest.mark.slow
 def test_bit_flip_in_a_checkpoint_falls_back_to_the_previous(data, clean_run, tmp_path, capsys):
     out = tmp_path / "flip"
     assert train.main(tiny_args(data, out, "--save-every", "3", "--stop-at-step", "9")) == 0

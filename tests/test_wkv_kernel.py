@@ -107,6 +107,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("B,T,C,k_kind,k_clamp,mode,blocks,dtype", CASES)
 def test_kernel_matches_reference_and_float64(seed, B, T, C, k_kind, k_clamp, mode, blocks, dtype):
     args, g = make_inputs(seed, B, T, C, k_kind, dtype)
@@ -139,6 +140,7 @@ def test_kernel_matches_reference_and_float64(seed, B, T, C, k_kind, k_clamp, mo
         assert cut.any() and np.all(np.asarray(grads[0])[cut] == 0), msg
 
 
+@pytest.mark.slow
 def test_no_clamp_huge_k_stays_finite(seed):
     """Without the clamp the running-max exponent keeps |K| = 1e4 finite (float32 e^88 max)."""
     args, g = make_inputs(seed, 2, 21, 9)
@@ -155,6 +157,7 @@ def test_no_clamp_huge_k_stays_finite(seed):
         assert rel_err(x, r) < 1e-2, f"{rel_err(x, r)} seed={seed}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k_clamp", [60.0, None])
 def test_state_matches_reference_and_chunks_compose(seed, k_clamp):
     B, T, C = 2, 23, 12
@@ -196,6 +199,7 @@ def test_state_matches_reference_and_chunks_compose(seed, k_clamp):
         assert rel_err(x, r) < 1e-4, f"{name}: {rel_err(x, r)} {msg}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k_clamp,blocks", [(60.0, SMALL), (None, SMALL), (60.0, None)])
 def test_lengths_match_the_reference(seed, k_clamp, blocks):
     """Right-padded rows (lengths): the state after each row's own last token, outputs at its
@@ -239,6 +243,7 @@ def test_check_grads_small(seed):
     check_grads(fn_log, (k, v, td, tf), order=1, modes=["rev"], atol=5e-2, rtol=5e-2, eps=1e-2)
 
 
+@pytest.mark.slow
 def test_jit_and_vmap_over_batch(seed):
     B, T, C = 3, 9, 10
     (k, v, td, tf), g = make_inputs(seed, B, T, C)
@@ -344,6 +349,7 @@ def test_approx_math_off_keeps_libdevice(monkeypatch, capsys):
     assert "approx" not in ir and "__nv_expf" in ir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("approx_math,k_clamp", [(True, 60.0), (False, 60.0), (True, None)])
 def test_ping_pong_loop_every_block_count(seed, approx_math, k_clamp):
     """The forward's two-blocks-per-iteration loop (and, in log mode, the one-block loop of
@@ -365,6 +371,7 @@ def test_ping_pong_loop_every_block_count(seed, approx_math, k_clamp):
             assert rel_err(x, r) < 1e-4, msg
 
 
+@pytest.mark.slow
 def test_model_runs_the_kernel_under_jit_grad_and_vmap(release_files, rng):
     """The model with wkv_impl="pallas_interpret" (the GPU path, interpreted) equals the plain-JAX
     model: GPT-mode logits (the kernel's stateless form), prefill (the state-keeping form, from
@@ -436,6 +443,7 @@ TILE_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("B,T,C,k_kind,blocks,dtype,tiles", TILE_CASES)
 def test_time_split_kernels_match_reference_and_float64(seed, tile_calls, B, T, C, k_kind, blocks, dtype, tiles):
     """Outputs of the forward without gradient, and the output and four gradients through the
@@ -464,6 +472,7 @@ def test_time_split_kernels_match_reference_and_float64(seed, tile_calls, B, T, 
         assert cut.any() and np.all(np.asarray(grads[0])[cut] == 0), msg
 
 
+@pytest.mark.slow
 def test_time_split_kernels_under_jit_and_vmap(seed, tile_calls):
     """vmap over batch rows adds a grid axis to the tile kernels; jit and grad through them."""
     B, T, C = 3, 32, 16

@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 
@@ -57,6 +58,7 @@ def test_gpu_options_are_valid_xla_options():
         raise AssertionError("XLA accepted an unknown option: the check above proves nothing")
 
 
+@pytest.mark.slow
 def test_decode_programs_take_the_decode_options(monkeypatch):
     """rw.generate compiles its decode steps with DECODE_COMPILER_OPTIONS (XLA's default GEMMs,
     faster there on an H200) and its GPT-mode prefill with GPU_COMPILER_OPTIONS (cuBLAS)."""
