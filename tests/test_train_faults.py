@@ -344,6 +344,7 @@ def test_failing_export_ends_the_run_and_keeps_the_checkpoint(data, tmp_path, ca
     code = train.main(tiny_args(data, out))
     one_line_error(capsys, code, 1, f"cannot write the exports to --out-dir {out}: ")
     assert checkpoint_steps(out) == [STEPS]  # the final state is safe
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "final.safetensors", "metrics.jsonl"]  # no temp
     monkeypatch.setattr(train.formats, "write_native", lambda *a, **k: (_ for _ in ()).throw(
         OSError(30, "Read-only file system", str(out / "final.safetensors"))))
     code = train.main(tiny_args(data, out))

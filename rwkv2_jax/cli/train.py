@@ -815,7 +815,7 @@ def export(args, model_config: RWKVConfig, state: tr.TrainState, out_dir: Path, 
             if failure is None and metrics_path.exists():
                 plot_losses(metrics_path, out_dir / "loss.png")
                 written.append(out_dir / "loss.png")
-        except (OSError, RuntimeError) as err:  # torch.save reports some write failures as RuntimeError
+        except (formats.CheckpointError, OSError) as err:  # the writers' errors; OSError: loss.png's
             failure = f"cannot write the exports to --out-dir {out_dir}: {one_line(err)}"
     ok = all_processes(failure is None)
     if failure is not None:
