@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from rwkv2_jax import formats
 from rwkv2_jax.cli import train
@@ -345,6 +346,7 @@ def test_failing_export_ends_the_run_and_keeps_the_checkpoint(data, tmp_path, ca
     code = train.main(tiny_args(data, out))
     one_line_error(capsys, code, 1, f"cannot write the exports to --out-dir {out}: ")
     assert checkpoint_steps(out) == [STEPS]  # the final state is safe
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "final.safetensors", "metrics.jsonl"]  # no temp
     monkeypatch.setattr(train.formats, "write_native", lambda *a, **k: (_ for _ in ()).throw(
         OSError(30, "Read-only file system", str(out / "final.safetensors"))))
     code = train.main(tiny_args(data, out))
@@ -388,5 +390,7 @@ def test_signal_writes_a_checkpoint_at_the_current_step(sig, data, clean_run, tm
     assert checkpoint_steps(out) == [5, last]
     assert f"stopped by {sig.name} at step {last}; checkpoint {out / 'checkpoints' / str(last)}" in log
     assert "Traceback" not in log
-    assert train.main(args) == 0
+    assert train.main([*args, "--export", "both"]) == 0
     assert same_arrays(final_arrays(out), final_arrays(clean_run))
+    pth = {k: v.numpy() for k, v in torch.load(out / "final.pth", weights_only=True).items()}
+    assert same_arrays(pth, final_arrays(clean_run))  # final.pth too, bit for bit

@@ -413,12 +413,16 @@ class StopSignal:
 
     def __init__(self, is_main: bool, start: int):
         self.multi = jax.process_count() > 1
+        self.service = self.multi  # JAX's preemption service answers (off: signals are left alone)
         self.is_main, self.start = is_main, start
         self.received: Optional[int] = None
+        self.early = False  # a notice before this run's first step
         self._previous = {}
 
     def __enter__(self):
-        if threading.current_thread() is not threading.main_thread():
+        if self.multi:  # call 0 sets this run's counter (steps are counted from the start)
+            self.early = self._sync_point(0)
+        if threading.current_thread() is not threading.main_thread() or (self.multi and not self.service):
             return self  # Python delivers signals to the main thread only; leave them as they are
         handlers = {signal.SIGINT: self._to_sigterm} if self.multi else {s: self._flag for s in self.SIGNALS}
         for sig, handler in handlers.items():
@@ -444,13 +448,15 @@ class StopSignal:
         """Whether to checkpoint and stop after `step` (every process calls it every step)."""
         if not self.multi:
             return self.received is not None
+        return self.service and (self._sync_point(step - self.start) or self.early)
+
+    def _sync_point(self, call: int) -> bool:
         try:
-            # Counted from this run's start: a notice before the first call agrees on call 1.
-            reached = multihost_utils.reached_preemption_sync_point(step - self.start)
+            reached = multihost_utils.reached_preemption_sync_point(call)
         except RuntimeError as err:  # the service is off (jax_enable_preemption_service=False)
             if self.is_main:
                 print(f"{PROG}: warning: no checkpoint on SIGTERM: {one_line(err)}", file=sys.stderr)
-            self.multi = False
+            self.service = False
             return False
         if reached:
             self.received = self.received or signal.SIGTERM
@@ -809,7 +815,7 @@ def export(args, model_config: RWKVConfig, state: tr.TrainState, out_dir: Path, 
             if failure is None and metrics_path.exists():
                 plot_losses(metrics_path, out_dir / "loss.png")
                 written.append(out_dir / "loss.png")
-        except (OSError, RuntimeError) as err:  # torch.save reports some write failures as RuntimeError
+        except (formats.CheckpointError, OSError) as err:  # the writers' errors; OSError: loss.png's
             failure = f"cannot write the exports to --out-dir {out_dir}: {one_line(err)}"
     ok = all_processes(failure is None)
     if failure is not None:

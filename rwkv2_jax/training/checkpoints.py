@@ -130,7 +130,7 @@ class TrainingCheckpoints:
         if self.directory.exists() and not self.directory.is_dir():
             raise TrainingCheckpointError(f"checkpoint path {self.directory} exists and is not a folder")
         try:
-            self.manager = ocp.CheckpointManager(
+            self.manager = _CheckpointManager(
                 self.directory,
                 options=ocp.CheckpointManagerOptions(
                     max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
@@ -295,6 +295,18 @@ class TrainingCheckpoints:
             multihost_utils.sync_global_devices(f"rwkv2_jax set aside {sorted(steps)}")
         self.manager.reload()
         return moved
+
+
+class _CheckpointManager(ocp.CheckpointManager):
+    """orbax's manager, leaving JAX's preemption sync points to the training loop.
+
+    orbax asks JAX's preemption service about the step it saves, from its save threads too;
+    each call moves the per-process step counter from which the service picks the step
+    every process stops at, which the loop's own once-per-step calls rely on.
+    """
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
 
 
 class _DropErrorsAbout(logging.Filter):
