@@ -91,8 +91,8 @@ class Model:
     def logits_module(self) -> RWKV:
         """The module for GPT mode from the empty state where the state after is not needed
         (logits, losses, scores): with the Pallas WKV it runs the kernel's stateless form
-        (`pallas_kernels.wkv`, linear mode with the clamp: ~1.7x faster than the state-keeping
-        log mode, docs/PERF.md). Its returned state is meaningless; elsewhere `module`."""
+        (`pallas_kernels.wkv.wkv`: linear mode with the clamp, faster than the state-keeping log
+        mode; `python3 bench/wkv.py`). Its returned state is meaningless; elsewhere `module`."""
         impl = resolve_wkv_impl(self.wkv_impl)
         if impl not in ("pallas", "pallas_interpret"):
             return self.module
@@ -113,7 +113,7 @@ class Model:
         lengths[b] - 1 (its logits past that are meaningless). Padding ids must be valid ids.
         """
         arr, one_d = check_tokens(tokens, self.config.vocab_size)
-        state = self._check_state(state, arr.shape[0])
+        state = self.check_state(state, arr.shape[0])
         if lengths is not None:
             lengths = np.asarray(lengths)
             if lengths.shape != (arr.shape[0],) or not np.issubdtype(lengths.dtype, np.integer):
@@ -127,7 +127,7 @@ class Model:
     def rnn(self, tokens, state: Optional[State] = None) -> Tuple[jax.Array, State]:
         """RNN mode, one token at a time under lax.scan -> (logits [B, T, V], final state)."""
         arr, one_d = check_tokens(tokens, self.config.vocab_size)
-        state = self._check_state(state, arr.shape[0])
+        state = self.check_state(state, arr.shape[0])
         logits, state = self._rnn(self.params, arr, state)
         return (logits[0] if one_d else logits), state
 
@@ -137,7 +137,8 @@ class Model:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         return init_state(self.config, int(batch_size))
 
-    def _check_state(self, state: Optional[State], batch_size: int) -> State:
+    def check_state(self, state: Optional[State], batch_size: int) -> State:
+        """`state` checked against this model and batch_size (None: the start state)."""
         if state is None:
             return self.init_state(batch_size)
         if not isinstance(state, State):

@@ -51,9 +51,8 @@ MIN_CHUNK = 16
 # Output buffers of the decode loop are padded up to a power of two >= this.
 MIN_OUT_LEN = 16
 # Where the decode loop runs, by backend: "device" = one lax.while_loop (no host work per
-# token), "host" = a Python loop of jitted steps. XLA's CPU backend ran a fori_loop of the
-# model step ~1.5x slower than the same step jitted alone (L6-D512, batch 1, 2 cores: 0.62 s
-# vs 0.41 s for 32 tokens), so CPU loops on the host; accelerators keep the loop on the device.
+# token), "host" = a Python loop of jitted steps. On a CPU the device loop gains nothing
+# (docs/PERF.md, tried and not adopted) and the host loop can stop early at no cost.
 DECODE_LOOP = {"cpu": "host"}
 DECODE_LOOP_DEFAULT = "device"
 # The host loop checks whether every row has stopped once per this many steps (a sync).
@@ -226,7 +225,7 @@ def _check_prompts(prompts, vocab_size: int) -> List[np.ndarray]:
 def _check_state(model: Model, state: Optional[State], batch_size: int) -> Optional[State]:
     if state is None:
         return None
-    state = model._check_state(state, batch_size)
+    state = model.check_state(state, batch_size)
     return jax.tree.map(jnp.array, state)  # a copy: the caller's state is never donated
 
 
