@@ -15,7 +15,7 @@ GPU rows (per weight dtype; bfloat16 = matrices in bf16, vectors, state and WKV 
 * decode with the loop on the host (a Python loop of jitted steps) instead of one
   lax.while_loop, and decode with sampling (top_p=0.7, temperature=1, as sample.py's
   defaults), bf16 only;
-* prefill: `prefill(model, [prompt])` of T + 1 tokens (T in GPT mode, in chunks of 1024
+* prefill: `prompt_logits(model, [prompt])` of T + 1 tokens (T in GPT mode, in chunks of 1024
   carrying the state, then one RNN step for the last token's logits): the state after the
   prompt; tokens/s = (T + 1) / seconds. And, bf16 only, 8 prompts of T/2 .. T tokens in one
   batch (right-padded chunks: the kernel with `lengths`); tokens/s counts real tokens.
@@ -57,7 +57,7 @@ import rwkv2_jax as rw  # noqa: E402
 from bench.timing import median_time  # noqa: E402
 from pallas_kernels.decode import MAX_BATCH, DecodeBlockSizes, LayerBlockSizes  # noqa: E402
 from rwkv2_jax.generation import generator  # noqa: E402
-from rwkv2_jax.generation.generator import generate, prefill, with_weight_dtype  # noqa: E402
+from rwkv2_jax.generation.generator import generate, prompt_logits, with_weight_dtype  # noqa: E402
 from rwkv2_jax.generation.step import DecodeOptions, decode_params, rnn_step, spec_of  # noqa: E402
 from rwkv2_jax.model import RWKV  # noqa: E402
 from rwkv2_jax.xla import DECODE_COMPILER_OPTIONS, compiler_options  # noqa: E402
@@ -122,7 +122,7 @@ def gpu_checks(log):
     batch = generate(model, prompts, 12, temperature=0, chunk_size=64)
     alone = [generate(model, [p], 12, temperature=0, chunk_size=64)[0] for p in prompts]
     log(f"# check: batched greedy == one by one: {batch == alone}")
-    logits, state = prefill(model, [prompts[3]], chunk_size=64)  # 4 full chunks (default WKV) + a padded one
+    logits, state = prompt_logits(model, [prompts[3]], chunk_size=64)  # 4 full chunks (default WKV) + a padded one
     one_logits, one_state = ref.prefill([prompts[3]])
     err = float(np.max(np.abs(np.asarray(logits[0]) - np.asarray(one_logits[0, -1]))))
     serr = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)) / (1e-3 + np.abs(np.asarray(b)))))
@@ -140,7 +140,7 @@ def fused_check(models, prompt, log):
     for name, model in models.items():
         spec = spec_of(model)
         for B in (1, 2):
-            _, state = prefill(model, [prompt[i: i + 9] for i in range(B)])
+            _, state = prompt_logits(model, [prompt[i: i + 9] for i in range(B)])
             token = jnp.asarray(prompt[9: 9 + B], jnp.int32)
             want = step(spec_of(model, DecodeOptions(fused=False)), decode_params(model), token, state)
             got = step(spec, decode_params(model), token, state)
@@ -207,7 +207,7 @@ def sweep_fused(model, log, steps=64, blocks_list=None, gen_tokens=512):
     DecodeBlockSizes for all four kernels of a layer or a LayerBlockSizes; blocks_list: these
     instead of the default list), with and without the L2 hints and the resident output
     matrices; then rw.generate's (gen_tokens and a quarter of them)."""
-    _, state0 = prefill(model, [[1, 2, 3]])
+    _, state0 = prompt_logits(model, [[1, 2, 3]])
     dparams = decode_params(model)
     default = LayerBlockSizes()
     variants = [("per-operation step", dict(fused=False)), (f"fused {blocks_label(default)} (default)", {}),
@@ -274,7 +274,7 @@ def sweep_batches(model, log, batches, steps=32, fused_up_to=4, only=SWEEP_VARIA
     assert tuple(variants) == SWEEP_VARIANTS
     variants = [variants[key] for key in SWEEP_VARIANTS if key in only]
     for B in batches:
-        _, state0 = prefill(model, [[1, 2, 3]] * B)
+        _, state0 = prompt_logits(model, [[1, 2, 3]] * B)
         token0 = jnp.ones((B,), jnp.int32)
         ref = None
         for name, options, rows in variants:
@@ -304,13 +304,13 @@ def sweep_batches(model, log, batches, steps=32, fused_up_to=4, only=SWEEP_VARIA
 def steps_loop(model, steps):
     """-> a function running `steps` greedy RNN steps (batch 1) in one jitted loop from a
     prefilled state (greedy_steps): what generate adds per token is the difference."""
-    _, state0 = prefill(model, [[1, 2, 3]])
+    _, state0 = prompt_logits(model, [[1, 2, 3]])
     f = greedy_steps(spec_of(model), steps)
     return lambda: jax.block_until_ready(f(decode_params(model), jnp.zeros((1,), jnp.int32), state0))
 
 
 def run_prefill(model, prompts):
-    prefill(model, prompts)[0].block_until_ready()
+    prompt_logits(model, prompts)[0].block_until_ready()
 
 
 def run_decode(model, prompts, n, kw):
@@ -337,7 +337,7 @@ def gpu_main(args, log) -> int:
     # The model's kernels must work: a fallback to the plain-JAX paths would time something
     # else under the same row names (a broken fused step once timed as the per-operation one).
     try:
-        prefill(f32, [prompt[:1025]])[0].block_until_ready()
+        prompt_logits(f32, [prompt[:1025]])[0].block_until_ready()
     except Exception as err:
         log(f"# wkv_impl={wkv_impl!r} failed in prefill ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
             "nothing timed (--wkv-impl reference times the plain-JAX paths)")

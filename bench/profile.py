@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import rwkv2_jax as rw  # noqa: E402
 from bench.decode import parse_size, random_params  # noqa: E402
 from bench.timing import gpu_kernel_events  # noqa: E402
-from rwkv2_jax.generation.generator import generate, prefill, with_weight_dtype  # noqa: E402
+from rwkv2_jax.generation.generator import generate, prompt_logits, with_weight_dtype  # noqa: E402
 from rwkv2_jax.generation.step import DecodeOptions  # noqa: E402
 from rwkv2_jax.model import RWKV  # noqa: E402
 from rwkv2_jax.training import trainer as tr  # noqa: E402
@@ -182,7 +182,7 @@ def workload(args):
         return (lambda: generate(model, prompts, steps, temperature=0, decode_loop="device",
                                  decode_options=options)), steps, ""
     prompt = rng.integers(1, config.vocab_size, (32 if args.smoke else args.tokens) + 1).tolist()
-    return (lambda: prefill(model, [prompt])[0].block_until_ready()), 1, ""
+    return (lambda: prompt_logits(model, [prompt])[0].block_until_ready()), 1, ""
 
 
 def main(argv=None) -> int:

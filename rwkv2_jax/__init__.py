@@ -20,7 +20,7 @@ from rwkv2_jax.handle import (
 from rwkv2_jax.formats import CheckpointError
 from rwkv2_jax.evaluation.scoring import loglikelihood
 from rwkv2_jax.generation.generator import generate, stream, stream_batch, with_weight_dtype
-from rwkv2_jax.generation.generator import prefill as prefill_prompts
+from rwkv2_jax.generation.generator import prompt_logits
 from rwkv2_jax.generation.pipeline import Pipeline
 from rwkv2_jax.config import K_CLAMP, K_EPS, PRESETS, RELEASE_K_EPS, RWKVConfig
 from rwkv2_jax.model import RWKV, State, init_state
@@ -36,6 +36,6 @@ __all__ = [
     "RWKV", "RWKVConfig", "SamplingParams", "State", "Tokenizer", "TokenizerError", "TrainConfig", "WKVState",
     "check_tokens", "find_tokenizer", "from_release_arrays", "generate", "init", "init_state", "load",
     "load_any", "load_state", "load_tokenizer", "load_torch", "loglikelihood", "loss_and_grad",
-    "prefill_prompts", "save", "save_state", "save_torch", "stream", "stream_batch",
+    "prompt_logits", "save", "save_state", "save_torch", "stream", "stream_batch",
     "with_weight_dtype", "wkv_reference", "wkv_with_state",
 ]

@@ -19,7 +19,7 @@ from pallas_kernels.decode import MAX_BATCH, DecodeBlockSizes, LayerBlockSizes
 from pallas_kernels.matvec import MatvecBlockSizes
 from rwkv2_jax.generation import generator
 from rwkv2_jax.generation import step as decode_step
-from rwkv2_jax.generation.generator import generate, prefill, stream, with_weight_dtype
+from rwkv2_jax.generation.generator import generate, prompt_logits, stream, with_weight_dtype
 from rwkv2_jax.generation.step import FUSED_MAX_BATCH, DecodeOptions, decode_params, rnn_step, spec_of
 from tests.conftest import SMALL
 
@@ -132,7 +132,7 @@ def test_decode_options_reject_bad_values(release_files):
     assert spec_of(m).options == DecodeOptions().for_backend(jax.default_backend())
     for call in (lambda: generate(m, [[1]], 2, decode_options={"fused": False}),
                  lambda: list(stream(m, [1], 2, decode_options={"fused": False})),
-                 lambda: prefill(m, [[1]], decode_options={"fused": False})):
+                 lambda: prompt_logits(m, [[1]], decode_options={"fused": False})):
         with pytest.raises(ValueError, match="decode_options must be a rwkv2_jax.generation.step.DecodeOptions"):
             call()
 
@@ -290,7 +290,7 @@ def test_decode_options_reach_the_step(release_files, monkeypatch):
     seen.clear()
     assert generate(m, [prompt], 3, temperature=0, decode_options=options) == want
     assert [list(stream(m, prompt, 3, temperature=0, decode_options=options))] == want
-    prefill(m, [prompt], decode_options=options)
+    prompt_logits(m, [prompt], decode_options=options)
     assert len(seen) >= 3 and all(o is options for o in seen)
 
 

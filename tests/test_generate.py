@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rwkv2_jax as rw
-from rwkv2_jax.generation.generator import (DEVICE_STEPS_PER_ITER, generate, prefill, stream, stream_batch,
+from rwkv2_jax.generation.generator import (DEVICE_STEPS_PER_ITER, generate, prompt_logits, stream, stream_batch,
                                             with_weight_dtype)
 from rwkv2_jax.testing.torch_reference import TorchRWKV2
 from tests.conftest import SMALL
@@ -124,15 +124,15 @@ def test_device_loop_set_up_runs_no_eager_ops(model, monkeypatch):
 @pytest.mark.slow
 def test_chunked_prefill_equals_one_shot(model, rng):
     prompts = [rng.integers(0, V, n).tolist() for n in (300, 77, 1, 129)]
-    logits, state = prefill(model, prompts, chunk_size=32)  # 32-token chunks, ragged ends
+    logits, state = prompt_logits(model, prompts, chunk_size=32)  # 32-token chunks, ragged ends
     for b, p in enumerate(prompts):
         one_logits, one_state = model.prefill([p])
         np.testing.assert_allclose(logits[b], one_logits[0, -1], rtol=1e-4, atol=1e-4)
         for got, want in zip(state, one_state):
             np.testing.assert_allclose(got[:, b], want[:, 0], rtol=1e-4, atol=1e-4)
-    # carrying a state: prefill(a + b) == prefill(b) from the state after a
-    _, after_a = prefill(model, [prompts[0][:200]])
-    cont_logits, cont_state = prefill(model, [prompts[0][200:]], state=after_a, chunk_size=32)
+    # carrying a state: prompt_logits(a + b) == prompt_logits(b) from the state after a
+    _, after_a = prompt_logits(model, [prompts[0][:200]])
+    cont_logits, cont_state = prompt_logits(model, [prompts[0][200:]], state=after_a, chunk_size=32)
     np.testing.assert_allclose(cont_logits[0], logits[0], rtol=1e-4, atol=1e-4)
     for got, want in zip(cont_state, state):
         np.testing.assert_allclose(got[:, 0], want[:, 0], rtol=1e-4, atol=1e-4)
@@ -148,9 +148,9 @@ def test_stream_equals_generate_and_stops(model):
         assert got[: len(row)] == row and all(t == -1 for t in got[len(row):])
     assert list(stream(model, PROMPTS[1], 20, **{**kw, "seed": 4})) == full[1]
     # a shared prefill is copied, not consumed: two draws from it
-    first = prefill(model, [PROMPTS[2]])
-    a = list(stream(model, PROMPTS[2], 8, prefill=first, seed=1))
-    b = list(stream(model, PROMPTS[2], 8, prefill=first, seed=1))
+    first = prompt_logits(model, [PROMPTS[2]])
+    a = list(stream(model, PROMPTS[2], 8, context=first, seed=1))
+    b = list(stream(model, PROMPTS[2], 8, context=first, seed=1))
     assert a == b == generate(model, [PROMPTS[2]], 8, seed=1)[0]
 
 
@@ -201,7 +201,7 @@ def test_returned_state_of_a_stopped_row_is_after_its_last_token(model, loop):
     out, state = generate(model, PROMPTS, 9, temperature=0, stop_tokens=(stop,), return_state=True, decode_loop=loop)
     assert len(out[0]) == 2 and any(len(row) == 9 for row in out)
     for b, (prompt, row) in enumerate(zip(PROMPTS, out)):
-        want = prefill(model, [prompt + row])[1]
+        want = prompt_logits(model, [prompt + row])[1]
         for got, w in zip(state, want):
             np.testing.assert_allclose(np.asarray(got[:, b]), np.asarray(w[:, 0]), rtol=1e-4, atol=1e-4)
 
@@ -241,8 +241,8 @@ def test_bfloat16_weights_keep_vectors_float32(model):
               for path, x in jax.tree_util.tree_leaves_with_path(half.params)}
     assert dtypes["blocks_1/att/key/kernel"] == jnp.bfloat16 and dtypes["head/kernel"] == jnp.bfloat16
     assert dtypes["blocks_1/att/time_decay"] == jnp.float32 and dtypes["ln_out/scale"] == jnp.float32
-    logits, state = prefill(half, PROMPTS)
-    want, _ = prefill(model, PROMPTS)
+    logits, state = prompt_logits(half, PROMPTS)
+    want, _ = prompt_logits(model, PROMPTS)
     assert all(x.dtype == jnp.float32 for x in state)
     np.testing.assert_allclose(logits, want, atol=0.1 * float(jnp.std(want)))
     assert all(len(row) == 5 for row in generate(half, PROMPTS, 5, seed=0))

@@ -6,7 +6,7 @@ import pytest
 
 import rwkv2_jax as rw
 from rwkv2_jax.formats import CheckpointError
-from rwkv2_jax.generation.generator import generate, prefill
+from rwkv2_jax.generation.generator import generate, prompt_logits
 from rwkv2_jax.generation.state_file import load_state, save_state
 from rwkv2_jax.testing.release_checkpoint import make_release_state_dict
 from tests.conftest import SMALL
@@ -30,7 +30,7 @@ def test_state_round_trip_and_continuing_a_conversation(release_files, tmp_path)
 
 def test_state_file_errors(release_files, tmp_path):
     model = rw.load_torch(release_files["plain"], verbose=False)
-    state = prefill(model, PROMPTS)[1]
+    state = prompt_logits(model, PROMPTS)[1]
     path = save_state(tmp_path / "s.safetensors", state, model)
     other = rw.from_release_arrays({k: v.numpy() for k, v in
                                     make_release_state_dict(n_layer=2, n_embd=24, vocab_size=V, seed=0).items()})

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 import rwkv2_jax as rw
 from rwkv2_jax.cli.common import TOKENIZER_HELP, UsageError, random_seed, tokenizer_for
-from rwkv2_jax.generation.generator import prefill_last, stream, with_weight_dtype
+from rwkv2_jax.generation.generator import prompt_logits, stream, with_weight_dtype
 from rwkv2_jax.generation.sampling import TEMPERATURE_FLOOR
 
 SEED_LIMIT = 1 << 32  # sampling seeds are 32-bit
@@ -113,7 +113,7 @@ def run(args) -> int:
         notice(f"--temperature {args.temperature:g} is below {TEMPERATURE_FLOOR:g}: greedy (the most probable token)")
 
     t0 = time.perf_counter()
-    first = prefill_last(model, ids)
+    first = prompt_logits(model, [ids])
     first[0].block_until_ready()
     t_prefill = time.perf_counter() - t0
     ban = () if args.allow_end_of_text else (0,)
@@ -126,7 +126,7 @@ def run(args) -> int:
         gen = stream(model, ids, args.tokens, temperature=args.temperature, top_p=args.top_p,
                      top_k=top_k, presence_penalty=args.presence_penalty,
                      frequency_penalty=args.frequency_penalty, penalty_decay=args.penalty_decay,
-                     ban_tokens=ban, seed=args.seed + i, prefill=first)
+                     ban_tokens=ban, seed=args.seed + i, context=first)
         t0 = time.perf_counter()
         for j, token in enumerate(gen):
             if j == 0 and i == 0:  # the first step compiles; time the rest

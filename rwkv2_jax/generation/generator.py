@@ -264,7 +264,7 @@ def _start(logits: jax.Array, state: State, penalized: bool) -> Decoding:
 # --- public API ---------------------------------------------------------------------------
 
 
-def prefill(
+def prompt_logits(
     model: Model,
     prompts: Sequence[Sequence[int]],
     *,
@@ -348,7 +348,7 @@ def generate(
         raise ValueError(f"decode_loop must be 'device', 'host' or None, got {decode_loop!r}")
     if max_new_tokens == 0 and not return_state:
         return [[] for _ in rows]
-    logits, prompt_state = prefill(model, rows, state=state, chunk_size=chunk_size, decode_options=decode_options)
+    logits, prompt_state = prompt_logits(model, rows, state=state, chunk_size=chunk_size, decode_options=decode_options)
     if max_new_tokens == 0:
         return [[] for _ in rows], prompt_state
     keep_state = return_state and bool(params.stop_tokens)  # else no row's state is kept or read
@@ -421,7 +421,7 @@ def stream_batch(
     if max_new_tokens == 0:
         return
     if context is None:
-        logits, prompt_state = prefill(model, rows, state=state, chunk_size=chunk_size, decode_options=decode_options)
+        logits, prompt_state = prompt_logits(model, rows, state=state, chunk_size=chunk_size, decode_options=decode_options)
     else:
         logits, prompt_state = context
         if tuple(logits.shape) != (len(rows), model.config.vocab_size):
@@ -454,22 +454,17 @@ def stream(
     prompt: Sequence[int],
     max_new_tokens: int,
     *,
-    prefill: Optional[Tuple[jax.Array, State]] = None,
+    context: Optional[Tuple[jax.Array, State]] = None,
     **kwargs,
 ) -> Iterator[int]:
     """Yield up to `max_new_tokens` ids continuing one `prompt` (a token-id list), as they come.
 
-    Same tokens as `generate(model, [prompt], ...)`. prefill: the (logits [1, V], state)
-    from `prefill_last`/`prefill` for this prompt, to draw several samples from one prefill.
+    Same tokens as `generate(model, [prompt], ...)`. context: the (logits [1, V], state)
+    from `prompt_logits(model, [prompt])`, to draw several samples from one pass over the prompt.
     Other keyword arguments: those of `generate`.
     """
-    for ids in stream_batch(model, [prompt], max_new_tokens, context=prefill, **kwargs):
+    for ids in stream_batch(model, [prompt], max_new_tokens, context=context, **kwargs):
         yield int(ids[0])
-
-
-def prefill_last(model: Model, prompt: Sequence[int], **kwargs) -> Tuple[jax.Array, State]:
-    """One prompt through `prefill` -> (logits after its last token [1, V], state)."""
-    return prefill(model, [prompt], **kwargs)
 
 
 # --- weights ------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ class DecodeOptions:
     """How the decode step runs with Pallas kernels (on a GPU, or wkv_impl "pallas_interpret");
     without them only pad_rows applies.
 
-    `rw.generate`, `rw.stream`, `rw.stream_batch` and `rw.prefill_prompts` take one as
+    `rw.generate`, `rw.stream`, `rw.stream_batch` and `rw.prompt_logits` take one as
     `decode_options=` (None: these defaults).
 
     fused:              run a step of at most fused_max_batch rows as four fused kernels per
