@@ -6,6 +6,10 @@ generation, training and evaluation on top; `Pipeline` and `load_tokenizer` take
 Importing it runs nothing.
 """
 
+from rwkv2_jax.config import K_CLAMP, K_EPS, PRESETS, RELEASE_K_EPS, RWKVConfig
+from rwkv2_jax.wkv import WKVState, wkv_reference, wkv_with_state
+from rwkv2_jax.model import RWKV, State, init_state
+from rwkv2_jax.formats import CheckpointError
 from rwkv2_jax.handle import (
     Model,
     check_tokens,
@@ -17,19 +21,14 @@ from rwkv2_jax.handle import (
     save,
     save_torch,
 )
-from rwkv2_jax.formats import CheckpointError
-from rwkv2_jax.evaluation.scoring import loglikelihood
-from rwkv2_jax.generation.generator import generate, stream, stream_batch, with_weight_dtype
-from rwkv2_jax.generation.generator import prompt_logits
-from rwkv2_jax.generation.pipeline import Pipeline
-from rwkv2_jax.config import K_CLAMP, K_EPS, PRESETS, RELEASE_K_EPS, RWKVConfig
-from rwkv2_jax.model import RWKV, State, init_state
+from rwkv2_jax.tokenizer import Tokenizer, TokenizerError, find_tokenizer, load_tokenizer
 from rwkv2_jax.generation.sampling import SamplingParams
 from rwkv2_jax.generation.step import DecodeOptions
+from rwkv2_jax.generation.generator import generate, prompt_logits, stream, stream_batch, with_weight_dtype
 from rwkv2_jax.generation.state_file import load_state, save_state
-from rwkv2_jax.tokenizer import Tokenizer, TokenizerError, find_tokenizer, load_tokenizer
+from rwkv2_jax.generation.pipeline import Pipeline
 from rwkv2_jax.training.trainer import TrainConfig, loss_and_grad
-from rwkv2_jax.wkv import WKVState, wkv_reference, wkv_with_state
+from rwkv2_jax.evaluation.scoring import loglikelihood
 
 __all__ = [
     "CheckpointError", "DecodeOptions", "K_CLAMP", "K_EPS", "Model", "PRESETS", "Pipeline", "RELEASE_K_EPS",
