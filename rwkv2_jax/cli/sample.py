@@ -148,10 +148,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except UsageError as err:
-        print(f"sample.py: error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # CheckpointError and bad ids are ValueErrors with one-line messages
+    except (UsageError, ValueError) as err:  # CheckpointError and bad ids are ValueErrors with one-line messages
         print(f"sample.py: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
