@@ -1126,7 +1126,13 @@ def _final_pp(k, td, pp0, k_clamp):
         kc = jnp.minimum(kc, k_clamp)
     w = -jnp.exp(td)
     lag = (T - 1 - jnp.arange(T)).astype(jnp.float32)[:, None] * w  # [T, C]
-    return jnp.maximum(pp0 + T * w, jnp.max(kc + lag, axis=1))
+    x = kc + lag  # [B, T, C]
+    # Gradients reach the maximum through its index: jnp.max's gradient tests x == max(x),
+    # and under jit XLA may round x differently on the two sides of that test.
+    t = jnp.argmax(jax.lax.stop_gradient(x), axis=1)[:, None, :]
+    last = jnp.take_along_axis(x, t, axis=1)[:, 0]
+    start = pp0 + T * w
+    return jnp.where(start >= last, start, last)
 
 
 # K at padded steps of `wkv_with_state(lengths=)`: exp(PAD_K) is 0 in float32 and bfloat16,
