@@ -263,8 +263,9 @@ def table(args, copy_bw):
     sizes = SIZES
     if args.sizes:
         sizes = [tuple(int(x) for x in s.split(",")) for s in args.sizes.split(";")]
-    if args.smoke:
-        sizes = [(1, 24, 300)]  # time chunks
+    blocks = None
+    if args.smoke:  # time chunks; 2-step loop blocks, since interpret mode compiles each step
+        sizes, blocks = [(1, 24, 130)], WKVBlockSizes(unroll=2, unroll_train=2)
     interp = args.smoke
     print(f"\n## Timing ({dtype.name} k, v; k_clamp=60 unless said; median of {args.reps})")
     print(TABLE_HEAD)
@@ -277,8 +278,8 @@ def table(args, copy_bw):
         if args.smoke:
             impls = impls[:1]  # the same script path; the smoke's time goes to interpret mode
         for name, kw in impls:
-            fwd = jax.jit(lambda k, v, td, tf, kw=kw: wkv(k, v, td, tf, interpret=interp, **kw))
-            fb = vjp_fn(lambda k, v, td, tf, kw=kw: wkv(k, v, td, tf, interpret=interp, **kw))
+            fwd = jax.jit(lambda k, v, td, tf, kw=kw: wkv(k, v, td, tf, interpret=interp, block_sizes=blocks, **kw))
+            fb = vjp_fn(lambda k, v, td, tf, kw=kw: wkv(k, v, td, tf, interpret=interp, block_sizes=blocks, **kw))
             rows.append(bench_row(f"{name} ({plan.n_chunks} chunk{'s' * (plan.n_chunks > 1)})",
                                   fwd, fb, B, C, T, dtype, copy_bw, args, n_sets, jit16=True))
         if args.no_baselines:

@@ -303,6 +303,10 @@ class WKVBlockSizes:
             raise ValueError(f"WKVBlockSizes: positive sizes needed, got {self}")
 
 
+# What a call with block_sizes=None runs.
+DEFAULT_BLOCK_SIZES = WKVBlockSizes()
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """Everything static about one call: shapes after padding, chunking, numeric mode."""
@@ -1288,7 +1292,7 @@ def wkv(
         raise ValueError(f"wkv: {mode=} must be None, 'linear' or 'log'")
     B, T, C = k.shape
     plan = _make_plan(B, T, C, k_clamp=k_clamp, k_eps=k_eps, linear=linear,
-                      blocks=block_sizes or WKVBlockSizes(), interpret=interpret)
+                      blocks=block_sizes or DEFAULT_BLOCK_SIZES, interpret=interpret)
     out = _wkv_core(
         plan, _pad_c(k, plan.C), _pad_c(v, plan.C),
         _pad_c(time_decay.astype(jnp.float32), plan.C),
@@ -1338,7 +1342,7 @@ def wkv_with_state(
         out, aa, bb, pp = _ragged(opts, k, v, time_decay, time_first, *state, jnp.asarray(lengths, jnp.int32))
         return out, WKVState(aa, bb, pp)
     plan = _make_plan(B, T, C, k_clamp=k_clamp, k_eps=k_eps, linear=False,
-                      blocks=block_sizes or WKVBlockSizes(), interpret=interpret)
+                      blocks=block_sizes or DEFAULT_BLOCK_SIZES, interpret=interpret)
     out, aa, bb, pp = _wkv_state_core(
         plan, _pad_c(k, plan.C), _pad_c(v, plan.C),
         _pad_c(time_decay.astype(jnp.float32), plan.C),

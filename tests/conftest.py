@@ -6,13 +6,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import pallas_kernels.wkv as wkv_kernels
 from rwkv2_jax.testing.release_checkpoint import make_release_state_dict, write_release_checkpoint
+from tests.interpret import SHORT_LOOPS
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZER = REPO.parent / "shared" / "data" / "20B_tokenizer.json"
 
 # Small, but with everything that matters: several layers, C not a power of two.
 SMALL = dict(n_layer=3, n_embd=24, vocab_size=67)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def short_wkv_loops():
+    """The WKV kernels' loops in 2-step blocks wherever a call passes no block sizes
+    (see tests/interpret.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(wkv_kernels, "DEFAULT_BLOCK_SIZES", SHORT_LOOPS)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ import rwkv2_jax as rw
 from rwkv2_jax.testing.release_checkpoint import make_release_state_dict
 from rwkv2_jax.training import sharding as shd
 from rwkv2_jax.training import trainer as tr
+from tests.interpret import use_short_loops
 
 # Big enough that some weights pass sharding.MIN_FSDP_SIZE (ffn.key is [C, 4C] = 16384 floats).
 CONFIG = dict(n_layer=2, n_embd=64, vocab_size=67)
@@ -59,6 +60,7 @@ def main() -> int:
         print(f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), got {len(devices)}",
               file=sys.stderr)
         return 2
+    use_short_loops()
     sd = make_release_state_dict(**CONFIG, seed=7, k_scale=20.0)
     model = rw.from_release_arrays({k: v.numpy() for k, v in sd.items()}, wkv_impl="reference")
     params = jax.device_get(model.params)

@@ -23,9 +23,9 @@ from pallas_kernels.wkv import WKVState, wkv_reference
 from pallas_kernels.wkv import wkv_with_state_reference as reference_with_state
 from tests.triton_ir import assert_no_scalar_select, lower_to_triton_ir
 
-# Tiny blocks: 8 channels a program, 4 steps an iteration, chunks of >= 4 steps while
-# there are fewer than 16 programs.
-SMALL = WKVBlockSizes(block_c=8, unroll=4, unroll_train=4, min_programs=16, chunk_to=16, min_chunk=4)
+# Tiny blocks: 8 channels a program, 2 steps a block, chunks of >= 4 steps while there are
+# fewer than 16 programs.
+SMALL = WKVBlockSizes(block_c=8, unroll=2, unroll_train=2, min_programs=16, chunk_to=16, min_chunk=4)
 # Default channel block, a shorter unroll to keep interpret-mode compiles quick.
 DEFAULT_C = WKVBlockSizes(unroll=4, unroll_train=4)
 
@@ -91,8 +91,14 @@ def numpy_wkv_grads(k, v, time_decay, time_first, g, k_clamp, k_eps):
 
 
 def vjp_all(fn, args, g):
-    out, pullback = jax.vjp(fn, *args)
-    return out, pullback(g)
+    """(fn(*args), the pullback of g), in one jit: run eagerly, every small op of the
+    interpreted kernels would compile on its own."""
+
+    def both(args, g):
+        out, pullback = jax.vjp(fn, *args)
+        return out, pullback(g)
+
+    return jax.jit(both)(args, g)
 
 
 CASES = [
@@ -285,12 +291,10 @@ def test_under_x64(seed):
         "state, lengths": with_state(lengths=lengths),
     }
     for name, fn in cases.items():
-        out, pullback = jax.vjp(fn, k, v, td, tf)
-        cts = jax.tree.map(lambda x: jnp.ones_like(x) * 0.5, out)
-        want = (out, pullback(cts))
+        cts = jax.tree.map(lambda x: jnp.full(x.shape, 0.5, x.dtype), jax.eval_shape(fn, k, v, td, tf))
+        want = vjp_all(fn, (k, v, td, tf), cts)
         with jax.enable_x64(True):
-            out, pullback = jax.vjp(fn, k, v, td, tf)
-            got = (out, pullback(cts))
+            got = vjp_all(fn, (k, v, td, tf), cts)
         for i, (x, w) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want))):
             msg = f"{name}: leaf {i} seed={seed}"
             assert x.dtype == w.dtype == jnp.float32 and x.shape == w.shape, msg
@@ -356,10 +360,10 @@ def test_ping_pong_loop_every_block_count(seed, approx_math, k_clamp):
     the forward that saves): odd and even block counts, a partial tail, fewer steps than one
     block, and time chunks (dynamic block counts), vs the reference, outputs and gradients."""
     for i, (B, T, blocks) in enumerate([
-        (1, 16 * 5, WKVBlockSizes(unroll=16, unroll_train=8)),  # 5 blocks: odd
-        (2, 16 * 4 + 3, WKVBlockSizes(unroll=16, unroll_train=8)),  # 4 + tail
-        (1, 7, WKVBlockSizes(unroll=16, unroll_train=8)),  # no full block
-        (1, 200, WKVBlockSizes(unroll=8, unroll_train=8, min_chunk=24)),  # chunks
+        (1, 4 * 5, WKVBlockSizes(unroll=4, unroll_train=2)),  # 5 blocks: odd
+        (2, 4 * 4 + 3, WKVBlockSizes(unroll=4, unroll_train=2)),  # 4 + tail
+        (1, 3, WKVBlockSizes(unroll=4, unroll_train=2)),  # no full block
+        (1, 50, WKVBlockSizes(unroll=2, unroll_train=2, min_chunk=12)),  # chunks
     ]):
         blocks = dataclasses.replace(blocks, approx_math=approx_math)
         args, g = make_inputs(seed + i, B, T, 8)
