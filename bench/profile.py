@@ -66,16 +66,41 @@ def kernel_group(name: str) -> str:
 CATEGORIES = ("matmul", "WKV", "optimizer", "loss", "copies and casts", "collectives", "elementwise and reductions")
 
 
+def stack_frames(hlo_text: str) -> dict:
+    """{stack_frame_id: "file:line"} from the FileNames / FileLocations / StackFrames tables
+    that compiled HLO text carries (metadata names a frame instead of a source file)."""
+    tables = {}
+    for m in re.finditer(r"^(FileNames|FunctionNames|FileLocations|StackFrames)\n((?:\d+ .*\n)*)", hlo_text, re.M):
+        tables[m.group(1)] = dict(re.findall(r"^(\d+) (.*)$", m.group(2), re.M))
+    files = {i: Path(name.strip('"')).name for i, name in tables.get("FileNames", {}).items()}
+    where = {}
+    for i, loc in tables.get("FileLocations", {}).items():
+        f, line = re.search(r"file_name_id=(\d+)", loc), re.search(r"\bline=(\d+)", loc)
+        if f and line:
+            where[i] = f"{files.get(f.group(1), '?')}:{line.group(1)}"
+    frames = {}
+    for i, frame in tables.get("StackFrames", {}).items():
+        loc = re.search(r"file_location_id=(\d+)", frame)
+        if loc and loc.group(1) in where:
+            frames[i] = where[loc.group(1)]
+    return frames
+
+
 def hlo_metadata(hlo_text: str) -> dict:
     """{kernel-style instruction name: (op_name, source file:line)} from compiled HLO text
-    (XLA names a fusion's kernel after the fusion instruction, '.' -> '_')."""
+    (XLA names a fusion's kernel after the fusion instruction, '.' -> '_'). The source is
+    the innermost frame JAX kept: a `source_file`/`source_line` pair or a `stack_frame_id`."""
+    frames = stack_frames(hlo_text)
     out = {}
     for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{([^}]*)\}", hlo_text, re.M):
         meta = m.group(2)
         op = re.search(r'op_name="([^"]*)"', meta)
         src = re.search(r'source_file="([^"]*)"', meta)
         line = re.search(r"source_line=(\d+)", meta)
+        frame = re.search(r"stack_frame_id=(\d+)", meta)
         where = f"{Path(src.group(1)).name}:{line.group(1)}" if src and line else ""
+        if not where and frame:
+            where = frames.get(frame.group(1), "")
         out[m.group(1).replace(".", "_").replace("-", "_")] = (op.group(1) if op else "", where)
     return out
 

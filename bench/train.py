@@ -2,13 +2,15 @@
 
     python3 bench/train.py                       # L24-D1024, V=50277, B=8, T=768: bf16 and fp32, one GPU
     python3 bench/train.py --scaling             # bf16 on 1 GPU, then data-parallel on every GPU (B=8 per GPU)
+    python3 bench/train.py --long-context        # bf16 at T = 768, 4,096, 8,192 and 16,384, ~6-8k tokens a step
     python3 bench/train.py --smoke               # a tiny model on CPU (checks the script)
 
 Each configuration runs in its own subprocess, so its peak memory (the device's
 `peak_bytes_in_use`) is its own and compiles do not add up. A configuration: the jitted
 step of `rwkv2_jax.training.trainer.setup` (Adam, clipping, float32 parameters and optimizer
 state, the given compute dtype, the chosen WKV), `--warmup` steps (compile), then
-`--steps` timed steps ended by one block; tokens/s = steps x B x T / seconds.
+`--steps` timed steps ended by one block; tokens/s = steps x B x T / seconds. XLA's
+deterministic ops are on, as `rwkv2-train` runs by default (`--no-deterministic`: off).
 Before timing, a check on a small model: the step with the chosen WKV against the step
 with the plain-JAX WKV (loss and gradient norm, float32 with exact matmuls).
 """
@@ -44,6 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--scaling", action="store_true", help="bf16 on 1 GPU and on all GPUs (data parallel)")
     p.add_argument("--no-check", action="store_true")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
+                   help="XLA's deterministic ops, rwkv2-train's default (default on)")
+    p.add_argument("--long-context", action="store_true",
+                   help="bf16 rows (T, B): (768, 8), (4096, 2), (8192, 1), (16384, 1) with --remat, each against T = 768")
     p.add_argument("--determinism", action="store_true",
                    help="also repeat a small step from one state, without and with --xla_gpu_deterministic_ops")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU")
@@ -53,6 +59,14 @@ def parse_args(argv=None):
         args.layers, args.width, args.vocab, args.batch, args.ctx = 2, 64, 97, 2, 32
         args.warmup, args.steps = 1, 2
     return args
+
+
+def long_context_rows(args):
+    """(T, B, remat) of --long-context: T = 768 at the batch given, then about as many tokens
+    a step at longer T (--smoke: the same pattern at tiny T)."""
+    if args.smoke:
+        return [(args.ctx, args.batch, args.remat), (2 * args.ctx, 1, True)]
+    return [(args.ctx, args.batch, args.remat), (4096, 2, args.remat), (8192, 1, args.remat), (16384, 1, True)]
 
 
 def check(args) -> str:  # runs in a subprocess (--one check)
@@ -144,7 +158,8 @@ def one(args, dtype: str, n_devices: int) -> dict:
     dt = time.perf_counter() - t0
     stats = jax.devices()[0].memory_stats() or {}
     return {
-        "dtype": dtype, "devices": n_devices, "batch": B, "ctx": args.ctx,
+        "dtype": dtype, "devices": n_devices, "batch": B, "ctx": args.ctx, "remat": args.remat,
+        "deterministic": "xla_gpu_deterministic_ops=true" in os.environ.get("XLA_FLAGS", ""),
         "wkv_impl": tr.resolve_wkv_impl(args.wkv_impl), "precision": args.precision,
         "tokens_per_s": args.steps * B * args.ctx / dt, "step_ms": 1000 * dt / args.steps,
         "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30, "warmup_s": t_compile,
@@ -152,13 +167,18 @@ def one(args, dtype: str, n_devices: int) -> dict:
     }
 
 
-def spawn(args, what: str) -> dict:
+def spawn(args, what: str, ctx=None, batch=None, remat=None, deterministic=None) -> dict:
     """Run `--one what` in a fresh process (the parent never touches the GPU)."""
+    remat = args.remat if remat is None else remat
+    deterministic = args.deterministic if deterministic is None else deterministic
     argv = [sys.executable, __file__, "--one", what, "--layers", str(args.layers),
-            "--width", str(args.width), "--vocab", str(args.vocab), "--batch", str(args.batch), "--ctx", str(args.ctx),
-            "--wkv-impl", args.wkv_impl, "--precision", args.precision, "--warmup", str(args.warmup),
-            "--steps", str(args.steps)] + (["--remat"] if args.remat else [])
-    r = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            "--width", str(args.width), "--vocab", str(args.vocab), "--batch", str(batch or args.batch),
+            "--ctx", str(ctx or args.ctx), "--wkv-impl", args.wkv_impl, "--precision", args.precision,
+            "--warmup", str(args.warmup), "--steps", str(args.steps)] + (["--remat"] if remat else [])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if deterministic and "xla_gpu_deterministic_ops" not in env.get("XLA_FLAGS", ""):
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_gpu_deterministic_ops=true".strip()
+    r = subprocess.run(argv, capture_output=True, text=True, env=env)
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     if r.returncode != 0 or not lines:
         tail = (r.stderr or r.stdout).strip().splitlines()[-8:]
@@ -189,32 +209,39 @@ def main(argv=None) -> int:
     n_gpu = info["n_devices"]
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}  jax {info['jax']}  {n_gpu} x {info['card']}")
     print(f"# model L{args.layers}-D{args.width} V={args.vocab}, B={args.batch} per device, T={args.ctx}, "
-          f"wkv_impl={args.wkv_impl}, precision={args.precision}, remat={args.remat}")
+          f"wkv_impl={args.wkv_impl}, precision={args.precision}, remat={args.remat}, "
+          f"deterministic ops={args.deterministic}")
     if not args.no_check:
         print("# " + info["check"], flush=True)
     if args.determinism:
         saved = os.environ.get("XLA_FLAGS", "")
         for flags in (saved, f"{saved} --xla_gpu_deterministic_ops=true".strip()):
             os.environ["XLA_FLAGS"] = flags
-            r = spawn(args, "determinism")
+            r = spawn(args, "determinism", deterministic=False)  # the flags as set here
             print("# " + r.get("determinism", f"determinism check failed: {r.get('error')}"), flush=True)
         os.environ["XLA_FLAGS"] = saved
+    # (dtype, GPUs, T, rows per GPU, remat) per configuration
     if args.scaling:
-        runs = [("bfloat16", 1), ("bfloat16", n_gpu)]
+        runs = [("bfloat16", 1, args.ctx, args.batch, args.remat), ("bfloat16", n_gpu, args.ctx, args.batch, args.remat)]
+    elif args.long_context:
+        runs = [("bfloat16", 1, *row) for row in long_context_rows(args)]
     else:
-        runs = [(d, 1) for d in args.dtypes.split(",")]
+        runs = [(d, 1, args.ctx, args.batch, args.remat) for d in args.dtypes.split(",")]
     results = []
-    for d, n in runs:
-        results.append(spawn(args, f"{d}:{n}"))
+    for d, n, ctx, batch, remat in runs:
+        results.append(spawn(args, f"{d}:{n}", ctx=ctx, batch=batch, remat=remat))
         print(f"# {json.dumps(results[-1])}", flush=True)
-    print("\n| compute dtype | GPUs | global batch | WKV | tokens/s | ms/step | peak GiB (GPU 0) | warm-up s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (d, n), r in zip(runs, results):
+    first = results[0].get("tokens_per_s")
+    print("\n| compute dtype | GPUs | global batch | T | remat | WKV | tokens/s | vs first row | ms/step "
+          "| peak GiB (GPU 0) | warm-up s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (d, n, ctx, batch, remat), r in zip(runs, results):
         if "error" in r:
-            print(f"| {d} | {n} | – | – | failed: {r['error'][:300]} | | | |")
+            print(f"| {d} | {n} | {batch * n} | {ctx} | {remat} | – | failed: {r['error'][:300]} | | | | |")
             continue
-        print(f"| {r['dtype']} | {r['devices']} | {r['batch']} | {r['wkv_impl']} | {r['tokens_per_s']:,.0f} | "
-              f"{r['step_ms']:.1f} | {r['peak_gib']:.1f} | {r['warmup_s']:.0f} |")
+        vs = f"{r['tokens_per_s'] / first:.0%}" if first else "–"
+        print(f"| {r['dtype']} | {r['devices']} | {r['batch']} | {r['ctx']} | {r['remat']} | {r['wkv_impl']} | "
+              f"{r['tokens_per_s']:,.0f} | {vs} | {r['step_ms']:.1f} | {r['peak_gib']:.1f} | {r['warmup_s']:.0f} |")
     ok = [r for r in results if "error" not in r]
     if args.scaling and len(ok) == 2 and ok[1]["devices"] > 1:
         eff = ok[1]["tokens_per_s"] / (ok[1]["devices"] * ok[0]["tokens_per_s"])

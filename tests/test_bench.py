@@ -11,6 +11,7 @@ take most of the time. Every smoke run compiles Pallas kernels in interpret mode
 model, so they are all slow; the bench helpers at the end are quick.
 """
 
+import inspect
 import math
 import os
 import re
@@ -86,12 +87,16 @@ def test_matvec_smoke():
 
 @pytest.mark.slow
 def test_train_smoke():
-    """The check (chosen WKV vs plain-JAX) in its own process, then one timed configuration."""
-    out = run("bench/train.py", "--smoke", "--dtypes", "bfloat16")
+    """The check (chosen WKV vs plain-JAX) in its own process, then the long-context rows, each
+    in its own process: T doubled at half the rows, with remat."""
+    out = run("bench/train.py", "--smoke", "--long-context")
     assert re.search(r"^# check .*: OK$", out, re.M), out
+    assert re.search(r"^# model .*deterministic ops=True$", out, re.M), out
     (rows,) = tables(out)
-    assert [(r["compute dtype"], r["GPUs"]) for r in rows] == [("bfloat16", "1")]
-    assert_positive(rows, "tokens/s", "ms/step")
+    assert [(r["compute dtype"], r["T"], r["remat"]) for r in rows] == [
+        ("bfloat16", "32", "False"), ("bfloat16", "64", "True")]
+    assert rows[0]["vs first row"] == "100%"
+    assert_positive(rows, "tokens/s", "ms/step", "vs first row")
 
 
 @pytest.mark.slow
@@ -180,3 +185,19 @@ def test_profile_categories_from_hlo_metadata():
     assert profile.category("nvjet_tst_128x256_64x4", "", "") == "matmul"
     assert profile.category("wkv_bwd_tiles", "", "") == "WKV"
     assert profile.category("copy_fusion_3", "jit(step)/convert_element_type", "model.py:5") == "copies and casts"
+
+
+def test_profile_finds_the_source_line_of_a_compiled_op():
+    """With the installed jax, compiled HLO names the source line of an op (in metadata, or
+    through its tables of stack frames), so the profile's by-line table is not empty."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench import profile
+
+    def double_sin(x):
+        return jnp.sin(x) * 2
+
+    hlo = jax.jit(double_sin).lower(jnp.ones(8)).compile().as_text()
+    line = inspect.getsourcelines(double_sin)[1] + 1
+    assert f"test_bench.py:{line}" in {where for _, where in profile.hlo_metadata(hlo).values()}
