@@ -53,6 +53,20 @@ def pytest_configure(config):
     replay_seed()  # a bad RWKV2_TEST_SEED stops the run with one line, before any test
 
 
+# The longest files, longest first: whole-suite time per file with two pytest processes on the
+# 2-core box (`python -m pytest -q -n 2 --dist loadfile --durations=60`, 2026-12-06).
+LONGEST_FILES = ("test_multiprocess.py", "test_wkv_kernel.py", "test_decode_step.py", "test_train.py",
+                 "test_bench.py", "test_generate.py", "test_notebooks.py", "test_eval.py", "test_cli.py",
+                 "test_train_faults.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest files first: `-n 2 --dist loadfile` hands out whole files in this order, and
+    a long file handed out last would leave the other process idle while it runs."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture
 def seed() -> int:
     """A fresh seed per test, printed (pytest shows it with a failure); RWKV2_TEST_SEED=<seed> replays it."""

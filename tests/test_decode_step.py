@@ -163,7 +163,6 @@ def test_decode_step_with_padded_rows(release_files, impl, rng):
     pytest.param("ffn_pre", "float32", {}, marks=pytest.mark.slow), ("ffn_pre", "bfloat16", {}),
     # without the L2 hints (DecodeOptions.stream_weights): XLA's head
     pytest.param("plain", "bfloat16", {"stream_weights": False}, marks=pytest.mark.slow),
-    pytest.param("ffn_pre", "float32", {"stream_weights": False}, marks=pytest.mark.slow),
 ], ids=lambda v: "-".join(f"{k}={w}" for k, w in v.items()) if isinstance(v, dict) else v)
 def test_fused_decode_step(release_files, variant, dtype, options, rng):
     """With Pallas kernels the step is four fused kernels per layer (pallas_kernels.decode;
