@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels.wkv as wkv_kernels
+from rwkv2_jax.cli.demo import DEMO_TEXT, char_tokenizer
 from rwkv2_jax.testing.release_checkpoint import make_release_state_dict, write_release_checkpoint
 from tests.interpret import SHORT_LOOPS
 
@@ -36,6 +37,17 @@ def release_files(tmp_path_factory):
             root / "ffnpre.pth", make_release_state_dict(**SMALL, seed=2, ffn_pre=True)
         ),
     }
+
+
+@pytest.fixture(scope="session")
+def char_release(tmp_path_factory):
+    """(release checkpoint, tokenizer.json, its state dict): a random L2-D16 model whose vocab
+    is the demo text's character tokenizer, for the sample CLI's tests."""
+    root = tmp_path_factory.mktemp("char_release")
+    tok = char_tokenizer(DEMO_TEXT)
+    tok.save(str(root / "tokenizer.json"))
+    sd = make_release_state_dict(n_layer=2, n_embd=16, vocab_size=tok.get_vocab_size(), seed=3)
+    return write_release_checkpoint(root / "model.pth", sd), root / "tokenizer.json", sd
 
 
 def replay_seed() -> int | None:

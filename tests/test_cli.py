@@ -19,16 +19,6 @@ from tests.conftest import REPO, one_line_error, real_tokenizer_path
 from rwkv2_jax.testing.release_checkpoint import make_release_state_dict, write_release_checkpoint
 
 
-@pytest.fixture(scope="module")
-def char_setup(tmp_path_factory):
-    """A random release checkpoint whose vocab fits a character tokenizer, plus that tokenizer."""
-    root = tmp_path_factory.mktemp("cli")
-    tok = char_tokenizer(DEMO_TEXT)
-    tok.save(str(root / "tokenizer.json"))
-    sd = make_release_state_dict(n_layer=2, n_embd=16, vocab_size=tok.get_vocab_size(), seed=3)
-    return write_release_checkpoint(root / "model.pth", sd), root / "tokenizer.json"
-
-
 # --- convert --------------------------------------------------------------------------
 
 
@@ -72,8 +62,8 @@ def test_convert_help():
 
 
 @pytest.mark.slow
-def test_sample_streams_text_in_a_subprocess(char_setup):
-    ckpt, tok = char_setup
+def test_sample_streams_text_in_a_subprocess(char_release):
+    ckpt, tok, _ = char_release
     r = subprocess.run(
         [sys.executable, "sample.py", "--checkpoint", str(ckpt), "--tokenizer", str(tok),
          "--prompt", "The time", "--tokens", "30", "--seed", "1", "--num-samples", "2"],
@@ -85,8 +75,8 @@ def test_sample_streams_text_in_a_subprocess(char_setup):
 
 
 @pytest.mark.slow
-def test_sample_greedy_equals_gpt_argmax(char_setup, capsys):
-    ckpt, tok_path = char_setup
+def test_sample_greedy_equals_gpt_argmax(char_release, capsys):
+    ckpt, tok_path, _ = char_release
     assert sample.main(["--checkpoint", str(ckpt), "--tokenizer", str(tok_path), "--prompt", "RWKV",
                         "--tokens", "6", "--temperature", "0"]) == 0
     text = capsys.readouterr().out.strip("\n")
@@ -101,8 +91,8 @@ def test_sample_greedy_equals_gpt_argmax(char_setup, capsys):
 
 
 @pytest.mark.slow
-def test_sample_presence_penalty_and_bfloat16(char_setup, capsys):
-    ckpt, tok_path = char_setup
+def test_sample_presence_penalty_and_bfloat16(char_release, capsys):
+    ckpt, tok_path, _ = char_release
     args = ["--checkpoint", str(ckpt), "--tokenizer", str(tok_path), "--prompt", "RWKV", "--tokens", "12",
             "--temperature", "0"]
     assert sample.main(args + ["--presence-penalty", "1e6"]) == 0
@@ -117,15 +107,15 @@ def test_sample_presence_penalty_and_bfloat16(char_setup, capsys):
 
 
 @pytest.mark.parametrize("name", ["20B_tokenizer.json", "tokenizer.json"])
-def test_sample_finds_tokenizer_next_to_checkpoint(char_setup, tmp_path, capsys, name):
-    ckpt, tok = char_setup
+def test_sample_finds_tokenizer_next_to_checkpoint(char_release, tmp_path, capsys, name):
+    ckpt, tok, _ = char_release
     (tmp_path / "m.pth").write_bytes(ckpt.read_bytes())
     (tmp_path / name).write_bytes(tok.read_bytes())
     assert sample.main(["--checkpoint", str(tmp_path / "m.pth"), "--tokens", "3"]) == 0
 
 
-def test_sample_draws_a_fresh_seed_and_says_how_to_repeat_it(char_setup, capsys):
-    ckpt, tok = char_setup
+def test_sample_draws_a_fresh_seed_and_says_how_to_repeat_it(char_release, capsys):
+    ckpt, tok, _ = char_release
     args = ["--checkpoint", str(ckpt), "--tokenizer", str(tok), "--prompt", "The", "--tokens", "24"]
     assert sample.main(args) == 0
     captured = capsys.readouterr()
@@ -135,15 +125,15 @@ def test_sample_draws_a_fresh_seed_and_says_how_to_repeat_it(char_setup, capsys)
     assert again.out == captured.out and "rerun with" not in again.err
 
 
-def test_sample_native_checkpoint(char_setup, tmp_path, capsys):
-    ckpt, tok = char_setup
+def test_sample_native_checkpoint(char_release, tmp_path, capsys):
+    ckpt, tok, _ = char_release
     rw.save(rw.load_torch(ckpt, verbose=False), tmp_path / "m.safetensors")
     assert sample.main(["--checkpoint", str(tmp_path / "m.safetensors"), "--tokenizer", str(tok),
                         "--tokens", "3", "--prompt-file", str(tok)]) == 0
 
 
-def test_sample_bad_inputs(char_setup, tmp_path, capsys):
-    ckpt, tok = char_setup
+def test_sample_bad_inputs(char_release, tmp_path, capsys):
+    ckpt, tok, _ = char_release
     base = ["--tokenizer", str(tok), "--tokens", "2"]
     one_line_error(capsys, sample.main(["--checkpoint", str(tmp_path / "no.pth")] + base), "no.pth")
     trunc = tmp_path / "trunc.pth"

@@ -13,7 +13,6 @@ import torch
 
 import rwkv2_jax as rw
 from rwkv2_jax.cli import sample
-from rwkv2_jax.cli.demo import DEMO_TEXT, char_tokenizer
 from rwkv2_jax.formats import CheckpointError
 from rwkv2_jax.generation.generator import generate, stream
 from rwkv2_jax.generation.sampling import (NONFINITE, PENALTY_BOUND, TEMPERATURE_FLOOR, SamplingParams, draw,
@@ -21,7 +20,7 @@ from rwkv2_jax.generation.sampling import (NONFINITE, PENALTY_BOUND, TEMPERATURE
 from rwkv2_jax.generation.state_file import save_state
 from rwkv2_jax.model import State
 from tests.conftest import REPO, SMALL, one_line_error, real_tokenizer_path
-from rwkv2_jax.testing.release_checkpoint import make_release_state_dict, write_release_checkpoint
+from rwkv2_jax.testing.release_checkpoint import write_release_checkpoint
 
 V = SMALL["vocab_size"]
 PROMPTS = [[5, 9, 2], list(range(1, 12))]
@@ -160,15 +159,6 @@ def test_nan_reached_mid_generation_names_the_step(release_files):
 # --- sample.py -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def char_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults_sample")
-    tok = char_tokenizer(DEMO_TEXT)
-    tok.save(str(root / "tokenizer.json"))
-    sd = make_release_state_dict(n_layer=2, n_embd=16, vocab_size=tok.get_vocab_size(), seed=3)
-    return write_release_checkpoint(root / "model.pth", sd), root / "tokenizer.json", sd
-
-
 def run_sample(*argv):
     """sample.main's exit status; argparse errors give theirs through SystemExit."""
     try:
@@ -178,8 +168,8 @@ def run_sample(*argv):
     return code
 
 
-def test_sample_tiny_temperature_prints_the_greedy_text(char_setup, capsys):
-    ckpt, tok, _ = char_setup
+def test_sample_tiny_temperature_prints_the_greedy_text(char_release, capsys):
+    ckpt, tok, _ = char_release
     base = ["--checkpoint", str(ckpt), "--tokenizer", str(tok), "--prompt", "The", "--tokens", "8"]
     assert sample.main(base + ["--temperature", "0"]) == 0
     greedy = capsys.readouterr().out
@@ -189,8 +179,8 @@ def test_sample_tiny_temperature_prints_the_greedy_text(char_setup, capsys):
     assert "below 0.0001: greedy" in captured.err
 
 
-def test_sample_huge_values_are_validated_or_clamped(char_setup, capsys):
-    ckpt, tok, _ = char_setup
+def test_sample_huge_values_are_validated_or_clamped(char_release, capsys):
+    ckpt, tok, _ = char_release
     base = ["--checkpoint", str(ckpt), "--tokenizer", str(tok), "--tokens", "3"]
     assert sample.main(base + ["--top-k", "1099511627776"]) == 0
     assert "--top-k 1099511627776 >= the vocabulary" in capsys.readouterr().err
@@ -202,8 +192,8 @@ def test_sample_huge_values_are_validated_or_clamped(char_setup, capsys):
     assert sample.main(base + ["--seed", str(2**32 - 1), "--num-samples", "2"]) == 0  # seeds wrap past 2^32
 
 
-def test_sample_nonfinite_weights(char_setup, tmp_path, capsys):
-    _, tok, sd = char_setup
+def test_sample_nonfinite_weights(char_release, tmp_path, capsys):
+    _, tok, sd = char_release
     sd = {k: v.clone() for k, v in sd.items()}
     sd["blocks.0.ffn.key.weight"][2, 3] = float("nan")
     ckpt = write_release_checkpoint(tmp_path / "nan.pth", sd)
@@ -212,8 +202,8 @@ def test_sample_nonfinite_weights(char_setup, tmp_path, capsys):
     one_line_error(capsys, sample.main(base + ["--allow-nonfinite"]), "row 0: the model's logits are not finite")
 
 
-def test_sample_reads_a_misnamed_checkpoint(char_setup, tmp_path, capsys):
-    ckpt, tok, _ = char_setup
+def test_sample_reads_a_misnamed_checkpoint(char_release, tmp_path, capsys):
+    ckpt, tok, _ = char_release
     misnamed = tmp_path / "model.safetensors"
     misnamed.write_bytes(ckpt.read_bytes())
     assert sample.main(["--checkpoint", str(misnamed), "--tokenizer", str(tok), "--tokens", "2"]) == 0
