@@ -1,9 +1,9 @@
 """train.py --distributed with real processes: two processes of two CPU devices each (gloo
 collectives, a coordinator on 127.0.0.1 at a free port), as two hosts would run.
 
-They train to the parameters of one 4-device process (plain data parallel, and fsdp 4 with
-parameters sharded across the processes); after a SIGKILLed process and after a SIGTERM to
-both, the same command resumes bit-exactly; a missing peer, per-process out-dirs and
+They train to the parameters of one 4-device process (fsdp 4: parameters and optimizer state
+sharded across the processes, the batch split over all four devices); after a SIGKILLed process
+and after a SIGTERM to both, the same command resumes bit-exactly; a missing peer, per-process out-dirs and
 per-process data files end in one line. Every process is bounded and killed with SIGKILL;
 they share one compilation cache (process 0 writes it).
 """
@@ -30,6 +30,7 @@ from tests.train_support import (
 pytestmark = pytest.mark.slow
 
 STEPS = 16
+FSDP = ("--fsdp", "4")
 TIMEOUT = 300  # seconds: the most any process may take (a busy 2-core box included)
 
 
@@ -66,20 +67,15 @@ def finish(procs, pair, codes=(0, 0)):
 
 @pytest.fixture(scope="module")
 def references(box, tmp_path_factory):
-    """Uninterrupted runs, all at once: 2 processes and 1 process of 4 devices, fsdp 1 and 4."""
+    """(two, one): out-dirs of uninterrupted runs, at once: 2 processes, and 1 process of 4 devices."""
     root = tmp_path_factory.mktemp("references")
-    out = {}
+    two, one = root / "two", root / "one"
     with Procs(root / "logs") as procs:
-        started = []
-        for fsdp in (1, 4):
-            two, one = root / f"two-fsdp{fsdp}", root / f"one-fsdp{fsdp}"
-            started.append(start_pair(procs, box, lambda i: run_args(box, two, "--fsdp", str(fsdp)), f"two{fsdp}"))
-            started.append([procs.start(["train.py", *run_args(box, one, "--fsdp", str(fsdp))],
-                                        cpu_env(4, box[1]), f"one{fsdp}")])
-            out[fsdp] = (two, one)
-        for group in started:
-            finish(procs, group, codes=(0,) * len(group))
-    return out
+        pair = start_pair(procs, box, lambda i: run_args(box, two, *FSDP), "two")
+        single = procs.start(["train.py", *run_args(box, one, *FSDP)], cpu_env(4, box[1]), "one")
+        finish(procs, pair)
+        finish(procs, [single], codes=(0,))
+    return two, one
 
 
 def sharding_of(out_dir, step: int, name: str) -> dict:
@@ -89,9 +85,8 @@ def sharding_of(out_dir, step: int, name: str) -> dict:
     return json.loads(found) if isinstance(found, str) else found
 
 
-@pytest.mark.parametrize("fsdp", [1, 4])
-def test_two_processes_equal_one_process_of_four_devices(references, fsdp):
-    two, one = references[fsdp]
+def test_two_processes_equal_one_process_of_four_devices(references):
+    two, one = references
     a, b = final_arrays(two), final_arrays(one)
     assert sorted(a) == sorted(b)
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
@@ -99,17 +94,14 @@ def test_two_processes_equal_one_process_of_four_devices(references, fsdp):
     stored = sharding_of(two, STEPS, "params.blocks_0.ffn.key.kernel")
     devices = {d["id"] for row in stored["device_mesh"]["mesh"] for d in row}
     assert len(devices) == 4 and len({d // 2048 for d in devices}) == 2  # both processes' devices
-    if fsdp == 4:
-        assert "fsdp" in json.dumps(stored["partition_spec"]) and stored["shape"] == [1, 4]
-    else:
-        assert stored["partition_spec"] == [] and stored["shape"] == [4, 1]
+    assert "fsdp" in json.dumps(stored["partition_spec"]) and stored["shape"] == [1, 4]
 
 
 def test_sigkill_one_then_sigterm_both_resume_bit_exactly(box, references, tmp_path):
     """SIGKILL process 1 mid-run (then its peer, which waits on it), restart both; SIGTERM both
     as they start: one checkpoint at one step, exit 75; restart both: the uninterrupted bits."""
     out = tmp_path / "run"
-    args = run_args(box, out, "--save-every", "2")
+    args = run_args(box, out, *FSDP, "--save-every", "2")
     with Procs(tmp_path / "logs") as procs:
         pair = start_pair(procs, box, lambda i: args, "killed")
         procs.wait_for(lambda: max(checkpoint_steps(out), default=0) >= 4, pair[0], TIMEOUT, "checkpoint 4")
@@ -132,7 +124,7 @@ def test_sigkill_one_then_sigterm_both_resume_bit_exactly(box, references, tmp_p
 
         logs = finish(procs, start_pair(procs, box, lambda i: args, "rerun"))
         assert f"resuming from {out.absolute() / 'checkpoints' / str(stopped)}" in logs[0]
-    assert same_arrays(final_arrays(out), final_arrays(references[1][0]))
+    assert same_arrays(final_arrays(out), final_arrays(references[0]))
 
 
 def test_missing_peer_is_one_line_within_the_init_timeout(box, tmp_path):
