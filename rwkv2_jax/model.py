@@ -105,6 +105,61 @@ def _mix(x, prev, time_mix):
     return x * time_mix + token_shift(x, prev) * (1.0 - time_mix)
 
 
+@jax.custom_vjp
+def embed(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """table[tokens]: rows of the embedding table [V, C] for int tokens [...] -> [..., C].
+
+    Its gradient adds each token's rows in a fixed order (`_sorted_row_sums`): repeatable bit
+    for bit with no scatter. Under XLA's deterministic ops a scatter-add sorts every gradient
+    row along with its index, 3.7 ms of the bf16 L24-D1024 step (B = 8, T = 768) on an H100,
+    where this takes about 0.2 ms (python3 bench/profile.py train; docs/PERF.md).
+    """
+    return jnp.take(table, tokens, axis=0)
+
+
+def _embed_fwd(table, tokens):
+    return embed(table, tokens), (tokens, table.shape[0])
+
+
+def _embed_bwd(res, d_rows):
+    tokens, V = res
+    d_rows = d_rows.reshape(-1, d_rows.shape[-1])
+    return _sorted_row_sums(tokens.reshape(-1), d_rows, V).astype(d_rows.dtype), None
+
+
+embed.defvjp(_embed_fwd, _embed_bwd)
+
+
+def _sorted_row_sums(ids: jax.Array, rows: jax.Array, n: int) -> jax.Array:
+    """out[v] = sum of rows[i] where ids[i] == v, for v < n ([N], [N, C] -> [n, C]), with no
+    scatter: sort the ids, sum each run of equal ids with a segmented scan, read each run's total."""
+    order = jnp.argsort(ids, stable=True)
+    ids, rows = ids[order], rows[order]
+    starts = jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])
+
+    def add_within_runs(a, b):
+        start_a, sum_a = a
+        start_b, sum_b = b
+        return start_a | start_b, jnp.where(start_b[:, None], sum_b, sum_a + sum_b)
+
+    _, totals = jax.lax.associative_scan(add_within_runs, (starts, rows))  # a run's total at its last row
+    vocab = jnp.arange(n, dtype=ids.dtype)
+    last = jnp.maximum(jnp.searchsorted(ids, vocab, side="right") - 1, 0)
+    return jnp.where((ids[last] == vocab)[:, None], totals[last], 0)
+
+
+class Embedding(nn.Module):
+    """The embedding table [V, C] ("embedding", as flax's nn.Embed names it) and its lookup."""
+
+    vocab_size: int
+    features: int
+
+    @nn.compact
+    def __call__(self, tokens):
+        table = self.param("embedding", nn.initializers.normal(1e-5), (self.vocab_size, self.features))
+        return embed(table, tokens)
+
+
 def _dense(features: int, name: str, init, dtype, precision):
     return nn.Dense(features, use_bias=False, kernel_init=init, dtype=dtype, precision=precision, name=name)
 
@@ -216,9 +271,7 @@ class RWKV(nn.Module):
         B = tokens.shape[0]
         if state is None:
             state = init_state(cfg, B)
-        x = nn.Embed(
-            cfg.vocab_size, cfg.n_embd, embedding_init=nn.initializers.normal(1e-5), name="emb"
-        )(tokens).astype(jnp.float32)  # [B, T, C]
+        x = Embedding(cfg.vocab_size, cfg.n_embd, name="emb")(tokens).astype(jnp.float32)  # [B, T, C]
         new = []
         for i in range(cfg.n_layer):
             layer = block(cfg, i, self.dtype, self.wkv_impl, self.precision, name=f"blocks_{i}")

@@ -17,11 +17,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 
 import rwkv2_jax as rw
 from rwkv2_jax.cli import train
+from rwkv2_jax.model import embed
 from rwkv2_jax.training import trainer as tr
 from rwkv2_jax.training.data import WindowSampler
 from rwkv2_jax.training.sharding import make_mesh
@@ -83,6 +85,34 @@ def test_loss_and_grad_errors(release_files):
 
 
 # --- the optimizer recipe ----------------------------------------------------------------
+
+
+def test_embedding_gradient_sums_each_tokens_rows(rng):
+    """The embedding's gradient (rwkv2_jax.model.embed, no scatter) is, per vocabulary row, the
+    sum of the output gradients of the positions holding that token: repeated tokens, tokens
+    that never occur, and odd shapes; computed twice, the same bits."""
+    for shape, V, C in (((3, 7), 11, 5), ((1, 1), 4, 3), ((2, 33), 97, 8)):
+        table = jnp.asarray(rng.standard_normal((V, C)), jnp.float32)
+        tokens = rng.integers(0, V // 2 + 1, shape)  # half the vocabulary unused, many repeats
+        d_rows = rng.standard_normal((*shape, C)).astype(np.float32)
+        out, vjp = jax.vjp(lambda t: embed(t, jnp.asarray(tokens)), table)
+        np.testing.assert_array_equal(out, np.asarray(table)[tokens])
+        (got,) = jax.jit(vjp)(jnp.asarray(d_rows))
+        want = np.zeros((V, C))
+        np.add.at(want, tokens.reshape(-1), d_rows.reshape(-1, C).astype(np.float64))
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max(), err_msg=str(shape))
+        assert np.array_equal(got, jax.jit(vjp)(jnp.asarray(d_rows))[0])
+
+
+def test_token_nll_is_optax_cross_entropy(rng):
+    """The loss picks the target logit without a gather: the same values and gradients as optax's."""
+    logits = jnp.asarray(rng.standard_normal((2, 5, 13)) * 4, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 13, (2, 5)))
+    want = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    np.testing.assert_allclose(tr.token_nll(logits, targets), want, rtol=1e-6, atol=1e-6)
+    g = jax.grad(lambda x: tr.cross_entropy(x, targets))(logits)
+    g_want = jax.grad(lambda x: optax.softmax_cross_entropy_with_integer_labels(x, targets).mean())(logits)
+    np.testing.assert_allclose(g, g_want, rtol=1e-6, atol=1e-7)
 
 
 def test_schedules():
