@@ -138,8 +138,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--fsdp", type=int, default=1, help="fsdp axis: shard parameters and optimizer state over this many devices (default 1)")
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
                    help="GPU: XLA's deterministic ops (--xla_gpu_deterministic_ops), so a step is a pure function "
-                        "of (state, batch) and a resumed run is bit-exact (default on; without them, repeated "
-                        "steps on an H200 differed in the last bits; they cost ~7%% of the bf16 step of L24-D1024 there)")
+                        "of (state, batch) and a resumed run is bit-exact (default on; they cost ~1%% of the bf16 step "
+                        "of L24-D1024 on an H100, docs/PERF.md)")
     g.add_argument("--distributed", action="store_true",
                    help="multi-host: call jax.distributed.initialize() first; under Slurm, Open MPI or Kubernetes "
                         "it finds the coordinator itself, elsewhere give the three flags below")
