@@ -244,5 +244,7 @@ def test_bfloat16_weights_keep_vectors_float32(model):
     logits, state = prompt_logits(half, PROMPTS)
     want, _ = prompt_logits(model, PROMPTS)
     assert all(x.dtype == jnp.float32 for x in state)
-    np.testing.assert_allclose(logits, want, atol=0.1 * float(jnp.std(want)))
+    # bf16 weights through three layers: 1.9% of the logits' norm here (2.0% with XLA's
+    # optimisation passes off, as the suite compiles), one weight rounding per product.
+    assert np.linalg.norm(np.asarray(logits) - want) <= 3e-2 * np.linalg.norm(want)
     assert all(len(row) == 5 for row in generate(half, PROMPTS, 5, seed=0))
