@@ -78,16 +78,17 @@ def check(args) -> str:  # runs in a subprocess (--one check)
     from rwkv2_jax.training import trainer as tr
     from rwkv2_jax.training.sharding import make_mesh
 
-    config = rw.RWKVConfig(n_layer=2, n_embd=128, vocab_size=97)
+    C, T = min(128, args.width), min(128, args.ctx)  # L2-D128, T = 128; smaller for --smoke
+    config = rw.RWKVConfig(n_layer=2, n_embd=C, vocab_size=97)
     model = rw.init(config, seed=0, wkv_impl="reference")
     # Random weights everywhere (the original init zeroes several), so every path is exercised.
     leaves, treedef = jax.tree.flatten(jax.device_get(model.params))
     r = np.random.default_rng(0)
     params = jax.tree.unflatten(treedef, [x + 0.1 * r.standard_normal(x.shape).astype(np.float32) for x in leaves])
-    windows = r.integers(0, 97, (1, 8, 129)).astype(np.int32)
+    windows = r.integers(0, 97, (1, 8, T + 1)).astype(np.int32)
     out = {}
     for impl in ("reference", args.wkv_impl):
-        cfg = tr.TrainConfig(ctx_len=128, batch_size=8, epochs=1, epoch_steps=2, dtype="float32",
+        cfg = tr.TrainConfig(ctx_len=T, batch_size=8, epochs=1, epoch_steps=2, dtype="float32",
                              precision="highest", wkv_impl=impl)
         s = tr.setup(config, cfg, make_mesh(1, 1))
         _, m = s.train_step(s.init_state(params), s.put_batch(windows))
@@ -95,7 +96,7 @@ def check(args) -> str:  # runs in a subprocess (--one check)
     (l0, g0), (l1, g1) = out["reference"], out[args.wkv_impl]
     dl, dg = abs(l1 - l0) / abs(l0), abs(g1 - g0) / abs(g0)
     ok = dl < 1e-5 and dg < 1e-4
-    return (f"check {args.wkv_impl} vs reference (L2-D128, B=8, T=128, float32): loss {l1:.6f} vs {l0:.6f} "
+    return (f"check {args.wkv_impl} vs reference (L2-D{C}, B=8, T={T}, float32): loss {l1:.6f} vs {l0:.6f} "
             f"(rel {dl:.1e}), grad norm rel {dg:.1e}: {'OK' if ok else 'MISMATCH'}")
 
 
