@@ -111,7 +111,7 @@ def embed(table: jax.Array, tokens: jax.Array) -> jax.Array:
 
     Its gradient adds each token's rows in a fixed order (`_sorted_row_sums`): repeatable bit
     for bit with no scatter. Under XLA's deterministic ops a scatter-add sorts every gradient
-    row along with its index, 3.7 ms of the bf16 L24-D1024 step (B = 8, T = 768) on an H100,
+    row along with its index, 3.5 ms of the bf16 L24-D1024 step (B = 8, T = 768) on an H100,
     where this takes about 0.2 ms (python3 bench/profile.py train; docs/PERF.md).
     """
     return jnp.take(table, tokens, axis=0)

@@ -2,9 +2,9 @@
 collectives, a coordinator on 127.0.0.1 at a free port), as two hosts would run.
 
 They train to the parameters of one 4-device process (fsdp 4: parameters and optimizer state
-sharded across the processes, the batch split over all four devices); after a SIGKILLed process
-and after a SIGTERM to both, the same command resumes bit-exactly; a missing peer, per-process out-dirs and
-per-process data files end in one line. Every process is bounded and killed with SIGKILL;
+sharded across the processes, the batch split over all four devices); after a SIGKILLed
+process and after a SIGTERM to both, the same command resumes bit-exactly; a missing peer,
+per-process out-dirs and per-process data files end in one line. Every process is bounded and killed with SIGKILL;
 they share one compilation cache (process 0 writes it).
 """
 
