@@ -1,4 +1,5 @@
-"""Training: loss and gradients vs the PyTorch reference, the optimizer recipe, gradient
+"""Training: loss and gradients vs the PyTorch reference (and the embedding gradient and the
+loss, which use no scatter, against a plain sum and optax), the optimizer recipe, gradient
 accumulation, mixed precision, sharded steps, the train.py CLI (loss falls, exports, exact
 resume after a stop and after SIGKILL, context extension, log lines) and its one-line errors.
 Faults (NaN, failing disks, signals) are in test_train_faults.py, several processes in
@@ -84,9 +85,6 @@ def test_loss_and_grad_errors(release_files):
         tr.loss_and_grad(model, np.zeros((2, 5), int), targets)
 
 
-# --- the optimizer recipe ----------------------------------------------------------------
-
-
 def test_embedding_gradient_sums_each_tokens_rows(rng):
     """The embedding's gradient (rwkv2_jax.model.embed, no scatter) is, per vocabulary row, the
     sum of the output gradients of the positions holding that token: repeated tokens, tokens
@@ -113,6 +111,9 @@ def test_token_nll_is_optax_cross_entropy(rng):
     g = jax.grad(lambda x: tr.cross_entropy(x, targets))(logits)
     g_want = jax.grad(lambda x: optax.softmax_cross_entropy_with_integer_labels(x, targets).mean())(logits)
     np.testing.assert_allclose(g, g_want, rtol=1e-6, atol=1e-7)
+
+
+# --- the optimizer recipe ----------------------------------------------------------------
 
 
 def test_schedules():
