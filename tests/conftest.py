@@ -73,6 +73,15 @@ def pytest_configure(config):
     jax.config.update("jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1")
 
 
+@pytest.fixture
+def xla_optimized():
+    """XLA's optimisation passes on for one test, for the few whose programs run long enough
+    that running them costs more than compiling them."""
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1")
+
+
 # The longest files, longest first: whole-suite time per file with two pytest processes on the
 # 2-core box (`python -m pytest -q -n 2 --dist loadfile --durations=0`, 2026-12-06).
 LONGEST_FILES = ("test_wkv_kernel.py", "test_train.py", "test_decode_step.py", "test_notebooks.py",

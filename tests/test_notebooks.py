@@ -141,7 +141,7 @@ def test_readme_has_python_snippets_that_start_from_text():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("heading, code", PYTHON_BLOCKS, ids=[h for h, _ in PYTHON_BLOCKS])
-def test_readme_python_snippet_runs_as_written(heading, code, release_stand_ins, monkeypatch, capsys):
+def test_readme_python_snippet_runs_as_written(heading, code, release_stand_ins, monkeypatch, capsys, xla_optimized):
     monkeypatch.chdir(release_stand_ins)
     exec(compile(code, f"README.md ({heading})", "exec"), {"__name__": "__readme__"})
 

@@ -311,7 +311,7 @@ def test_rejects_bad_shapes():
 
 
 @pytest.mark.parametrize("variant", ["linear", "log", "state"])
-def test_lowers_to_triton_without_scalar_selects(variant, monkeypatch, capsys):
+def test_lowers_to_triton_without_scalar_selects(variant, monkeypatch, capsys, xla_optimized):
     """Lower every kernel to Triton IR for CUDA (works without a GPU) and read the IR.
 
     Interpret mode cannot see lowering bugs. This catches two kinds: a kernel that does not
