@@ -219,7 +219,7 @@ def test_detokenizer_streams_exactly_the_decoded_text(rng):
     text = "naïve café 世界 🎉🦀 — ünïcödé\n" + "".join(chr(int(c)) for c in rng.integers(0x20, 0x2FFF, 200))
     ids = tok.encode(text).ids + rng.integers(1, tok.get_vocab_size(), 300).tolist()
     detok = rw.Tokenizer(tok).decode_stream()
-    pieces = [detok.push(t) for t in ids]
+    pieces = [detok.push(t) for t in ids] + [detok.flush()]  # flush: an unfinished last character
     assert "".join(pieces) == tok.decode(ids)
     assert "\ufffd" not in "".join(pieces[: len(tok.encode(text).ids)])  # split characters wait for their bytes
     emoji, detok = tok.encode("🦀").ids, rw.Tokenizer(tok).decode_stream()
