@@ -99,10 +99,10 @@ def token_shift(x: jax.Array, prev: jax.Array) -> jax.Array:
     return jnp.concatenate([prev[:, None, :].astype(x.dtype), x[:, :-1, :]], axis=1)
 
 
-def _mix(x, prev, time_mix):
-    """xx_t = x_t * mix + x_{t-1} * (1 - mix), one `time_mix` per mix (spec, **v2**)."""
-    time_mix = time_mix.astype(jnp.float32)
-    return x * time_mix + token_shift(x, prev) * (1.0 - time_mix)
+def _mix(x, prev, time_mix, dtype):
+    """xx_t = x_t * mix + x_{t-1} * (1 - mix), one `time_mix` per mix (spec, **v2**), in `dtype`."""
+    x, prev, time_mix = x.astype(dtype), prev.astype(dtype), time_mix.astype(dtype)
+    return x * time_mix + token_shift(x, prev) * (1 - time_mix)
 
 
 @jax.custom_vjp
@@ -164,6 +164,17 @@ def _dense(features: int, name: str, init, dtype, precision):
     return nn.Dense(features, use_bias=False, kernel_init=init, dtype=dtype, precision=precision, name=name)
 
 
+class _Kernel(nn.Module):
+    """A matrix parameter [in, out] named "kernel", as nn.Dense names its own."""
+
+    shape: Tuple[int, int]
+    init: object
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", self.init, self.shape)
+
+
 def _layer_norm(name: str):
     return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name=name)
 
@@ -181,16 +192,23 @@ class ChannelMix(nn.Module):
     config: RWKVConfig
     dtype: jnp.dtype = jnp.float32
     precision: Optional[str] = None
+    mix_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, prev, lengths=None):  # x [B, T, C] (LN output), prev [B, C]
         C = self.config.n_embd
         time_mix = self.param("time_mix", _time_mix_init, (C,))
-        xx = _mix(x, prev, time_mix)
-        k = _dense(4 * C, "key", _LINEAR_INIT, self.dtype, self.precision)(xx)  # [B, T, 4C]
+        xx = _mix(x, prev, time_mix, self.mix_dtype).astype(self.dtype)
+        # Key and receptance as one product with their matrices side by side: the backward pass
+        # then gets d(xx) from one product over one gradient buffer, where XLA would otherwise
+        # copy the two gradients into one (docs/PERF.md, "Training step").
+        w_key = _Kernel((C, 4 * C), _LINEAR_INIT, name="key")()
+        w_receptance = _Kernel((C, C), _ZERO_INIT, name="receptance")()
+        w = jnp.concatenate([w_key, w_receptance], axis=1).astype(self.dtype)
+        kr = jax.lax.dot_general(xx, w, (((xx.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        k, r = kr[..., : 4 * C], kr[..., 4 * C :]  # [B, T, 4C], [B, T, C]
         k = jnp.square(jax.nn.relu(k))
         kv = _dense(C, "value", _ZERO_INIT, self.dtype, self.precision)(k)  # [B, T, C]
-        r = _dense(C, "receptance", _ZERO_INIT, self.dtype, self.precision)(xx)
         out = jax.nn.sigmoid(r.astype(jnp.float32)) * kv.astype(jnp.float32)
         return out, last_valid(x, lengths)
 
@@ -203,6 +221,7 @@ class TimeMix(nn.Module):
     dtype: jnp.dtype = jnp.float32
     wkv_impl: str = "auto"
     precision: Optional[str] = None
+    mix_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, prev, wkv_state: WKVState, lengths=None):  # x [B, T, C], prev [B, C]
@@ -211,7 +230,7 @@ class TimeMix(nn.Module):
         time_decay = self.param("time_decay", _time_decay_init(self.layer_id, cfg.n_layer), (C,))
         time_first = self.param("time_first", _time_first_init, (C,))
         time_mix = self.param("time_mix", _time_mix_init, (C,))
-        xx = _mix(x, prev, time_mix)
+        xx = _mix(x, prev, time_mix, self.mix_dtype)
         k = _dense(C, "key", _ZERO_INIT, self.dtype, self.precision)(xx)  # [B, T, C] K before exp
         v = _dense(C, "value", _LINEAR_INIT, self.dtype, self.precision)(xx)
         r = _dense(C, "receptance", _ZERO_INIT, self.dtype, self.precision)(xx)
@@ -230,20 +249,21 @@ class Block(nn.Module):
     dtype: jnp.dtype = jnp.float32
     wkv_impl: str = "auto"
     precision: Optional[str] = None
+    mix_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, x_att, x_ffn, wkv_state: WKVState, lengths=None):
         cfg = self.config
         x = _layer_norm("ln1")(x)
         if cfg.ffn_pre and self.layer_id == 0:
-            dx, x_att = ChannelMix(cfg, self.dtype, self.precision, name="ffnPre")(x, x_att, lengths)
+            dx, x_att = ChannelMix(cfg, self.dtype, self.precision, self.mix_dtype, name="ffnPre")(x, x_att, lengths)
         else:
             dx, x_att, wkv_state = TimeMix(
-                cfg, self.layer_id, self.dtype, self.wkv_impl, self.precision, name="att"
+                cfg, self.layer_id, self.dtype, self.wkv_impl, self.precision, self.mix_dtype, name="att"
             )(x, x_att, wkv_state, lengths)
         x = x + dx
         x = _layer_norm("ln2")(x)
-        dx, x_ffn = ChannelMix(cfg, self.dtype, self.precision, name="ffn")(x, x_ffn, lengths)
+        dx, x_ffn = ChannelMix(cfg, self.dtype, self.precision, self.mix_dtype, name="ffn")(x, x_ffn, lengths)
         return x + dx, x_att, x_ffn, wkv_state
 
 
@@ -260,6 +280,11 @@ class RWKV(nn.Module):
     # Matmul precision ("highest", "float32", "tensorfloat32", "bfloat16", "default" or None
     # = JAX's default, which may be TF32 on GPUs). Model() uses "highest" for float32 parity.
     precision: Optional[str] = None
+    # The token-shift mixes, which feed only the products. The training step computes them in
+    # its matmul dtype: in bf16 that halves their bytes and those of their gradients, and the
+    # step is 1.7% faster on an H100 (python3 bench/compare.py; docs/PERF.md). Inference keeps
+    # float32: its bf16-weight logits stay twice as close to float32's (tests/test_generate.py).
+    mix_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(
@@ -274,7 +299,7 @@ class RWKV(nn.Module):
         x = Embedding(cfg.vocab_size, cfg.n_embd, name="emb")(tokens).astype(jnp.float32)  # [B, T, C]
         new = []
         for i in range(cfg.n_layer):
-            layer = block(cfg, i, self.dtype, self.wkv_impl, self.precision, name=f"blocks_{i}")
+            layer = block(cfg, i, self.dtype, self.wkv_impl, self.precision, self.mix_dtype, name=f"blocks_{i}")
             x, x_att, x_ffn, wkv_state = layer(
                 x, state.x_att[i], state.x_ffn[i], WKVState(state.aa[i], state.bb[i], state.pp[i]),
                 lengths,

@@ -6,7 +6,8 @@ rate moving from `lr_init` to `lr_final` (cosine or exponential) after an option
 warm-up, and random windows of ctx_len + 1 tokens.
 
 Precision: parameters and optimizer state are float32; `dtype="bfloat16"` computes the
-matmuls in bfloat16 (the model's `dtype`); LayerNorm, the WKV and the loss are float32.
+matmuls and the token-shift mixes that feed them in bfloat16 (the model's `dtype` and
+`mix_dtype`); LayerNorm, the residual stream, the WKV and the loss are float32.
 
 A step is a pure function of (state, windows): windows [A, B, T + 1] are A micro-batches of
 B rows, whose gradients are averaged (gradient accumulation) before one optimizer update.
@@ -183,7 +184,8 @@ def make_module(model_config: RWKVConfig, cfg: TrainConfig, mesh=None) -> RWKV:
         use_mesh = mesh if mesh is not None and mesh.size > 1 else None
         impl = ShardedWKV(impl, use_mesh, from_zero_state=True)
     precision = None if cfg.precision in (None, "default") else cfg.precision
-    return RWKV(model_config, dtype=jnp.dtype(cfg.dtype), wkv_impl=impl, remat=cfg.remat, precision=precision)
+    dtype = jnp.dtype(cfg.dtype)
+    return RWKV(model_config, dtype=dtype, wkv_impl=impl, remat=cfg.remat, precision=precision, mix_dtype=dtype)
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
