@@ -100,6 +100,24 @@ def test_train_smoke():
 
 
 @pytest.mark.slow
+def test_compare_smoke(tmp_path):
+    """Two checkouts side by side: this one, and one whose trainer fails to import, which is
+    reported in its row while the other is still timed (and the script exits 1, not hangs)."""
+    broken = tmp_path / "broken"
+    (broken / "rwkv2_jax" / "training").mkdir(parents=True)
+    (broken / "rwkv2_jax" / "__init__.py").write_text("")
+    (broken / "rwkv2_jax" / "training" / "trainer.py").write_text("raise RuntimeError('broken on purpose')\n")
+    r = subprocess.run([sys.executable, "bench/compare.py", "--smoke", ".", str(broken)], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stdout + r.stderr
+    (rows,) = tables(r.stdout)
+    assert [row["checkout"] for row in rows] == [".", str(broken)]
+    assert rows[0]["vs first"] == "1.000"
+    assert_positive(rows[:1], "tokens/s (median)", "warm-up s")
+    assert "RuntimeError: broken on purpose" in rows[1]["tokens/s (median)"]
+
+
+@pytest.mark.slow
 def test_profile_smoke():
     """A traced decode call; on CPU the trace holds no GPU kernels, so no table."""
     out = run("bench/profile.py", "decode", "--smoke")
