@@ -87,10 +87,13 @@ def test_matvec_smoke():
 
 @pytest.mark.slow
 def test_train_smoke():
-    """The check (chosen WKV vs plain-JAX) in its own process, then the long-context rows, each
-    in its own process: T doubled at half the rows, with remat."""
-    out = run("bench/train.py", "--smoke", "--long-context")
+    """The check (chosen WKV vs plain-JAX) and the bf16-vs-float32 agreement, each in its own
+    process, then the long-context rows, each in its own process: T doubled at half the rows,
+    with remat."""
+    out = run("bench/train.py", "--smoke", "--long-context", "--agreement")
     assert re.search(r"^# check .*: OK$", out, re.M), out
+    agreement = re.search(r"^# agreement .*gradient rel L2 (\S+), .*: (\w+) \(tolerances", out, re.M)
+    assert agreement and agreement.group(2) == "OK" and 0 < float(agreement.group(1)) < 6e-2, out
     assert re.search(r"^# model .*deterministic ops=True$", out, re.M), out
     (rows,) = tables(out)
     assert [(r["compute dtype"], r["T"], r["remat"]) for r in rows] == [
