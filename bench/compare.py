@@ -104,7 +104,7 @@ def worker(args) -> None:
         jax.block_until_ready(m)
         result["warmup_s"] = time.perf_counter() - t0
     except Exception as e:  # noqa: BLE001 - reported in the table; the other checkouts go on
-        result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        result["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
         print(json.dumps(result), flush=True)
         return
     (folder / f"ready{index}").write_text("1")

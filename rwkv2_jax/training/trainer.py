@@ -212,11 +212,6 @@ def loss_fn(module: RWKV, params, inputs: jax.Array, targets: jax.Array) -> jax.
     return cross_entropy(logits, targets)
 
 
-def global_norm(tree) -> jax.Array:
-    """sqrt of the sum of squares of every leaf (the norm that clip_by_global_norm clips)."""
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
 def make_train_step(module: RWKV, optimizer: optax.GradientTransformation, schedule: optax.Schedule):
     """step(state, windows [A, B, T + 1] int32) -> (state, metrics {loss, grad_norm, lr, skipped}).
 
@@ -242,7 +237,7 @@ def make_train_step(module: RWKV, optimizer: optax.GradientTransformation, sched
             (loss, grads), _ = jax.lax.scan(micro, (jnp.float32(0.0), zeros), (inputs, targets))
             loss = loss / A
             grads = jax.tree.map(lambda g: g / A, grads)
-        grad_norm = global_norm(grads)
+        grad_norm = optax.global_norm(grads)  # the norm that clip_by_global_norm clips
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
