@@ -136,8 +136,10 @@ def agreement(args) -> str:  # runs in a subprocess (--one agreement)
         loss, grads = grad_fn(params, tokens[:, :-1], tokens[:, 1:])
         out[dtype] = float(loss), jax.tree_util.tree_flatten_with_path(jax.device_get(grads))[0]
     (l16, g16), (l32, g32) = out["bfloat16"], out["float32"]
-    diff = {"/".join(str(getattr(k, "key", k)) for k in path): (float(np.sum((a.astype(np.float64) - b) ** 2)), float(np.sum(np.square(b, dtype=np.float64))))
-            for (path, a), (_, b) in zip(g16, g32)}
+    diff = {}  # parameter -> (squared L2 of bf16 - float32, squared L2 of float32)
+    for (path, a), (_, b) in zip(g16, g32):
+        b = b.astype(np.float64)
+        diff["/".join(str(getattr(k, "key", k)) for k in path)] = (float(np.sum((a - b) ** 2)), float(np.sum(b * b)))
     whole = math.sqrt(sum(d for d, _ in diff.values()) / sum(n for _, n in diff.values()))
     worst, (d, n) = max(diff.items(), key=lambda kv: kv[1][0] / max(kv[1][1], 1e-300))
     leaf = math.sqrt(d / max(n, 1e-300))

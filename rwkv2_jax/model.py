@@ -14,7 +14,7 @@ The residual is taken around the *normalised* stream (spec, **v2**):
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -168,7 +168,7 @@ class _Kernel(nn.Module):
     """A matrix parameter [in, out] named "kernel", as nn.Dense names its own."""
 
     shape: Tuple[int, int]
-    init: object
+    init: Callable
 
     @nn.compact
     def __call__(self):
