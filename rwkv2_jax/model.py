@@ -148,6 +148,19 @@ def _sorted_row_sums(ids: jax.Array, rows: jax.Array, n: int) -> jax.Array:
     return jnp.where((ids[last] == vocab)[:, None], totals[last], 0)
 
 
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log softmax(logits)[target] per position: logits [..., V], targets [...] int -> [...] float32.
+
+    The target's logit is picked by a comparison with the vocabulary, not a gather, whose
+    gradient is a scatter into [B, T, V]: the loss's share of the bf16 L24-D1024 step on an
+    H100 is 0.5 ms this way, 1.1 ms with optax's gather (python3 bench/profile.py train;
+    docs/PERF.md).
+    """
+    logits = logits.astype(jnp.float32)
+    is_target = jnp.arange(logits.shape[-1]) == targets[..., None]
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+
+
 class Embedding(nn.Module):
     """The embedding table [V, C] ("embedding", as flax's nn.Embed names it) and its lookup."""
 

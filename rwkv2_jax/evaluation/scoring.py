@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm  # plain text bars: tqdm.auto warns in a notebook without ipywidgets
 
 from rwkv2_jax.handle import Model
-from rwkv2_jax.model import State
+from rwkv2_jax.model import State, token_nll
 from rwkv2_jax.xla import jit
 
 # <|endoftext|> in the 20B tokenizer. An empty context is replaced by this one token,
@@ -52,8 +52,7 @@ def bucket_length(n: int) -> int:
 def _score_tokens(module, params, tokens, targets):
     """tokens, targets [B, T] -> (log p(target) [B, T] float32, target is the argmax [B, T] bool)."""
     logits, _ = module.apply({"params": params}, tokens)  # [B, T, V] float32
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, T]
+    target_logp = -token_nll(logits, targets)  # [B, T]
     greedy = jnp.argmax(logits, axis=-1) == targets  # [B, T]
     return target_logp, greedy
 
@@ -160,8 +159,7 @@ def lambada_request(text: str, tokenizer, *, newline_prefix: bool = True) -> Tup
 def _chunk_losses(module, params, tokens, targets, state: State):
     """GPT mode from `state` over tokens [B, T] -> (-log p(targets) [B, T] float32, state after)."""
     logits, state = module.apply({"params": params}, tokens, state)  # [B, T, V]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], state
+    return token_nll(logits, targets), state
 
 
 def token_losses(

@@ -30,7 +30,7 @@ import optax
 from rwkv2_jax import formats as ckpt
 from rwkv2_jax.config import RWKVConfig
 from rwkv2_jax.handle import check_tokens
-from rwkv2_jax.model import RWKV
+from rwkv2_jax.model import RWKV, token_nll
 from rwkv2_jax.training.sharding import batch_sharding, host_to_global, replicated, tree_shardings
 from rwkv2_jax.wkv import WKV_IMPLS, ShardedWKV, resolve_wkv_impl
 from rwkv2_jax.xla import jit
@@ -186,19 +186,6 @@ def make_module(model_config: RWKVConfig, cfg: TrainConfig, mesh=None) -> RWKV:
     precision = None if cfg.precision in (None, "default") else cfg.precision
     dtype = jnp.dtype(cfg.dtype)
     return RWKV(model_config, dtype=dtype, wkv_impl=impl, remat=cfg.remat, precision=precision, mix_dtype=dtype)
-
-
-def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """-log softmax(logits)[target] per position: logits [..., V], targets [...] int -> [...] float32.
-
-    The target's logit is picked by a comparison with the vocabulary, not a gather, whose
-    gradient is a scatter into [B, T, V]: the loss's share of the bf16 L24-D1024 step on an
-    H100 is 0.5 ms this way, 1.1 ms with optax's gather (python3 bench/profile.py train;
-    docs/PERF.md).
-    """
-    logits = logits.astype(jnp.float32)
-    is_target = jnp.arange(logits.shape[-1]) == targets[..., None]
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
