@@ -154,8 +154,10 @@ def main(argv=None) -> int:
             if i >= args.parallel:  # the next start waits until an earlier checkout is warm (or failed)
                 earlier = procs[i - args.parallel]
                 wait_for(Path(folder, f"ready{i - args.parallel}"), lambda: earlier.poll() is None)
-            procs.append(subprocess.Popen(argv0 + ["--worker", str(i), folder], stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True, env=env))
+            # Output to files, not pipes: a full pipe would stall a worker that nobody reads yet.
+            with open(Path(folder, f"out{i}"), "w") as out, open(Path(folder, f"err{i}"), "w") as err:
+                procs.append(subprocess.Popen(argv0 + ["--worker", str(i), folder], stdout=out, stderr=err, env=env))
+
         def running(p):
             return lambda: p.poll() is None
 
@@ -166,8 +168,9 @@ def main(argv=None) -> int:
                     Path(folder, f"go{i}.{r}").write_text("1")
                     ready[i] = wait_for(Path(folder, f"done{i}.{r}"), running(p))
         results = []
-        for p in procs:
-            out, err = p.communicate()
+        for i, p in enumerate(procs):
+            p.wait()
+            out, err = (Path(folder, f"{name}{i}").read_text() for name in ("out", "err"))
             lines = [line for line in out.splitlines() if line.startswith("{")]
             results.append(json.loads(lines[-1]) if lines else
                            {"error": " | ".join((err or out).strip().splitlines()[-3:])[:300]})
