@@ -77,13 +77,11 @@ def worker(args) -> None:
     checkout = Path(args.checkouts[index])
     sys.path.insert(0, str(checkout))  # this checkout's code, not the one running the script
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     result = {}
     try:
         from rwkv2_jax.config import RWKVConfig
-        from rwkv2_jax.model import RWKV
         from rwkv2_jax.training import trainer as tr
         from rwkv2_jax.training.sharding import make_mesh
 
@@ -92,10 +90,7 @@ def worker(args) -> None:
                              lr_init=1e-4, lr_final=1e-5, dtype=args.dtype)
         s = tr.setup(config, cfg, make_mesh(1, 1))
         t0 = time.perf_counter()
-        init = jax.jit(lambda key: tr.init_train_state(
-            RWKV(config).init(key, jnp.zeros((1, 1), jnp.int32))["params"], s.optimizer),
-            out_shardings=s.state_shardings)
-        state = init(jax.random.PRNGKey(0))
+        state = s.init_state(tr.initial_params(config, seed=0))  # the original initialisation
         rng = np.random.default_rng(0)
         batches = [s.put_batch(rng.integers(0, args.vocab, (1, args.batch, args.ctx + 1)).astype(np.int32))
                    for _ in range(3)]
