@@ -195,6 +195,24 @@ def test_gradient_accumulation_and_mixed_precision(release_files):
     assert float(m16["loss"]) != float(m1["loss"])  # the matmuls really ran in bfloat16
 
 
+def test_remat_step_equals_plain_step(release_files):
+    """--remat recomputes each block in the backward pass instead of keeping its activations;
+    the step it takes is the plain step's: loss, gradient norm and updated parameters."""
+    windows = np.random.default_rng(2).integers(0, SMALL["vocab_size"], (1, 2, 13)).astype(np.int32)
+    model, cfg, plain = _step_setup(release_files, batch_size=2)
+    _, _, remat = _step_setup(release_files, batch_size=2, remat=True)
+    assert remat.module.remat and not plain.module.remat
+    start = jax.device_get(plain.init_state(model.params).params)
+    s1, m1 = plain.train_step(plain.init_state(model.params), plain.put_batch(windows))
+    s2, m2 = remat.train_step(remat.init_state(model.params), remat.put_batch(windows))
+    assert float(m2["loss"]) == pytest.approx(float(m1["loss"]), rel=1e-6)
+    assert float(m2["grad_norm"]) == pytest.approx(float(m1["grad_norm"]), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):  # see the tolerance above
+        np.testing.assert_allclose(a, b, atol=1e-2 * cfg.lr_init)
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), jax.device_get(s2.params), start)
+    assert max(jax.tree.leaves(moved)) > 0.5 * cfg.lr_init  # the step was taken
+
+
 @pytest.mark.slow
 def test_sharded_steps_equal_single_device():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
