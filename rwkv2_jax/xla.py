@@ -4,8 +4,9 @@ On GPUs XLA can compile a matrix product with its own Triton GEMM emitter or cal
 Every jitted program of the package (training steps, GPT mode, prefill, scoring) uses cuBLAS
 (GPU_COMPILER_OPTIONS) because the training step is faster with it; the decode steps keep
 XLA's default (DECODE_COMPILER_OPTIONS), which is faster for them. docs/PERF.md's "tried and
-not adopted" table has both measurements. The Pallas kernels are not XLA GEMMs and are not
-affected.
+not adopted" table has both measurements. The training step also keeps products that share
+an operand apart (TRAINING_COMPILER_OPTIONS). The Pallas kernels are not XLA GEMMs and are
+not affected.
 
 Options are per program (`jax.jit(..., compiler_options=...)`), not the process-wide
 XLA_FLAGS, so importing the package changes nothing. An option the user sets in XLA_FLAGS
@@ -22,6 +23,11 @@ from typing import Optional
 import jax
 
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+# XLA merges products that share an operand into one over concatenated operands. In the
+# training step's backward pass that concatenates the time mix's three [B*T, C] gradients
+# (one copy per layer); unmerged, the bf16 L24-D1024 step is 0.9% faster and 0.6 GiB smaller
+# on an H100 (python3 bench/compare.py; docs/PERF.md, "Training step").
+TRAINING_COMPILER_OPTIONS = {**GPU_COMPILER_OPTIONS, "xla_gpu_dot_merger_threshold_mb": 0}
 # The decode steps keep XLA's default GEMMs, faster for them than cuBLAS at every batch size
 # timed (python3 bench/decode.py --sweep-batches; docs/PERF.md, tried and not adopted).
 DECODE_COMPILER_OPTIONS: dict = {}

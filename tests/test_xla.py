@@ -10,6 +10,8 @@ import numpy as np
 import rwkv2_jax as rw
 from rwkv2_jax import xla
 from rwkv2_jax.generation import generator as gen
+from rwkv2_jax.training import trainer as tr
+from rwkv2_jax.training.sharding import make_mesh
 
 
 def test_options_only_for_gpu(monkeypatch):
@@ -47,8 +49,9 @@ def test_jit_passes_jit_arguments_and_compiles_once():
 
 def test_gpu_options_are_valid_xla_options():
     # The GPU options must be names XLA knows (a misspelt one fails at compile on every backend).
-    g = jax.jit(lambda x: x @ x, compiler_options=dict(xla.GPU_COMPILER_OPTIONS))
-    assert float(g(jnp.eye(3)).sum()) == 3.0
+    for options in (xla.GPU_COMPILER_OPTIONS, xla.TRAINING_COMPILER_OPTIONS):
+        g = jax.jit(lambda x: x @ x, compiler_options=dict(options))
+        assert float(g(jnp.eye(3)).sum()) == 3.0
     bad = jax.jit(lambda x: x @ x, compiler_options={"xla_gpu_enable_triton_gemm_typo": False})
     try:
         bad(jnp.eye(3))
@@ -81,3 +84,28 @@ def test_decode_programs_take_the_decode_options(monkeypatch):
         gen._jit_for_backend.cache_clear()  # the spied wrappers must not outlive the test
     assert seen == {"_prefill_chunk": None, "_feed": xla.DECODE_COMPILER_OPTIONS,
                     "_decode_loop": xla.DECODE_COMPILER_OPTIONS, "_decode_step": xla.DECODE_COMPILER_OPTIONS}
+
+
+def test_train_step_takes_the_training_options(monkeypatch):
+    """The training step compiles with TRAINING_COMPILER_OPTIONS (cuBLAS, products kept
+    apart); its eval step and start state with GPU_COMPILER_OPTIONS."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert xla.compiler_options("gpu", options=xla.TRAINING_COMPILER_OPTIONS) == {
+        "xla_gpu_enable_triton_gemm": False, "xla_gpu_dot_merger_threshold_mb": 0}
+    seen = {}
+
+    def spy(fn, options=None, **kw):
+        seen[getattr(fn, "__name__", "start_state")] = options
+        return xla.jit(fn, options=options, **kw)
+
+    monkeypatch.setattr(tr, "jit", spy)
+    config = rw.RWKVConfig(n_layer=1, n_embd=8, vocab_size=17)
+    try:
+        s = tr.setup(config, tr.TrainConfig(ctx_len=4, batch_size=2, epochs=1, epoch_steps=3,
+                                            dtype="float32", wkv_impl="reference"), make_mesh(1, 1))
+        start = s.init_state(tr.initial_params(config))
+        state, metrics = s.train_step(start, s.put_batch(np.ones((1, 2, 5), np.int32)))
+        assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+    finally:
+        tr.setup.cache_clear()  # the spied wrappers must not outlive the test
+    assert seen == {"step": xla.TRAINING_COMPILER_OPTIONS, "evaluate": None, "start_state": None}

@@ -33,7 +33,7 @@ from rwkv2_jax.handle import check_tokens
 from rwkv2_jax.model import RWKV, token_nll
 from rwkv2_jax.training.sharding import batch_sharding, host_to_global, replicated, tree_shardings
 from rwkv2_jax.wkv import WKV_IMPLS, ShardedWKV, resolve_wkv_impl
-from rwkv2_jax.xla import jit
+from rwkv2_jax.xla import TRAINING_COMPILER_OPTIONS, jit
 
 SCHEDULES = ("cosine", "exponential")
 DTYPES = ("bfloat16", "float32")
@@ -314,8 +314,8 @@ def setup(model_config: RWKVConfig, cfg: TrainConfig, mesh) -> Setup:
     batch_sh = batch_sharding(mesh, 3, 1)
     eval_sh = batch_sharding(mesh, 2, 0)
     rep = replicated(mesh)
-    train_step = jit(make_train_step(module, optimizer, schedule), in_shardings=(state_sh, batch_sh),
-                     out_shardings=(state_sh, rep), donate_argnums=0)
+    train_step = jit(make_train_step(module, optimizer, schedule), options=TRAINING_COMPILER_OPTIONS,
+                     in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=0)
     eval_step = jit(make_eval_step(module), in_shardings=(state_sh.params, eval_sh), out_shardings=rep)
     start_state = jit(functools.partial(init_train_state, optimizer=optimizer), out_shardings=state_sh)
     return Setup(module, schedule, optimizer, state_shape, state_sh, batch_sh, eval_sh, train_step, eval_step,
