@@ -76,11 +76,11 @@ def parse_args(argv=None):
 
 
 def long_context_rows(args):
-    """(T, B, remat) of --long-context: T = 768 at the batch given, then about as many tokens
-    a step at longer T (--smoke: the same pattern at tiny T)."""
+    """(T, B) of --long-context: T = 768 at the batch given, then about as many tokens a step
+    at longer T (--smoke: the same pattern at tiny T)."""
     if args.smoke:
-        return [(args.ctx, args.batch, args.remat), (2 * args.ctx, 1, args.remat)]
-    return [(args.ctx, args.batch, args.remat), (4096, 2, args.remat), (8192, 1, args.remat), (16384, 1, args.remat)]
+        return [(args.ctx, args.batch), (2 * args.ctx, 1)]
+    return [(args.ctx, args.batch), (4096, 2), (8192, 1), (16384, 1)]
 
 
 def check(args) -> str:  # runs in a subprocess (--one check)
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     if args.scaling:
         runs = [("bfloat16", 1, args.ctx, args.batch, args.remat), ("bfloat16", n_gpu, args.ctx, args.batch, args.remat)]
     elif args.long_context:
-        runs = [("bfloat16", 1, *row) for row in long_context_rows(args)]
+        runs = [("bfloat16", 1, T, B, args.remat) for T, B in long_context_rows(args)]
     else:
         runs = [(d, 1, args.ctx, args.batch, args.remat) for d in args.dtypes.split(",")]
     results = []
