@@ -188,6 +188,19 @@ class _Kernel(nn.Module):
         return self.param("kernel", self.init, self.shape)
 
 
+def _head(x: jax.Array, vocab_size: int, multiple: int, dtype, precision) -> jax.Array:
+    """x [..., C] -> logits [..., V] through "head/kernel" [C, V], the product taken over V
+    rounded up to `multiple` columns (see RWKV.head_multiple)."""
+    pad = -vocab_size % multiple
+    if not pad:
+        return _dense(vocab_size, "head", _LINEAR_INIT, dtype, precision)(x)
+    w = _Kernel((x.shape[-1], vocab_size), _LINEAR_INIT, name="head")()
+    w = jnp.pad(w.astype(dtype), ((0, 0), (0, pad)))
+    x = x.astype(dtype)
+    logits = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+    return logits[..., :vocab_size]
+
+
 def _layer_norm(name: str):
     return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name=name)
 
@@ -299,6 +312,12 @@ class RWKV(nn.Module):
     # step is 1.7% faster on an H100 (python3 bench/compare.py; docs/PERF.md). Inference keeps
     # float32: its bf16-weight logits stay twice as close to float32's (tests/test_generate.py).
     mix_dtype: jnp.dtype = jnp.float32
+    # The head's product runs over the vocabulary rounded up to this multiple, on zero columns
+    # that are sliced off. cuBLAS runs float32 (TF32) products whose rows are not 16-byte
+    # aligned (V = 50,277) on slow generic kernels; XLA pads bf16 products itself. With 8 the
+    # float32 training step is 11% faster on an H100, bf16 unchanged (python3 bench/compare.py
+    # --dtype float32; docs/PERF.md). Inference keeps 1: a padded copy of the head per call.
+    head_multiple: int = 1
 
     @nn.compact
     def __call__(
@@ -320,7 +339,7 @@ class RWKV(nn.Module):
             )
             new.append((x_att, x_ffn, *wkv_state))
         x = _layer_norm("ln_out")(x)
-        logits = _dense(cfg.vocab_size, "head", _LINEAR_INIT, self.dtype, self.precision)(x)
+        logits = _head(x, cfg.vocab_size, self.head_multiple, self.dtype, self.precision)
         new_state = State(*(jnp.stack(field).astype(jnp.float32) for field in zip(*new)))
         return logits.astype(jnp.float32), new_state
 

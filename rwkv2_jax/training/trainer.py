@@ -185,7 +185,8 @@ def make_module(model_config: RWKVConfig, cfg: TrainConfig, mesh=None) -> RWKV:
         impl = ShardedWKV(impl, use_mesh, from_zero_state=True)
     precision = None if cfg.precision in (None, "default") else cfg.precision
     dtype = jnp.dtype(cfg.dtype)
-    return RWKV(model_config, dtype=dtype, wkv_impl=impl, remat=cfg.remat, precision=precision, mix_dtype=dtype)
+    return RWKV(model_config, dtype=dtype, wkv_impl=impl, remat=cfg.remat, precision=precision, mix_dtype=dtype,
+                head_multiple=8)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
