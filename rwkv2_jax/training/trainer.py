@@ -225,7 +225,7 @@ def make_train_step(module: RWKV, optimizer: optax.GradientTransformation, sched
             (loss, grads), _ = jax.lax.scan(micro, (jnp.float32(0.0), zeros), (inputs, targets))
             loss = loss / A
             grads = jax.tree.map(lambda g: g / A, grads)
-        grad_norm = optax.global_norm(grads)  # the norm that clip_by_global_norm clips
+        grad_norm = optax.tree_utils.tree_norm(grads)  # the norm that clip_by_global_norm clips
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
