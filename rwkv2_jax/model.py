@@ -188,17 +188,19 @@ class _Kernel(nn.Module):
         return self.param("kernel", self.init, self.shape)
 
 
+def _matmul(x: jax.Array, w: jax.Array, precision) -> jax.Array:
+    """x [..., in] @ w [in, out], the product nn.Dense takes."""
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
 def _head(x: jax.Array, vocab_size: int, multiple: int, dtype, precision) -> jax.Array:
     """x [..., C] -> logits [..., V] through "head/kernel" [C, V], the product taken over V
-    rounded up to `multiple` columns (see RWKV.head_multiple)."""
+    rounded up to `multiple` zero columns (see RWKV.head_multiple)."""
+    w = _Kernel((x.shape[-1], vocab_size), _LINEAR_INIT, name="head")().astype(dtype)
     pad = -vocab_size % multiple
-    if not pad:
-        return _dense(vocab_size, "head", _LINEAR_INIT, dtype, precision)(x)
-    w = _Kernel((x.shape[-1], vocab_size), _LINEAR_INIT, name="head")()
-    w = jnp.pad(w.astype(dtype), ((0, 0), (0, pad)))
-    x = x.astype(dtype)
-    logits = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
-    return logits[..., :vocab_size]
+    if pad:
+        w = jnp.pad(w, ((0, 0), (0, pad)))
+    return _matmul(x.astype(dtype), w, precision)[..., :vocab_size]
 
 
 def _layer_norm(name: str):
@@ -232,7 +234,7 @@ class ChannelMix(nn.Module):
         w_key = _Kernel((C, 4 * C), _LINEAR_INIT, name="key")()
         w_receptance = _Kernel((C, C), _ZERO_INIT, name="receptance")()
         w = jnp.concatenate([w_key, w_receptance], axis=1).astype(self.dtype)
-        kr = jax.lax.dot_general(xx, w, (((xx.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        kr = _matmul(xx, w, self.precision)
         k, r = kr[..., : 4 * C], kr[..., 4 * C :]  # [B, T, 4C], [B, T, C]
         k = jnp.square(jax.nn.relu(k))
         kv = _dense(C, "value", _ZERO_INIT, self.dtype, self.precision)(k)  # [B, T, C]
