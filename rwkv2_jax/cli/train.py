@@ -128,7 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--precision", choices=tr.PRECISIONS, default="default",
                    help="matmul precision (default: JAX's, TF32 for float32 on recent GPUs; 'highest': exact float32)")
     g.add_argument("--wkv-impl", choices=WKV_IMPLS, default=d.wkv_impl, help="WKV implementation (default auto: Pallas on GPU)")
-    g.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass (less memory)")
+    g.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass: less memory, more compute "
+                        "(the 430M model's bf16 step: half the memory at 0.77x the speed; docs/PERF.md)")
     g.add_argument("--max-bad-steps", type=int, default=10,
                    help="stop (exit 1) after this many steps in a row with a non-finite loss or gradient norm; "
                         "each is skipped, leaving parameters and optimizer state as they were (default 10)")

@@ -60,7 +60,8 @@ class TrainConfig:
       precision: matmul precision passed to the model (None/"default": JAX's default,
         TF32 for float32 on recent GPUs, as the original trainer; "highest": exact float32).
       wkv_impl: "auto" (Pallas kernel on GPU), "reference", "pallas", "pallas_interpret".
-      remat: recompute each block in the backward pass (less memory, ~1/3 more compute).
+      remat: recompute each block in the backward pass: less memory, more compute (the 430M
+        model's bf16 step: half the memory at 0.77x the speed; docs/PERF.md, "Remat").
       seed: the data order is a function of (seed, step).
     """
 
