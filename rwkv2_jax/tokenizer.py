@@ -124,14 +124,20 @@ def find_tokenizer(checkpoint) -> Path:
 CHECKPOINT_SUFFIXES = (".pth", ".safetensors")
 
 
-def load_tokenizer(path) -> Tokenizer:
-    """A tokenizer JSON file; or, given a folder or a checkpoint (.pth, .safetensors), the
-    tokenizer in that folder or next to that checkpoint (see `find_tokenizer`)."""
+def tokenizer_file(path) -> Path:
+    """The file `load_tokenizer(path)` reads, found without reading it."""
     path = Path(path)
     if path.is_dir() or path.suffix in CHECKPOINT_SUFFIXES:
         path = find_tokenizer(path)
     if not path.is_file():
         raise TokenizerError(f"tokenizer not found: {path}")
+    return path
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """A tokenizer JSON file; or, given a folder or a checkpoint (.pth, .safetensors), the
+    tokenizer in that folder or next to that checkpoint (see `find_tokenizer`)."""
+    path = tokenizer_file(path)
     try:
         backend = tokenizers.Tokenizer.from_file(str(path))
     except Exception as err:  # the Rust loader raises plain Exceptions with a serde message

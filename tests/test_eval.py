@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -529,7 +530,6 @@ metric_list:
     assert results["acc,none"] == cli["acc"] and 0 < cli["acc"] < 1
 
 
-@pytest.mark.slow
 def test_harness_command_line_finds_the_model(harness, tmp_path):
     r = subprocess.run([sys.executable, "-m", "rwkv2_jax.evaluation.lm_eval_adapter", "--model", "rwkv2_jax",
                         "--model_args", f"checkpoint={tmp_path / 'none.pth'}", "--tasks", "lambada_openai"],
@@ -537,6 +537,32 @@ def test_harness_command_line_finds_the_model(harness, tmp_path):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == f"rwkv2-lm-eval: error: checkpoint not found: {tmp_path / 'none.pth'}"
+
+
+def test_harness_command_line_checks_paths_before_lm_eval(harness, char_setup, tmp_path, capsys, monkeypatch):
+    """A missing checkpoint or tokenizer in --model_args is one line before lm_eval starts
+    (which first indexes every task it knows, ~10 s); good paths go on to lm_eval."""
+    _, adapter = harness
+    started = []
+    monkeypatch.setattr("lm_eval.__main__.cli_evaluate", lambda: started.append(sys.argv[1:]))
+    monkeypatch.setattr(adapter.multiprocessing, "set_start_method", lambda *a, **k: None)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    ckpt, lonely = char_setup["ckpt"], tmp_path / "lonely.pth"
+    shutil.copy(ckpt, lonely)
+    for argv, message in [
+        (["--model", "rwkv2_jax", "--model_args", f"checkpoint={tmp_path / 'none.pth'}"],
+         f"checkpoint not found: {tmp_path / 'none.pth'}"),
+        (["--model=rwkv2_jax", "-a", f"checkpoint={ckpt}", f"tokenizer={tmp_path / 'none.json'}"],
+         f"tokenizer not found: {tmp_path / 'none.json'}"),
+        (["--model", "rwkv2_jax", "--model_args", f"checkpoint={lonely},batch_size=2"],
+         f"tokenizer not found next to {lonely}"),
+    ]:
+        assert adapter.main([*argv, "--tasks", "lambada_openai"]) == 2
+        assert capsys.readouterr().err.startswith(f"rwkv2-lm-eval: error: {message}")
+    assert not started
+    good = ["--model", "rwkv2_jax", "--model_args", f"checkpoint={ckpt},tokenizer={char_setup['root'] / TOKENIZER_NAMES[0]}",
+            "--tasks", "lambada_openai"]
+    assert adapter.main(good) == 0 and started == [good]
 
 
 def test_harness_help_documents_its_own_arguments(harness, capsys):

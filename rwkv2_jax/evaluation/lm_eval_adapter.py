@@ -44,7 +44,7 @@ from rwkv2_jax.evaluation.scoring import EOT_ID, loglikelihood
 from rwkv2_jax.formats import CheckpointError
 from rwkv2_jax.generation.generator import generate
 from rwkv2_jax.handle import load_any
-from rwkv2_jax.tokenizer import TOKENIZER_NAMES, TokenizerError, as_tokenizer, find_tokenizer
+from rwkv2_jax.tokenizer import TOKENIZER_NAMES, TokenizerError, as_tokenizer, find_tokenizer, tokenizer_file
 
 log = logging.getLogger(__name__)
 PROG = "rwkv2-lm-eval"
@@ -244,6 +244,45 @@ class RWKV2LM(TemplateLM):
         return out
 
 
+def _flag_values(argv: List[str], *flags: str) -> List[str]:
+    """The values given to any of `flags` in argv: `--flag a b` and `--flag=a`."""
+    values, taking = [], False
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if arg.startswith("-"):
+            taking = arg in flags
+            if eq and name in flags:
+                values.append(value)
+        elif taking:
+            values.append(arg)
+    return values
+
+
+def _check_paths(argv: List[str]) -> None:
+    """The checkpoint and tokenizer named in `--model_args`, checked before lm_eval indexes its
+    tasks (~10 s): a mistyped path is one line at once. A form this does not read (JSON) is
+    left to the model's own checks."""
+    if "rwkv2_jax" not in _flag_values(argv, "--model"):
+        return
+    args = {}
+    for value in _flag_values(argv, "--model_args", "-a"):
+        if value.lstrip().startswith("{"):
+            return
+        for item in value.split(","):
+            key, eq, val = item.partition("=")
+            if eq:
+                args[key.strip()] = val.strip()
+    if "checkpoint" not in args:
+        return
+    path = Path(args["checkpoint"])
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if "tokenizer" in args:
+        tokenizer_file(args["tokenizer"])
+    else:
+        find_tokenizer(path)
+
+
 def main(argv=None) -> int:
     """The lm_eval command line, with "rwkv2_jax" registered; `--help` prints USAGE."""
     from lm_eval.__main__ import cli_evaluate  # lm_eval (optional): its command line, used only here
@@ -252,6 +291,11 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0
+    try:
+        _check_paths(argv)
+    except (TokenizerError, CheckpointError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
     if "forkserver" in multiprocessing.get_all_start_methods():
         # lm_eval's process pools would fork this process, whose JAX threads make a fork unsafe.
         multiprocessing.set_start_method("forkserver", force=True)
