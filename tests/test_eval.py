@@ -560,8 +560,8 @@ def test_harness_command_line_checks_paths_before_lm_eval(harness, char_setup, t
         assert adapter.main([*argv, "--tasks", "lambada_openai"]) == 2
         assert capsys.readouterr().err.startswith(f"rwkv2-lm-eval: error: {message}")
     assert not started
-    good = ["--model", "rwkv2_jax", "--model_args", f"checkpoint={ckpt},tokenizer={char_setup['root'] / TOKENIZER_NAMES[0]}",
-            "--tasks", "lambada_openai"]
+    tokenizer = char_setup["root"] / TOKENIZER_NAMES[0]
+    good = ["--model", "rwkv2_jax", "--model_args", f"checkpoint={ckpt},tokenizer={tokenizer}", "--tasks", "lambada_openai"]
     assert adapter.main(good) == 0 and started == [good]
 
 

@@ -133,8 +133,8 @@ class RWKV2LM(TemplateLM):
 
         # The tokenizer first: it is found and read in well under a second, the model may take a minute.
         path = None if checkpoint is None else Path(str(checkpoint))
-        if path is not None and model is None and not path.is_file():
-            raise CheckpointError(f"checkpoint not found: {path}")
+        if path is not None and model is None:
+            _checkpoint_file(path)
         if tokenizer is None:
             tokenizer = find_tokenizer(path)
         self.tokenizer = as_tokenizer(tokenizer)
@@ -244,6 +244,13 @@ class RWKV2LM(TemplateLM):
         return out
 
 
+def _checkpoint_file(path) -> Path:
+    path = Path(str(path))
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
 def _flag_values(argv: List[str], *flags: str) -> List[str]:
     """The values given to any of `flags` in argv: `--flag a b` and `--flag=a`."""
     values, taking = [], False
@@ -274,9 +281,7 @@ def _check_paths(argv: List[str]) -> None:
                 args[key.strip()] = val.strip()
     if "checkpoint" not in args:
         return
-    path = Path(args["checkpoint"])
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    path = _checkpoint_file(args["checkpoint"])
     if "tokenizer" in args:
         tokenizer_file(args["tokenizer"])
     else:
