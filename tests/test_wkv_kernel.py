@@ -133,7 +133,10 @@ def test_kernel_matches_reference_and_float64(seed, B, T, C, k_kind, k_clamp, mo
     for name, x, r in zip(names, grads, args):
         assert x.shape == r.shape and x.dtype == r.dtype, (name, x.shape, x.dtype)
     msg = f"seed={seed} k_eps={k_eps}"
-    assert rel_err(out, out_ref) < 1e-5, f"out vs reference: {rel_err(out, out_ref)} {msg}"
+    # With |K| up to 200 the plain-JAX reference's own float32 error reaches 1.1e-5 against
+    # float64 (61 seeds; the kernel's stayed under 2.5e-6), so the kernel is held to float64.
+    out_tol = 3e-5 if k_kind == "pm200" else 1e-5
+    assert rel_err(out, out_ref) < out_tol, f"out vs reference: {rel_err(out, out_ref)} {msg}"
     assert rel_err(out, out64) < 1e-5, f"out vs float64: {rel_err(out, out64)} {msg}"
     # bf16 gradients are rounded to bf16 on the way out (2^-9 relative). With |K| up to 200
     # the float32 spacing of K (1.5e-5) enters every exponent; 1.05e-4 was seen in 12 seeds.
