@@ -1,7 +1,8 @@
 """JAX vs the independent PyTorch reference (rwkv2_jax.testing.torch_reference), on release-format files.
 
 The random checkpoints have K beyond the clamp (60) and far below 0, so the clamp and
-k_eps both change the logits; every comparison is float32, max |Δlogit| <= 1e-4.
+k_eps both change the logits; every comparison is float32, max |Δlogit| <= 1e-4 (3e-4 at
+T = 800, where float32 rounding of the running exponent adds up).
 """
 
 import jax
@@ -79,7 +80,11 @@ def test_longer_than_ctx_len(tmp_path, rng):
     tokens = rng.integers(0, 19, (1, 800))
     got = model(tokens)
     want = TorchRWKV2(sd, k_eps=1e-9).forward(torch.as_tensor(tokens)).numpy()
-    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    # The running-max exponent decays by adding log d every step; in a channel of slow decay
+    # (log d ~ -1e-3 beside an exponent near the clamp, 60) float32 rounds each addition by up
+    # to 2e-6, and that adds up between resets. At T = 800 the logits' error against float64
+    # reached 1.4e-4 (2 seeds of 241 over 1e-4; the O(T^2) float32 reference stays at 1.2e-5).
+    np.testing.assert_allclose(got, want, atol=3 * ATOL, rtol=0)
     np.testing.assert_allclose(model.rnn(tokens)[0], got, atol=ATOL, rtol=0)
 
 
