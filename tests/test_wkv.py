@@ -81,8 +81,10 @@ def test_state_chains_and_matches_unscaled_sums(seed):
     aa, bb = state.unscaled()
     # aa sums terms of both signs (v): its float32 error scales with the sum of |terms|
     # (seed 1941050026: 3.7737 vs 3.7732 out of terms of ~1e3); bb's terms are all positive.
+    # Both share exp(pp), and pp carries the rounding of every decay step: 1.6e-5 relative
+    # in aa and in bb was the largest in 401 seeds.
     scale = np.sum(d**lag * np.exp(kk) * np.abs(v), axis=1)
-    assert np.all(np.abs(aa - want_aa) <= 1e-5 * scale), np.max(np.abs(aa - want_aa) / scale)
+    assert np.all(np.abs(aa - want_aa) <= 5e-5 * scale), np.max(np.abs(aa - want_aa) / scale)
     np.testing.assert_allclose(bb, want_bb, rtol=1e-4)
     for x, y in zip(s2, state):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
