@@ -33,7 +33,7 @@ try:
     import lm_eval.models  # noqa: F401  the harness's own models: get_model() loads them only into an empty registry
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 except ModuleNotFoundError as err:
     if err.name is None or not err.name.startswith("lm_eval"):
         raise
@@ -275,10 +275,7 @@ def _check_paths(argv: List[str]) -> None:
     for value in _flag_values(argv, "--model_args", "-a"):
         if value.lstrip().startswith("{"):
             return
-        for item in value.split(","):
-            key, eq, val = item.partition("=")
-            if eq:
-                args[key.strip()] = val.strip()
+        args.update(simple_parse_args_string(value))
     if "checkpoint" not in args:
         return
     path = _checkpoint_file(args["checkpoint"])
